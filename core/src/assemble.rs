@@ -1,0 +1,108 @@
+//! Builds a run's components from its config: the data pipeline, the encoder, the optional
+//! aggregator and the objectives, all under one variable store so that a checkpoint is the
+//! store plus the optimizer and objective state.
+
+use crate::aggregator::{Aggregator, AggregatorShape};
+use crate::config::LoadedConfig;
+use crate::encoder::{Encoder, EncoderShape};
+use crate::loader::{DataPipeline, Sources};
+use crate::objective::{Consumes, Objective, ObjectiveShape};
+use crate::registry::{self, Registered};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tch::{nn, Device};
+
+/// Channels of every image the data pipeline produces (medical images are grey-scale).
+pub const IMAGE_CHANNELS: i64 = 1;
+
+/// The data pipeline of a config: every source under `[data.sources]`.
+pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, toml::Value)>)> {
+    let mut datasets = Vec::new();
+    let mut resolved = Vec::new();
+    for key in cfg.run.data.sources.keys() {
+        let section = cfg.section(&format!("data.sources.{key}"), "format")?;
+        let entry = registry::datasets().get(&section.name).with_context(|| format!("config key `data.sources.{key}.format`"))?;
+        resolved.push((section.key.clone(), section.resolved("format", &entry.default_config())?));
+        datasets.push((key.clone(), (entry.build)(&section)?));
+    }
+    cfg.run.data.views.validate()?;
+    anyhow::ensure!(cfg.run.data.loader.batch_size >= 1, "config key `data.loader.batch_size` must be at least 1");
+    let pipeline = DataPipeline {
+        sources: Arc::new(Sources::new(datasets)?),
+        views: cfg.run.data.views.clone(),
+        loader: cfg.run.data.loader.clone(),
+        seed: cfg.run.seed,
+    };
+    Ok((pipeline, resolved))
+}
+
+/// The trainable part of a run.
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub encoder: Box<dyn Encoder>,
+    pub aggregator: Option<Box<dyn Aggregator>>,
+    pub objectives: BTreeMap<String, Box<dyn Objective>>,
+    /// Each component section as resolved (defaults filled in), for the run's config.toml.
+    pub resolved: Vec<(String, toml::Value)>,
+}
+
+impl Model {
+    /// Builds every component the config names, on `device`. `num_samples` sizes memory
+    /// banks.
+    pub fn build(cfg: &LoadedConfig, device: Device, num_samples: usize) -> Result<Model> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let mut resolved = Vec::new();
+
+        let section = cfg.section("encoder", "name")?;
+        let entry = registry::encoders().get(&section.name).context("config key `encoder.name`")?;
+        resolved.push(("encoder".to_string(), section.resolved("name", &entry.default_config())?));
+        let encoder = (entry.build)(&section, &root / "encoder", &EncoderShape { in_channels: IMAGE_CHANNELS })?;
+
+        let aggregator = match &cfg.run.aggregator {
+            None => None,
+            Some(_) => {
+                let section = cfg.section("aggregator", "name")?;
+                let entry = registry::aggregators().get(&section.name).context("config key `aggregator.name`")?;
+                resolved.push(("aggregator".to_string(), section.resolved("name", &entry.default_config())?));
+                let shape = AggregatorShape { input_dim: encoder.embedding_dim() };
+                Some((entry.build)(&section, &root / "aggregator", &shape)?)
+            }
+        };
+
+        let shape = ObjectiveShape {
+            slice_dim: encoder.embedding_dim(),
+            volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
+            num_samples,
+        };
+        let mut objectives = BTreeMap::new();
+        for key in cfg.run.objectives.keys() {
+            let path = format!("objectives.{key}");
+            let section = cfg.section(&path, "name")?;
+            let entry = registry::objectives().get(&section.name).with_context(|| format!("config key `{path}.name`"))?;
+            resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
+            let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape)?;
+            if aggregator.is_none() && objective.consumes() != Consumes::SliceViews {
+                bail!(
+                    "objective `{key}` ({}) consumes {:?}, which needs an aggregator; add an `[aggregator]` section",
+                    section.name,
+                    objective.consumes()
+                );
+            }
+            objectives.insert(key.clone(), objective);
+        }
+        Ok(Model { vs, encoder, aggregator, objectives, resolved })
+    }
+
+    /// Fingerprint of the architecture: every variable's name and shape. Two configs that
+    /// give the same fingerprint can exchange checkpoints.
+    pub fn fingerprint(&self) -> String {
+        let mut vars: Vec<(String, Vec<i64>)> = self.vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        vars.sort();
+        let text = vars.iter().map(|(n, s)| format!("{n}:{s:?}")).collect::<Vec<_>>().join(";");
+        // FNV-1a: stable across platforms and Rust versions, unlike std's hasher.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        format!("{hash:016x}")
+    }
+}

@@ -1,0 +1,288 @@
+//! Checkpoints: tensors in safetensors, everything else in a small JSON file beside them.
+//!
+//! A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding `tensors.safetensors` and
+//! `state.json`. It is written under a temporary name, each file fsynced, then renamed into
+//! place, and only then does `checkpoints/latest` (itself replaced by rename) point at it.
+//! A crash at any moment leaves the previous checkpoint intact and `latest` naming a
+//! complete one. Non-finite tensors are refused before anything is written, so a diverged
+//! run never replaces a good checkpoint.
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Format version of `state.json`.
+pub const FORMAT: u32 = 1;
+
+/// The non-tensor part of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainingState {
+    pub format: u32,
+    /// Index of the stage in progress (or the next one, when a stage just ended).
+    pub stage: usize,
+    /// Optimizer steps completed within that stage; epoch and batch follow from it.
+    pub stage_step: usize,
+    /// Steps completed over the whole run.
+    pub global_step: usize,
+    /// Optimizer updates applied (Adam's bias correction).
+    pub optimizer_steps: i64,
+    /// Each objective's non-tensor state, by objective key.
+    pub objectives: BTreeMap<String, serde_json::Value>,
+    /// Fingerprint of the parts of the config that shape the model, to refuse a
+    /// checkpoint from another architecture with a clear message.
+    pub model_fingerprint: String,
+}
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => bail!("cannot store tensors of kind {other:?} in safetensors"),
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => bail!("unsupported safetensors dtype {other:?}"),
+    })
+}
+
+/// Raw little-endian bytes of a tensor (moved to the CPU, made contiguous).
+fn tensor_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
+    let t = tensor.detach().to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut bytes, numel)?;
+    Ok(bytes)
+}
+
+/// Writes `tensors` to a safetensors file at `path` (not atomically: callers write into a
+/// temporary folder). Used for checkpoints and exported weights.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        owned.push((name.clone(), dtype_of(t.kind())?, t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(), tensor_bytes(t)?));
+    }
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, None)?;
+    write_synced(path, &data)
+}
+
+/// Reads every tensor of a safetensors file onto the CPU. A truncated or corrupt file is an
+/// error naming it.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let parsed = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("`{}` is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (name, view) in parsed.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)
+            .with_context(|| format!("`{}`: tensor `{name}`", path.display()))?;
+        out.push((name, tensor));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("cannot create `{}`", path.display()))?;
+    file.write_all(data).with_context(|| format!("cannot write `{}`", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync `{}`", path.display()))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync folder `{}`", dir.display()))
+}
+
+/// Replaces `path` with `data` atomically (temporary file, fsync, rename, fsync folder).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    write_synced(&tmp, data)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move `{}` into place", path.display()))?;
+    sync_dir(dir)
+}
+
+/// The checkpoint folder of a run.
+pub struct Checkpoints {
+    dir: PathBuf,
+    keep: usize,
+}
+
+impl Checkpoints {
+    pub fn new(dir: PathBuf, keep: usize) -> Self {
+        Checkpoints { dir, keep: keep.max(1) }
+    }
+
+    /// Writes a checkpoint for `state` and makes it the latest. Refuses non-finite tensors
+    /// without touching anything on disk.
+    pub fn save(&self, tensors: &[(String, Tensor)], state: &TrainingState) -> Result<PathBuf> {
+        for (name, t) in tensors {
+            if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
+                bail!("refusing to checkpoint: tensor `{name}` has NaN or infinite values; the last good checkpoint is kept");
+            }
+        }
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create `{}`", self.dir.display()))?;
+        let name = format!("step-{:08}", state.global_step);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir(&tmp)?;
+        write_safetensors(&tmp.join("tensors.safetensors"), tensors)?;
+        write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        sync_dir(&tmp)?;
+        let target = self.dir.join(&name);
+        if target.exists() {
+            std::fs::remove_dir_all(&target)?;
+        }
+        std::fs::rename(&tmp, &target)?;
+        sync_dir(&self.dir)?;
+        write_atomic(&self.dir.join("latest"), name.as_bytes())?;
+        self.prune(&name)?;
+        Ok(target)
+    }
+
+    /// Removes all but the newest `keep` checkpoints (never the latest).
+    fn prune(&self, latest: &str) -> Result<()> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        names.sort();
+        let excess = names.len().saturating_sub(self.keep);
+        for name in names.into_iter().take(excess).filter(|n| n != latest) {
+            std::fs::remove_dir_all(self.dir.join(name))?;
+        }
+        Ok(())
+    }
+
+    /// The latest complete checkpoint, if any.
+    pub fn latest(&self) -> Result<Option<PathBuf>> {
+        let pointer = self.dir.join("latest");
+        if !pointer.exists() {
+            return Ok(None);
+        }
+        let name = std::fs::read_to_string(&pointer).with_context(|| format!("cannot read `{}`", pointer.display()))?;
+        let path = self.dir.join(name.trim());
+        if !path.is_dir() {
+            bail!("`{}` names `{}`, which does not exist", pointer.display(), name.trim());
+        }
+        Ok(Some(path))
+    }
+}
+
+/// Loads a checkpoint folder (or a run directory, meaning its latest checkpoint).
+pub fn load(path: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
+    let dir = if path.join("checkpoints").is_dir() {
+        Checkpoints::new(path.join("checkpoints"), 1)
+            .latest()?
+            .ok_or_else(|| anyhow!("run directory `{}` has no checkpoint yet", path.display()))?
+    } else {
+        path.to_path_buf()
+    };
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("`{}` is not a checkpoint: cannot read `{}`", dir.display(), state_path.display()))?;
+    let state: TrainingState = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("checkpoint state `{}` is corrupt: {e}", state_path.display()))?;
+    if state.format != FORMAT {
+        bail!("checkpoint `{}` has format {}, this medssl reads format {FORMAT}", dir.display(), state.format);
+    }
+    let tensors = read_safetensors(&dir.join("tensors.safetensors"))?;
+    Ok((tensors, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> TrainingState {
+        TrainingState {
+            format: FORMAT,
+            stage: 0,
+            stage_step: step,
+            global_step: step,
+            optimizer_steps: step as i64,
+            objectives: BTreeMap::from([("x".to_string(), serde_json::json!({"k": 1}))]),
+            model_fingerprint: "abc".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_every_tensor_and_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Checkpoints::new(dir.path().join("checkpoints"), 2);
+        let tensors = vec![
+            ("a".to_string(), Tensor::randn([3, 4], (Kind::Float, Device::Cpu))),
+            ("b".to_string(), Tensor::from_slice(&[1i64, 2, 3])),
+            ("c".to_string(), Tensor::from_slice(&[true, false])),
+        ];
+        store.save(&tensors, &state(5)).unwrap();
+        let (loaded, st) = load(dir.path()).unwrap();
+        assert_eq!(st, state(5));
+        for ((n1, t1), (n2, t2)) in tensors.iter().zip(&loaded) {
+            assert_eq!(n1, n2);
+            assert!(t1.equal(t2), "{n1}");
+        }
+    }
+
+    #[test]
+    fn only_the_newest_are_kept_and_a_nan_never_replaces_a_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Checkpoints::new(dir.path().join("checkpoints"), 2);
+        let good = vec![("w".to_string(), Tensor::ones([2], (Kind::Float, Device::Cpu)))];
+        for step in 1..=3 {
+            store.save(&good, &state(step)).unwrap();
+        }
+        let bad = vec![("w".to_string(), Tensor::from_slice(&[f32::NAN, 1.0]))];
+        let err = store.save(&bad, &state(4)).unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("NaN"), "{err}");
+        assert_eq!(store.latest().unwrap().unwrap().file_name().unwrap(), "step-00000003");
+        let kept: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        assert_eq!(kept.len(), 3, "two checkpoints and the latest pointer: {kept:?}");
+    }
+
+    #[test]
+    fn truncated_or_corrupt_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Checkpoints::new(dir.path().join("checkpoints"), 2);
+        let path = store.save(&[("w".to_string(), Tensor::ones([64], (Kind::Float, Device::Cpu)))], &state(1)).unwrap();
+        let file = path.join("tensors.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        assert!(err.contains("tensors.safetensors") && err.contains("truncated or corrupt"), "{err}");
+        std::fs::write(path.join("state.json"), "{ not json").unwrap();
+        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        assert!(err.contains("state.json") && err.contains("corrupt"), "{err}");
+    }
+}

@@ -1,0 +1,37 @@
+//! The dataset role: a reader that lists the samples of one source and decodes one on demand.
+//!
+//! Readers are called from loader threads, so they are `Send + Sync` and return owned CPU
+//! tensors. Intensities come back as float32, normalised as the reader's config says.
+
+use crate::config::Section;
+use anyhow::Result;
+use tch::Tensor;
+
+/// One decoded sample: a volume `[D, H, W]` (a 2D image is a volume of one slice).
+pub struct Volume {
+    pub voxels: Tensor,
+    /// Voxel spacing in mm along (D, H, W), where the format records it.
+    pub spacing: Option<[f64; 3]>,
+}
+
+pub trait Dataset: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A name for sample `index` in messages (file path, series folder, ...).
+    fn describe(&self, index: usize) -> String;
+    /// Decodes sample `index` into a float32 CPU tensor `[D, H, W]`.
+    fn load(&self, index: usize) -> Result<Volume>;
+}
+
+pub type BuildDataset = fn(&Section) -> Result<Box<dyn Dataset>>;
+
+pub struct DatasetEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub default_config: fn() -> String,
+    pub build: BuildDataset,
+}
+crate::impl_registered!(DatasetEntry);

@@ -1,0 +1,40 @@
+//! medssl-core: the four role traits (encoder, aggregator, objective, head) and the dataset
+//! role, their link-time registries, layered config, the data pipeline, the training loop
+//! with checkpoints and exact resume, and run metrics. No model code lives here: models are
+//! plugins that depend on this crate only.
+
+pub mod aggregator;
+pub mod assemble;
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod device;
+pub mod encoder;
+pub mod head;
+pub mod loader;
+pub mod metrics;
+pub mod objective;
+pub mod optim;
+pub mod registry;
+pub mod rng;
+pub mod train;
+pub mod views;
+
+pub use anyhow;
+pub use serde;
+pub use tch;
+pub use toml;
+
+/// What a plugin needs, in one import.
+pub mod prelude {
+    pub use crate::aggregator::{Aggregator, AggregatorEntry, AggregatorOutput, AggregatorShape};
+    pub use crate::config::Section;
+    pub use crate::dataset::{Dataset, DatasetEntry, Volume};
+    pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
+    pub use crate::head::{Head, HeadEntry, HeadShape};
+    pub use crate::objective::{Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput};
+    pub use crate::register;
+    pub use crate::registry::default_toml;
+    pub use anyhow::{bail, ensure, Context, Result};
+    pub use tch::{nn, Device, Kind, Tensor};
+}

@@ -1,0 +1,382 @@
+//! The data loader: sources with globally unique sample ids, a seeded epoch order, and
+//! decoding plus augmentation on worker threads behind a bounded prefetch window.
+//!
+//! Sample ids are offsets into the concatenation of the run's sources (in key order), so
+//! they never collide across datasets, unlike the authors' code where concatenated datasets
+//! reuse indices and corrupt DeepCluster-v2's memory bank.
+
+use crate::dataset::Dataset;
+use crate::rng::{self, domain};
+use crate::views::{self, ViewConfig};
+use anyhow::{anyhow, Context, Result};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tch::Tensor;
+
+/// What to do with a sample that cannot be read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop the run with an error naming the file.
+    Fail,
+    /// Log a warning and leave the sample out of its batch.
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoaderConfig {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Decoding and augmentation threads.
+    pub workers: usize,
+    /// Batches prepared ahead of the training step (bounds memory).
+    pub prefetch: usize,
+    pub on_error: OnError,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig { batch_size: 8, workers: 2, prefetch: 4, on_error: OnError::Fail }
+    }
+}
+
+/// Which inputs this step's objectives need.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub slice_views: bool,
+    pub volume_views: bool,
+    pub sequence: bool,
+}
+
+/// One batch of owned CPU tensors.
+pub struct Batch {
+    /// Global sample ids `[B]` (int64).
+    pub ids: Tensor,
+    /// One `[B, 1, S, S]` per 2D view.
+    pub slice_views: Vec<Tensor>,
+    /// One `[B, 1, T, S, S]` per 3D view.
+    pub volume_views: Vec<Tensor>,
+    /// The un-augmented sequence `[B, 1, T, S, S]`.
+    pub sequence: Option<Tensor>,
+}
+
+/// The run's datasets, concatenated.
+pub struct Sources {
+    datasets: Vec<(String, Box<dyn Dataset>)>,
+    /// `offsets[k]` is the global id of dataset k's first sample.
+    offsets: Vec<usize>,
+    total: usize,
+}
+
+impl Sources {
+    pub fn new(datasets: Vec<(String, Box<dyn Dataset>)>) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(datasets.len());
+        let mut total = 0;
+        for (key, dataset) in &datasets {
+            anyhow::ensure!(!dataset.is_empty(), "data source `{key}` has no samples");
+            offsets.push(total);
+            total += dataset.len();
+        }
+        anyhow::ensure!(total > 0, "the config lists no data sources under [data.sources]");
+        Ok(Sources { datasets, offsets, total })
+    }
+
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// (source key, dataset, index within it) of a global id.
+    fn locate(&self, id: usize) -> (&str, &dyn Dataset, usize) {
+        let k = self.offsets.partition_point(|&o| o <= id) - 1;
+        let (key, dataset) = &self.datasets[k];
+        (key, dataset.as_ref(), id - self.offsets[k])
+    }
+
+    /// Decodes sample `id`, with an error naming its source and file.
+    pub fn load(&self, id: usize) -> Result<Tensor> {
+        let (key, dataset, index) = self.locate(id);
+        let volume = dataset
+            .load(index)
+            .with_context(|| format!("data source `{key}`: cannot read {}", dataset.describe(index)))?;
+        anyhow::ensure!(
+            volume.voxels.dim() == 3,
+            "data source `{key}`: {} decoded to shape {:?}, expected [D, H, W]",
+            dataset.describe(index),
+            volume.voxels.size()
+        );
+        Ok(volume.voxels)
+    }
+}
+
+/// Sources, views and loader settings: everything needed to produce any epoch's batches.
+#[derive(Clone)]
+pub struct DataPipeline {
+    pub sources: Arc<Sources>,
+    pub views: ViewConfig,
+    pub loader: LoaderConfig,
+    pub seed: u64,
+}
+
+impl DataPipeline {
+    pub fn num_samples(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Batch size actually used: the configured one, or the dataset size if smaller.
+    pub fn batch_size(&self) -> usize {
+        self.loader.batch_size.min(self.num_samples()).max(1)
+    }
+
+    /// Full batches per epoch (the last partial batch is dropped, as contrastive and
+    /// clustering losses expect full batches).
+    pub fn steps_per_epoch(&self) -> usize {
+        self.num_samples() / self.batch_size()
+    }
+
+    /// The order in which epoch `epoch` visits the samples.
+    pub fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.num_samples()).collect();
+        order.shuffle(&mut rng::generator(self.seed, &[domain::ORDER, epoch as u64]));
+        order
+    }
+
+    /// Batches `start..steps_per_epoch()` of `epoch`, prepared on worker threads.
+    pub fn epoch(&self, epoch: usize, start: usize, needs: Needs) -> EpochBatches {
+        let order = Arc::new(self.order(epoch));
+        let steps = self.steps_per_epoch();
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<usize>();
+        let (out_tx, out_rx) = crossbeam_channel::unbounded::<(usize, Result<Batch>)>();
+        let workers = (0..self.loader.workers.max(1))
+            .map(|_| {
+                let (jobs, out, order, pipeline) = (job_rx.clone(), out_tx.clone(), order.clone(), self.clone());
+                std::thread::spawn(move || {
+                    for step in jobs {
+                        let batch = pipeline.make_batch(epoch, &order, step, needs);
+                        if out.send((step, batch)).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut batches = EpochBatches {
+            jobs: Some(job_tx),
+            results: out_rx,
+            ready: BTreeMap::new(),
+            next: start,
+            issued: start,
+            end: steps,
+            window: self.loader.prefetch.max(1),
+            workers,
+        };
+        batches.issue();
+        batches
+    }
+
+    fn make_batch(&self, epoch: usize, order: &[usize], step: usize, needs: Needs) -> Result<Batch> {
+        let b = self.batch_size();
+        let mut ids = Vec::with_capacity(b);
+        let (mut slices, mut volumes, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+        for &id in &order[step * b..(step + 1) * b] {
+            let volume = match self.sources.load(id) {
+                Ok(v) => v,
+                Err(e) if self.loader.on_error == OnError::Skip => {
+                    tracing::warn!("skipping sample {id}: {e:#}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            ids.push(id as i64);
+            let coords = |view: u64| [domain::VIEW, epoch as u64, id as u64, view];
+            if needs.slice_views {
+                let depth = volume.size()[0];
+                let index = rng::generator(self.seed, &[domain::SLICE, epoch as u64, id as u64]).random_range(0..depth);
+                slices.push(
+                    (0..self.views.slice_views)
+                        .map(|v| views::slice_view(&volume, index, &mut rng::generator(self.seed, &coords(v as u64)), &self.views))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            if needs.volume_views {
+                volumes.push(
+                    (0..self.views.volume_views)
+                        .map(|v| {
+                            let view = 1000 + v as u64;
+                            views::volume_view(&volume, &mut rng::generator(self.seed, &coords(view)), &self.views)
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+            if needs.sequence {
+                sequences.push(views::sequence_view(&volume, &self.views));
+            }
+        }
+        if ids.is_empty() {
+            return Err(anyhow!("every sample of batch {step} in epoch {epoch} was unreadable"));
+        }
+        let stack_views = |per_sample: Vec<Vec<Tensor>>, count: usize| -> Vec<Tensor> {
+            if per_sample.is_empty() {
+                return Vec::new();
+            }
+            (0..count)
+                .map(|v| Tensor::stack(&per_sample.iter().map(|views| views[v].shallow_clone()).collect::<Vec<_>>(), 0))
+                .collect()
+        };
+        Ok(Batch {
+            ids: Tensor::from_slice(&ids),
+            slice_views: stack_views(slices, self.views.slice_views),
+            volume_views: stack_views(volumes, self.views.volume_views),
+            sequence: (!sequences.is_empty()).then(|| Tensor::stack(&sequences, 0)),
+        })
+    }
+}
+
+/// An epoch's batches, in order. At most `prefetch` batches are issued to the workers
+/// ahead of the one being consumed, so memory stays bounded whatever the dataset size.
+pub struct EpochBatches {
+    jobs: Option<crossbeam_channel::Sender<usize>>,
+    results: crossbeam_channel::Receiver<(usize, Result<Batch>)>,
+    ready: BTreeMap<usize, Result<Batch>>,
+    next: usize,
+    issued: usize,
+    end: usize,
+    window: usize,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl EpochBatches {
+    fn issue(&mut self) {
+        if let Some(jobs) = &self.jobs {
+            while self.issued < self.end && self.issued < self.next + self.window {
+                if jobs.send(self.issued).is_err() {
+                    break;
+                }
+                self.issued += 1;
+            }
+        }
+    }
+
+    /// Batches issued to workers and not yet consumed (for tests of the memory bound).
+    pub fn in_flight(&self) -> usize {
+        self.issued - self.next
+    }
+}
+
+impl Iterator for EpochBatches {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.end {
+            return None;
+        }
+        while !self.ready.contains_key(&self.next) {
+            match self.results.recv() {
+                Ok((step, batch)) => {
+                    self.ready.insert(step, batch);
+                }
+                Err(_) => return Some(Err(anyhow!("data loader workers stopped unexpectedly"))),
+            }
+        }
+        let batch = self.ready.remove(&self.next);
+        self.next += 1;
+        self.issue();
+        batch
+    }
+}
+
+impl Drop for EpochBatches {
+    fn drop(&mut self) {
+        self.jobs = None;
+        // Drain so blocked workers finish; then join them.
+        while self.results.try_recv().is_ok() {}
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Volume;
+
+    struct Ramp(usize);
+    impl Dataset for Ramp {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn describe(&self, index: usize) -> String {
+            format!("ramp #{index}")
+        }
+        fn load(&self, index: usize) -> Result<Volume> {
+            anyhow::ensure!(index != 3, "sample 3 is broken");
+            Ok(Volume { voxels: Tensor::ones([4, 16, 16], (tch::Kind::Float, tch::Device::Cpu)) * index as f64, spacing: None })
+        }
+    }
+
+    fn pipeline(on_error: OnError) -> DataPipeline {
+        let sources = Sources::new(vec![("a".into(), Box::new(Ramp(5)) as Box<dyn Dataset>), ("b".into(), Box::new(Ramp(6)))]).unwrap();
+        DataPipeline {
+            sources: Arc::new(sources),
+            views: ViewConfig { slice_size: 8, volume_size: 8, volume_slices: 2, ..Default::default() },
+            loader: LoaderConfig { batch_size: 2, workers: 2, prefetch: 2, on_error },
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn ids_are_global_and_each_epoch_visits_each_sample_once() {
+        let p = pipeline(OnError::Skip);
+        let mut order = p.order(0);
+        assert_ne!(order, p.order(1));
+        order.sort();
+        assert_eq!(order, (0..11).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn batches_come_in_order_and_the_window_bounds_memory() {
+        let p = pipeline(OnError::Skip);
+        let needs = Needs { slice_views: true, volume_views: true, sequence: true };
+        let order = p.order(0);
+        let mut batches = p.epoch(0, 0, needs);
+        let mut seen = Vec::new();
+        while let Some(batch) = batches.next() {
+            assert!(batches.in_flight() <= 2);
+            let batch = batch.unwrap();
+            assert_eq!(batch.slice_views.len(), 2);
+            assert_eq!(batch.volume_views[0].size()[1..], [1, 2, 8, 8]);
+            seen.extend(Vec::<i64>::try_from(&batch.ids).unwrap());
+        }
+        let expected: Vec<i64> = order[..10].iter().map(|&i| i as i64).filter(|&i| i != 3 && i != 8).collect();
+        assert_eq!(seen, expected, "broken samples (local index 3 of each source) are skipped");
+    }
+
+    #[test]
+    fn an_unreadable_sample_fails_with_its_name_under_the_fail_policy() {
+        let p = pipeline(OnError::Fail);
+        let err = p.epoch(0, 0, Needs { slice_views: true, ..Default::default() }).find_map(|b| b.err()).unwrap();
+        let text = format!("{err:#}");
+        assert!(text.contains("ramp #3") && text.contains("sample 3 is broken"), "{text}");
+    }
+
+    #[test]
+    fn resuming_mid_epoch_gives_the_same_batches() {
+        let p = pipeline(OnError::Skip);
+        let needs = Needs { slice_views: true, ..Default::default() };
+        let full: Vec<Batch> = p.epoch(2, 0, needs).map(Result::unwrap).collect();
+        let resumed: Vec<Batch> = p.epoch(2, 3, needs).map(Result::unwrap).collect();
+        assert_eq!(full.len(), 5);
+        for (a, b) in full[3..].iter().zip(&resumed) {
+            assert!(a.ids.equal(&b.ids));
+            assert!(a.slice_views[0].equal(&b.slice_views[0]));
+        }
+    }
+}

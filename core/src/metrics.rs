@@ -1,0 +1,145 @@
+//! Run metrics: one JSON object a logged step in `metrics.jsonl`, the loss-curve PNG and the
+//! short `report.md`.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::{Map, Value};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// Appends metric records, one JSON object a line, flushed as written.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending. When resuming, records after `keep_through_step` (written
+    /// after the checkpoint, by the run that was interrupted) are dropped first, so the log
+    /// reads as one uninterrupted run.
+    pub fn open(path: &Path, keep_through_step: Option<usize>) -> Result<Self> {
+        if let Some(last) = keep_through_step {
+            let kept: Vec<String> = read_records(path)?
+                .into_iter()
+                .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s as usize <= last))
+                .map(|r| Value::Object(r).to_string())
+                .collect();
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            crate::checkpoint::write_atomic(path, text.as_bytes())?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open `{}`", path.display()))?;
+        Ok(MetricsLog { path: path.to_path_buf(), file })
+    }
+
+    pub fn write(&mut self, record: &Map<String, Value>) -> Result<()> {
+        writeln!(self.file, "{}", Value::Object(record.clone()))
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write `{}`", self.path.display()))
+    }
+}
+
+/// Every record of a metrics file (a missing file has none; a torn last line is ignored).
+pub fn read_records(path: &Path) -> Result<Vec<Map<String, Value>>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let file = File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    Ok(BufReader::new(file)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter_map(|line| match serde_json::from_str(&line) {
+            Ok(Value::Object(map)) => Some(map),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The font for plot labels: DejaVu Sans where the system has it. Without one the plot is
+/// drawn without text.
+fn register_font() -> bool {
+    const CANDIDATES: [&str; 3] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/System/Library/Fonts/Supplemental/Arial.ttf",
+    ];
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        CANDIDATES.iter().any(|path| {
+            std::fs::read(path).ok().is_some_and(|bytes| {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+            })
+        })
+    })
+}
+
+/// Draws the total loss and every loss term against the global step into `out` (PNG).
+pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for record in records {
+        let Some(step) = record.get("step").and_then(Value::as_f64) else { continue };
+        for (key, value) in record {
+            let is_loss = key == "loss" || key.starts_with("loss/");
+            if let (true, Some(v)) = (is_loss, value.as_f64()) {
+                match series.iter_mut().find(|(k, _)| k == key) {
+                    Some((_, points)) => points.push((step, v)),
+                    None => series.push((key.clone(), vec![(step, v)])),
+                }
+            }
+        }
+    }
+    let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|(_, v)| v.is_finite());
+    let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in points {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    let pad = ((y_max - y_min) * 0.05).max(1e-6);
+    let with_text = register_font();
+    let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(16).x_label_area_size(if with_text { 40 } else { 8 }).y_label_area_size(if with_text { 60 } else { 8 });
+    if with_text {
+        builder.caption("training loss", ("sans-serif", 22));
+    }
+    let mut chart = builder.build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
+    if with_text {
+        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+    }
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let drawn = chart.draw_series(LineSeries::new(pts.iter().copied().filter(|p| p.1.is_finite()), color.stroke_width(2)))?;
+        if with_text {
+            drawn.label(name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+    }
+    if with_text && !series.is_empty() {
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present().with_context(|| format!("cannot write `{}`", out.display()))?;
+    Ok(())
+}
+
+/// Mean of `key` over the first and the last `window` records that have it.
+pub fn first_and_last_mean(records: &[Map<String, Value>], key: &str, window: usize) -> Option<(f64, f64)> {
+    let values: Vec<f64> = records.iter().filter_map(|r| r.get(key).and_then(Value::as_f64)).collect();
+    if values.is_empty() {
+        return None;
+    }
+    let w = window.clamp(1, values.len());
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    Some((mean(&values[..w]), mean(&values[values.len() - w..])))
+}

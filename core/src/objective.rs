@@ -1,0 +1,105 @@
+//! The objective role: the loss of one self-supervised task over a batch of views.
+//!
+//! An objective declares what it consumes, so the runner computes each forward pass once
+//! per step and hands it to every objective of the stage. It owns its state (projectors,
+//! prototypes, queues, memory banks): tensors live in the run's variable store under the
+//! objective's path (checkpointed with the model; buffers are created non-trainable), and
+//! anything else is returned by [`Objective::state`] and restored by
+//! [`Objective::load_state`].
+
+use crate::aggregator::Aggregator;
+use crate::config::Section;
+use anyhow::Result;
+use tch::{nn, Tensor};
+
+/// The inputs an objective can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Consumes {
+    /// Pooled encoder embeddings of 2D views of slices or images: one `[N, E]` per view.
+    SliceViews,
+    /// Volume embeddings of 3D views: one `[B, F]` per view, from the aggregator.
+    VolumeViews,
+    /// The un-augmented sequence of slice embeddings `[B, n, E]` with the aggregator, for
+    /// objectives that transform the sequence themselves (masked prediction).
+    SliceSequence,
+}
+
+/// A sequence of slice embeddings and the aggregator to run over it.
+pub struct SliceSequence<'a> {
+    /// `[B, n, E]`.
+    pub embeddings: &'a Tensor,
+    /// `[B, n]` bool: real slices (false for padding).
+    pub valid: &'a Tensor,
+    pub aggregator: &'a dyn Aggregator,
+    pub train: bool,
+}
+
+/// Everything the runner computed this step; each objective reads what it declared.
+pub struct StepInput<'a> {
+    /// Global sample id of each row (unique across every dataset of the run).
+    pub ids: &'a Tensor,
+    pub slice_views: Option<&'a [Tensor]>,
+    pub volume_views: Option<&'a [Tensor]>,
+    pub slice_sequence: Option<SliceSequence<'a>>,
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub epoch: usize,
+    /// Step within the stage (0-based).
+    pub step: usize,
+    pub steps_per_epoch: usize,
+}
+
+/// One objective's losses: the weighted sum trains; each named term is logged.
+pub struct Loss {
+    pub total: Tensor,
+    pub terms: Vec<(String, f64)>,
+}
+
+pub trait Objective {
+    fn consumes(&self) -> Consumes;
+    /// The loss over this step's inputs.
+    fn loss(&mut self, input: &StepInput, progress: &Progress) -> Result<Loss>;
+    /// Called before the first step of each epoch.
+    fn on_epoch_start(&mut self, _progress: &Progress) -> Result<()> {
+        Ok(())
+    }
+    /// Called after each optimizer step (prototype normalisation, queue updates, ...).
+    fn on_step_end(&mut self, _progress: &Progress) -> Result<()> {
+        Ok(())
+    }
+    /// Non-tensor state to checkpoint.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores what [`Objective::state`] returned.
+    fn load_state(&mut self, _state: serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What the rest of the run tells an objective when building it.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectiveShape {
+    /// Width of the slice embeddings (encoder output).
+    pub slice_dim: i64,
+    /// Width of the volume embeddings (aggregator output), if the run has an aggregator.
+    pub volume_dim: Option<i64>,
+    /// Number of samples in the run, for memory banks indexed by global id.
+    pub num_samples: usize,
+}
+
+pub type BuildObjective = fn(&Section, nn::Path, &ObjectiveShape) -> Result<Box<dyn Objective>>;
+
+pub struct ObjectiveEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub default_config: fn() -> String,
+    /// Small variants of the config (TOML) that build and run fast on a CPU; the
+    /// composition test trains one step with each, against every compatible component.
+    pub smoke_configs: &'static [&'static str],
+    pub build: BuildObjective,
+}
+crate::impl_registered!(ObjectiveEntry);

@@ -1,0 +1,527 @@
+//! The training loop: stages, each with its trainable modules, objectives and weights; the
+//! optimizer and schedule; metrics, checkpoints and exact resume.
+//!
+//! Exact resume needs no generator state: libtorch's generator is reseeded from
+//! (seed, stage, step) before every step, and data order and views are pure functions of
+//! (seed, epoch, sample id, view). A checkpoint records where the run is (stage, steps done
+//! in it), the variables, the optimizer buffers and each objective's state.
+
+use crate::assemble::{self, Model};
+use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
+use crate::config::{describe_error, LoadedConfig, OptimizerConfig, StageConfig};
+use crate::loader::{Batch, DataPipeline, Needs};
+use crate::metrics::{self, MetricsLog};
+use crate::objective::{Consumes, Progress, SliceSequence, StepInput};
+use crate::optim::{self, Optimizer};
+use crate::rng::{self, domain};
+use anyhow::{bail, Context, Result};
+use figment::providers::Serialized;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Files of a run directory.
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const PLOT_FILE: &str = "loss.png";
+pub const REPORT_FILE: &str = "report.md";
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// Everything a run needs, validated before anything is written.
+pub struct Run {
+    cfg: LoadedConfig,
+    device: Device,
+    data: DataPipeline,
+    model: Model,
+    resolved_config: String,
+}
+
+/// What [`Run::probe_step`] measured.
+#[derive(Debug, Clone)]
+pub struct StepProbe {
+    pub loss: f64,
+    pub terms: Vec<(String, f64)>,
+    pub groups: Vec<GroupGradient>,
+}
+
+/// Gradient of one trainable group (`encoder`, `aggregator`, `objectives.KEY`).
+#[derive(Debug, Clone)]
+pub struct GroupGradient {
+    pub group: String,
+    /// L2 norm over the group's gradients.
+    pub norm: f64,
+    pub parameters: usize,
+    /// Parameters whose gradient is non-zero.
+    pub with_gradient: usize,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub seconds: f64,
+}
+
+impl Run {
+    /// Builds the data pipeline and every component, and checks the stages against them.
+    pub fn prepare(cfg: LoadedConfig) -> Result<Run> {
+        let device = crate::device::resolve(&cfg.run.device)?;
+        if cfg.run.run.threads > 0 {
+            tch::set_num_threads(cfg.run.run.threads);
+        }
+        let (data, mut resolved) = assemble::data_pipeline(&cfg)?;
+        anyhow::ensure!(data.steps_per_epoch() > 0, "the data sources hold {} samples: too few for one batch", data.num_samples());
+        tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
+        let model = Model::build(&cfg, device, data.num_samples())?;
+        resolved.extend(model.resolved.iter().cloned());
+        let mut run_section = toml::Table::new();
+        run_section.insert("config_dir".into(), toml::Value::String(cfg.base_dir.display().to_string()));
+        resolved.push(("run.config_dir".into(), toml::Value::String(cfg.base_dir.display().to_string())));
+        let resolved_config = cfg.resolved_toml(&resolved)?;
+        let run = Run { cfg, device, data, model, resolved_config };
+        run.check_stages()?;
+        Ok(run)
+    }
+
+    fn check_stages(&self) -> Result<()> {
+        let stages = &self.cfg.run.stages;
+        anyhow::ensure!(!stages.is_empty(), "config has no `[[stages]]`: add at least one stage naming its objectives");
+        for (i, stage) in stages.iter().enumerate() {
+            let at = format!("stages[{i}] (`{}`)", stage.name);
+            anyhow::ensure!(stage.epochs > 0, "config {at}: `epochs` must be at least 1");
+            anyhow::ensure!(!stage.objectives.is_empty(), "config {at}: `objectives` names no objective");
+            for key in stage.objectives.keys() {
+                if !self.model.objectives.contains_key(key) {
+                    let known: Vec<&str> = self.model.objectives.keys().map(String::as_str).collect();
+                    bail!("config {at}: objective `{key}` is not defined; defined under [objectives]: {}", known.join(", "));
+                }
+            }
+            for module in &stage.train {
+                match module.as_str() {
+                    "encoder" => {}
+                    "aggregator" if self.model.aggregator.is_some() => {}
+                    "aggregator" => bail!("config {at}: `train` lists `aggregator` but the config has no [aggregator]"),
+                    other => bail!("config {at}: `train` lists `{other}`; expected `encoder` or `aggregator`"),
+                }
+            }
+            self.stage_optimizer(i)?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer config of stage `i`: `[optimizer]` with the stage's overrides on top.
+    fn stage_optimizer(&self, i: usize) -> Result<OptimizerConfig> {
+        let base = &self.cfg.run.optimizer;
+        match &self.cfg.run.stages[i].optimizer {
+            None => Ok(base.clone()),
+            Some(overrides) => {
+                let figment = figment::Figment::from(Serialized::defaults(base)).merge(Serialized::defaults(overrides));
+                figment.extract().map_err(|e| describe_error(&figment, e, &format!("stages[{i}].optimizer")))
+            }
+        }
+    }
+
+    /// One forward and backward pass of stage `stage_index` on its first batch, without an
+    /// optimizer step: the loss and each trainable group's gradient norm. `medssl check`
+    /// and the composition test use it to prove a config trains before committing to a run.
+    pub fn probe_step(&mut self, stage_index: usize) -> Result<StepProbe> {
+        let stage = self.cfg.run.stages.get(stage_index).context("no such stage")?.clone();
+        let needs = self.needs(&stage);
+        let batch = self.data.epoch(0, 0, needs).next().context("the data pipeline produced no batch")??;
+        let progress = Progress { epoch: 0, step: 0, steps_per_epoch: self.data.steps_per_epoch() };
+        for key in stage.objectives.keys() {
+            self.model.objectives.get_mut(key).expect("checked").on_epoch_start(&progress)?;
+        }
+        tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, 0]) as i64);
+        let mut optimizer = Optimizer::new(&self.stage_optimizer(stage_index)?, self.stage_parameters(&stage))?;
+        optimizer.zero_grad();
+        let (loss, terms) = self.loss(&stage, &batch, &progress)?;
+        let value = loss.double_value(&[]);
+        loss.backward();
+        let mut grad_norms: BTreeMap<String, (f64, usize, usize)> = BTreeMap::new();
+        for (name, p) in optimizer.parameters() {
+            let group = match name.split('.').collect::<Vec<_>>().as_slice() {
+                ["objectives", key, ..] => format!("objectives.{key}"),
+                [module, ..] => module.to_string(),
+                [] => continue,
+            };
+            let g = p.grad();
+            let norm = if g.defined() { g.norm().double_value(&[]) } else { 0.0 };
+            let entry = grad_norms.entry(group).or_insert((0.0, 0, 0));
+            entry.0 += norm * norm;
+            entry.1 += 1;
+            entry.2 += usize::from(norm > 0.0);
+        }
+        optimizer.zero_grad();
+        Ok(StepProbe {
+            loss: value,
+            terms,
+            groups: grad_norms
+                .into_iter()
+                .map(|(k, (sq, n, nonzero))| GroupGradient { group: k, norm: sq.sqrt(), parameters: n, with_gradient: nonzero })
+                .collect(),
+        })
+    }
+
+    /// Number of stages.
+    pub fn stages(&self) -> usize {
+        self.cfg.run.stages.len()
+    }
+
+    /// The resolved config that the run directory keeps.
+    pub fn resolved_config(&self) -> &str {
+        &self.resolved_config
+    }
+
+    /// Trains in `run_dir`: from the start, or from its latest checkpoint when `resume`.
+    pub fn train(mut self, run_dir: &Path, resume: bool) -> Result<Summary> {
+        let started = Instant::now();
+        let store = Checkpoints::new(run_dir.join(CHECKPOINT_DIR), self.cfg.run.run.keep_checkpoints);
+        let fingerprint = self.model.fingerprint();
+        let mut position = TrainingState {
+            format: FORMAT,
+            stage: 0,
+            stage_step: 0,
+            global_step: 0,
+            optimizer_steps: 0,
+            objectives: BTreeMap::new(),
+            model_fingerprint: fingerprint.clone(),
+        };
+        let mut optimizer_state = Vec::new();
+        if resume {
+            if let Some(latest) = store.latest()? {
+                let (tensors, state) = checkpoint::load(&latest)?;
+                if state.model_fingerprint != fingerprint {
+                    bail!(
+                        "checkpoint `{}` was written for another model (fingerprint {}, this config gives {}): its config is incompatible",
+                        latest.display(),
+                        state.model_fingerprint,
+                        fingerprint
+                    );
+                }
+                optimizer_state = self.restore(&latest, tensors)?;
+                for (key, value) in &state.objectives {
+                    if let Some(objective) = self.model.objectives.get_mut(key) {
+                        objective.load_state(value.clone()).with_context(|| format!("checkpoint `{}`: objective `{key}`", latest.display()))?;
+                    }
+                }
+                tracing::info!("resuming from {} (global step {})", latest.display(), state.global_step);
+                position = state;
+            } else {
+                tracing::info!("no checkpoint in {}: starting from the beginning", run_dir.display());
+            }
+        }
+        let mut log = MetricsLog::open(&run_dir.join(METRICS_FILE), resume.then_some(position.global_step))?;
+        let total_steps: usize = self.cfg.run.stages.iter().map(|s| s.epochs * self.data.steps_per_epoch()).sum();
+        let bar = progress_bar(total_steps, position.global_step);
+
+        for stage_index in position.stage..self.cfg.run.stages.len() {
+            let stage = self.cfg.run.stages[stage_index].clone();
+            let opt_cfg = self.stage_optimizer(stage_index)?;
+            let mut optimizer = Optimizer::new(&opt_cfg, self.stage_parameters(&stage))?;
+            if stage_index == position.stage && position.stage_step > 0 {
+                optimizer.load_state(std::mem::take(&mut optimizer_state), position.optimizer_steps)?;
+            }
+            let start = if stage_index == position.stage { position.stage_step } else { 0 };
+            self.train_stage(stage_index, &stage, &opt_cfg, &mut optimizer, start, &mut position, &store, &mut log, &bar)?;
+            // Stage done: the next one starts with fresh optimizer state.
+            position.stage = stage_index + 1;
+            position.stage_step = 0;
+            position.optimizer_steps = 0;
+            self.save(&store, &mut position, None)?;
+        }
+        bar.finish_and_clear();
+        let summary = self.finish(run_dir, started.elapsed().as_secs_f64(), position.global_step)?;
+        Ok(summary)
+    }
+
+    /// Copies checkpoint tensors into the model; returns the optimizer's part.
+    fn restore(&mut self, from: &Path, tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        let mut vars = self.model.vs.variables();
+        let mut optimizer = Vec::new();
+        let mut seen = 0;
+        for (name, tensor) in tensors {
+            if let Some(var_name) = name.strip_prefix("model.") {
+                let Some(var) = vars.get_mut(var_name) else {
+                    bail!("checkpoint `{}` holds `{var_name}`, which this config's model does not have: incompatible config", from.display());
+                };
+                if var.size() != tensor.size() {
+                    bail!(
+                        "checkpoint `{}`: `{var_name}` has shape {:?}, this config's model expects {:?}: incompatible config",
+                        from.display(),
+                        tensor.size(),
+                        var.size()
+                    );
+                }
+                tch::no_grad(|| var.copy_(&tensor));
+                seen += 1;
+            } else if let Some(opt_name) = name.strip_prefix("optim.") {
+                optimizer.push((opt_name.to_string(), tensor));
+            }
+        }
+        if seen != vars.len() {
+            bail!("checkpoint `{}` holds {seen} of the model's {} variables: incompatible config", from.display(), vars.len());
+        }
+        Ok(optimizer)
+    }
+
+    /// Parameters optimised in `stage`: those of its trainable modules and of its objectives.
+    fn stage_parameters(&self, stage: &StageConfig) -> Vec<(String, Tensor)> {
+        let mut prefixes: Vec<String> = stage.train.iter().map(|m| format!("{m}.")).collect();
+        prefixes.extend(stage.objectives.keys().map(|k| format!("objectives.{k}.")));
+        self.model
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| t.requires_grad() && prefixes.iter().any(|p| name.starts_with(p)))
+            .collect()
+    }
+
+    fn needs(&self, stage: &StageConfig) -> Needs {
+        let mut needs = Needs::default();
+        for key in stage.objectives.keys() {
+            match self.model.objectives[key].consumes() {
+                Consumes::SliceViews => needs.slice_views = true,
+                Consumes::VolumeViews => needs.volume_views = true,
+                Consumes::SliceSequence => needs.sequence = true,
+            }
+        }
+        needs
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn train_stage(
+        &mut self,
+        stage_index: usize,
+        stage: &StageConfig,
+        opt_cfg: &OptimizerConfig,
+        optimizer: &mut Optimizer,
+        start: usize,
+        position: &mut TrainingState,
+        store: &Checkpoints,
+        log: &mut MetricsLog,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let steps_per_epoch = self.data.steps_per_epoch();
+        let total = stage.epochs * steps_per_epoch;
+        let needs = self.needs(stage);
+        let run = self.cfg.run.run.clone();
+        let mut step = start;
+        while step < total {
+            let epoch = step / steps_per_epoch;
+            let batches = self.data.epoch(epoch, step % steps_per_epoch, needs);
+            for batch in batches {
+                let batch = batch.with_context(|| format!("stage `{}`, epoch {epoch}", stage.name))?;
+                let progress = Progress { epoch, step, steps_per_epoch };
+                if step % steps_per_epoch == 0 {
+                    for key in stage.objectives.keys() {
+                        self.model.objectives.get_mut(key).expect("checked").on_epoch_start(&progress)?;
+                    }
+                }
+                let tick = Instant::now();
+                tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64);
+                let lr = optim::learning_rate(opt_cfg, step, total, steps_per_epoch);
+                let (loss, terms) = self.loss(stage, &batch, &progress)?;
+                let value = loss.double_value(&[]);
+                if !value.is_finite() {
+                    bail!(
+                        "loss became {value} in stage `{}` at step {} (terms: {terms:?}); stopping, the last good checkpoint is kept",
+                        stage.name,
+                        position.global_step + 1
+                    );
+                }
+                optimizer.zero_grad();
+                loss.backward();
+                let grad_norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
+                optimizer.step(lr);
+                for key in stage.objectives.keys() {
+                    self.model.objectives.get_mut(key).expect("checked").on_step_end(&progress)?;
+                }
+                step += 1;
+                position.stage = stage_index;
+                position.stage_step = step;
+                position.global_step += 1;
+                let batch_size = batch.ids.size()[0] as f64;
+                if position.global_step % run.log_every.max(1) == 0 || step == total {
+                    let mut record = Map::new();
+                    record.insert("stage".into(), json!(stage.name));
+                    record.insert("stage_index".into(), json!(stage_index));
+                    record.insert("epoch".into(), json!(epoch));
+                    record.insert("step".into(), json!(position.global_step));
+                    record.insert("loss".into(), json!(value));
+                    for (name, v) in &terms {
+                        record.insert(format!("loss/{name}"), json!(v));
+                    }
+                    record.insert("lr".into(), json!(lr));
+                    record.insert("grad_norm".into(), json!(grad_norm));
+                    record.insert("samples_per_s".into(), json!(batch_size / tick.elapsed().as_secs_f64().max(1e-9)));
+                    log.write(&record)?;
+                    if bar.is_hidden() {
+                        tracing::info!(
+                            "stage {} epoch {epoch} step {}/{}: loss {value:.4} lr {lr:.2e}",
+                            stage.name,
+                            position.global_step,
+                            bar.length().unwrap_or(0)
+                        );
+                    } else {
+                        bar.set_message(format!("{} loss {value:.4}", stage.name));
+                    }
+                }
+                bar.inc(1);
+                if position.global_step % run.checkpoint_every.max(1) == 0 && step < total {
+                    self.save(store, position, Some(optimizer))?;
+                }
+                if step >= total {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The weighted sum of the stage's objectives over one batch, and each term.
+    fn loss(&mut self, stage: &StageConfig, batch: &Batch, progress: &Progress) -> Result<(Tensor, Vec<(String, f64)>)> {
+        let device = self.device;
+        let train_encoder = stage.train.iter().any(|m| m == "encoder");
+        let train_aggregator = stage.train.iter().any(|m| m == "aggregator");
+        let encoder = &self.model.encoder;
+        // A frozen encoder runs without autograd and with batch norm in eval mode.
+        let embed = |images: &Tensor| -> Tensor {
+            if train_encoder {
+                encoder.forward(images, true).pooled
+            } else {
+                tch::no_grad(|| encoder.forward(images, false).pooled)
+            }
+        };
+        let embed_volume = |volume: &Tensor| -> Tensor {
+            let size = volume.size();
+            let (b, t) = (size[0], size[2]);
+            let slices = volume.to_device(device).transpose(1, 2).reshape([b * t, size[1], size[3], size[4]]);
+            embed(&slices).view([b, t, -1])
+        };
+        let slice_views: Vec<Tensor> = batch.slice_views.iter().map(|v| embed(&v.to_device(device))).collect();
+        let volume_views: Vec<Tensor> = match &self.model.aggregator {
+            Some(aggregator) => batch
+                .volume_views
+                .iter()
+                .map(|v| aggregator.forward(&embed_volume(v), None, train_aggregator).volume)
+                .collect(),
+            None => Vec::new(),
+        };
+        let sequence = batch.sequence.as_ref().map(embed_volume);
+        let valid = sequence.as_ref().map(|s| Tensor::ones([s.size()[0], s.size()[1]], (Kind::Bool, device)));
+        let ids = batch.ids.to_device(device);
+
+        let mut total: Option<Tensor> = None;
+        let mut terms = Vec::new();
+        for (key, weight) in &stage.objectives {
+            let input = StepInput {
+                ids: &ids,
+                slice_views: batch.slice_views.is_empty().then_some(()).map_or(Some(slice_views.as_slice()), |_| None),
+                volume_views: (!volume_views.is_empty()).then_some(volume_views.as_slice()),
+                slice_sequence: match (&sequence, &valid, &self.model.aggregator) {
+                    (Some(embeddings), Some(valid), Some(aggregator)) => {
+                        Some(SliceSequence { embeddings, valid, aggregator: aggregator.as_ref(), train: train_aggregator })
+                    }
+                    _ => None,
+                },
+            };
+            let objective = self.model.objectives.get_mut(key).expect("checked");
+            let loss = objective.loss(&input, progress).with_context(|| format!("objective `{key}`"))?;
+            terms.push((key.clone(), loss.total.double_value(&[])));
+            for (name, v) in loss.terms {
+                terms.push((format!("{key}/{name}"), v));
+            }
+            let weighted = loss.total * *weight;
+            total = Some(match total {
+                Some(t) => t + weighted,
+                None => weighted,
+            });
+        }
+        Ok((total.expect("a stage has at least one objective"), terms))
+    }
+
+    fn save(&self, store: &Checkpoints, position: &mut TrainingState, optimizer: Option<&Optimizer>) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> =
+            self.model.vs.variables().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+        if let Some(optimizer) = optimizer {
+            let (state, steps) = optimizer.state();
+            tensors.extend(state.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+            position.optimizer_steps = steps;
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        position.objectives = self.model.objectives.iter().map(|(k, o)| (k.clone(), o.state())).collect();
+        store.save(&tensors, position)?;
+        Ok(())
+    }
+
+    /// Writes the loss plot and the report.
+    fn finish(&self, run_dir: &Path, seconds: f64, steps: usize) -> Result<Summary> {
+        let records = metrics::read_records(&run_dir.join(METRICS_FILE))?;
+        metrics::plot_losses(&records, &run_dir.join(PLOT_FILE))?;
+        let window = (records.len() / 10).max(1);
+        let (first, last) = metrics::first_and_last_mean(&records, "loss", window).unzip();
+        let mut report = String::new();
+        report.push_str(&format!("# medssl run `{}`\n\n", run_dir.display()));
+        report.push_str(&format!(
+            "- device: {:?}\n- samples: {} ({} steps an epoch, batch {})\n- steps: {steps}\n- wall time of this invocation: {seconds:.1} s\n- encoder: {}, aggregator: {}\n\n",
+            self.device,
+            self.data.num_samples(),
+            self.data.steps_per_epoch(),
+            self.data.batch_size(),
+            self.cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default(),
+            self.cfg.run.aggregator.as_ref().and_then(|_| self.cfg.section("aggregator", "name").ok()).map(|s| s.name).unwrap_or_else(|| "none".into()),
+        ));
+        report.push_str("| stage | epochs | objectives (weight) | first loss | last loss |\n|---|---|---|---|---|\n");
+        for (i, stage) in self.cfg.run.stages.iter().enumerate() {
+            let stage_records: Vec<_> = records.iter().filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64)).cloned().collect();
+            let w = (stage_records.len() / 10).max(1);
+            let (a, b) = metrics::first_and_last_mean(&stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
+            let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
+            report.push_str(&format!("| {} | {} | {} | {a:.4} | {b:.4} |\n", stage.name, stage.epochs, objectives.join(", ")));
+        }
+        report.push_str(&format!(
+            "\nFirst and last loss are means over the first and last tenth of the logged steps. Loss curve: `{PLOT_FILE}`; every step: `{METRICS_FILE}`; config: `{CONFIG_FILE}`; weights: `{CHECKPOINT_DIR}/`.\n"
+        ));
+        checkpoint::write_atomic(&run_dir.join(REPORT_FILE), report.as_bytes())?;
+        Ok(Summary { run_dir: run_dir.to_path_buf(), steps, first_loss: first, last_loss: last, seconds })
+    }
+}
+
+fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(done as u64);
+    bar
+}
+
+/// Creates a fresh run directory. An existing non-empty one is refused unless `force`,
+/// which empties it first.
+pub fn create_run_dir(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() {
+        let empty = dir.is_dir() && std::fs::read_dir(dir)?.next().is_none();
+        if !empty {
+            if !force {
+                bail!(
+                    "run directory `{}` already exists; use `medssl resume {}` to continue it, or --force to replace it",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear `{}`", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(dir.join(CHECKPOINT_DIR)).with_context(|| format!("cannot create run directory `{}`", dir.display()))
+}

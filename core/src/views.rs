@@ -1,0 +1,185 @@
+//! Augmented views of slices and volumes.
+//!
+//! A 2D view is a random resized crop of one slice (or image) with flips, intensity jitter
+//! and noise, as in SimCLR / SwAV multi-crop. A 3D view crops a window along the slice axis
+//! and one in-plane region applied to every slice of the window, so the geometric and
+//! intensity transforms are consistent across the slices of a view (the paper's volume
+//! views, Sec. 3.3). Every parameter is drawn from a generator seeded by
+//! (seed, epoch, sample id, view): nothing is cached, so no two epochs repeat a view.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewConfig {
+    /// Number of 2D views of a slice per sample (for slice-level objectives).
+    pub slice_views: usize,
+    /// Side of a 2D view, in pixels.
+    pub slice_size: i64,
+    /// Number of 3D views per volume (for volume-level objectives).
+    pub volume_views: usize,
+    /// Slices in a 3D view and in the un-augmented slice sequence.
+    pub volume_slices: i64,
+    /// In-plane side of a 3D view.
+    pub volume_size: i64,
+    /// Range of the crop's area as a fraction of the slice (random resized crop).
+    pub crop_scale: [f64; 2],
+    /// Range of the fraction of the slice axis a 3D view's window covers.
+    pub depth_scale: [f64; 2],
+    /// Probability of each flip (horizontal, vertical).
+    pub flip: f64,
+    /// Contrast jitter: intensities are multiplied by a factor in [1 - c, 1 + c].
+    pub contrast: f64,
+    /// Brightness jitter: a shift in [-b, b] (intensities are roughly unit-scaled).
+    pub brightness: f64,
+    /// Standard deviation of added Gaussian noise.
+    pub noise: f64,
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig {
+            slice_views: 2,
+            slice_size: 64,
+            volume_views: 2,
+            volume_slices: 16,
+            volume_size: 64,
+            crop_scale: [0.4, 1.0],
+            depth_scale: [0.6, 1.0],
+            flip: 0.5,
+            contrast: 0.2,
+            brightness: 0.1,
+            noise: 0.02,
+        }
+    }
+}
+
+impl ViewConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let in_unit = |r: [f64; 2]| 0.0 < r[0] && r[0] <= r[1] && r[1] <= 1.0;
+        anyhow::ensure!(in_unit(self.crop_scale), "data.views.crop_scale must satisfy 0 < min <= max <= 1, got {:?}", self.crop_scale);
+        anyhow::ensure!(in_unit(self.depth_scale), "data.views.depth_scale must satisfy 0 < min <= max <= 1, got {:?}", self.depth_scale);
+        anyhow::ensure!(self.slice_size >= 8 && self.volume_size >= 8, "data.views.slice_size and volume_size must be at least 8");
+        anyhow::ensure!(self.volume_slices >= 1, "data.views.volume_slices must be at least 1");
+        anyhow::ensure!((0.0..=1.0).contains(&self.flip), "data.views.flip is a probability, got {}", self.flip);
+        Ok(())
+    }
+}
+
+/// An in-plane crop box (top, left, height, width), drawn like torchvision's
+/// RandomResizedCrop: area fraction from `scale`, aspect ratio log-uniform in [3/4, 4/3].
+fn crop_box(rng: &mut ChaCha8Rng, h: i64, w: i64, scale: [f64; 2]) -> (i64, i64, i64, i64) {
+    let area = (h * w) as f64;
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale[0]..=scale[1]);
+        let ratio = rng.random_range((0.75f64).ln()..=(4.0f64 / 3.0).ln()).exp();
+        let cw = (target * ratio).sqrt().round() as i64;
+        let ch = (target / ratio).sqrt().round() as i64;
+        if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
+            return (rng.random_range(0..=h - ch), rng.random_range(0..=w - cw), ch, cw);
+        }
+    }
+    (0, 0, h, w)
+}
+
+/// Intensity jitter and noise, drawn from `rng` (never from libtorch's global generator,
+/// which loader threads share).
+fn jitter(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+    let contrast = 1.0 + rng.random_range(-cfg.contrast..=cfg.contrast);
+    let brightness = rng.random_range(-cfg.brightness..=cfg.brightness);
+    let mut x = x * contrast + brightness;
+    if cfg.noise > 0.0 {
+        let n = x.numel();
+        let noise: Vec<f32> = (0..n).map(|_| (gaussian(rng) * cfg.noise) as f32).collect();
+        x += Tensor::from_slice(&noise).view(x.size().as_slice());
+    }
+    x
+}
+
+/// A standard normal draw (Box-Muller).
+fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+fn flips(x: Tensor, rng: &mut ChaCha8Rng, p: f64) -> Tensor {
+    let dims = x.dim() as i64;
+    let mut x = x;
+    if rng.random_bool(p) {
+        x = x.flip([dims - 1]);
+    }
+    if rng.random_bool(p) {
+        x = x.flip([dims - 2]);
+    }
+    x
+}
+
+/// A 2D view `[1, S, S]` of slice `index` of `volume` `[D, H, W]`.
+pub fn slice_view(volume: &Tensor, index: i64, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+    let (_, h, w) = volume.size3().expect("volume is [D, H, W]");
+    let (top, left, ch, cw) = crop_box(rng, h, w, cfg.crop_scale);
+    let crop = volume.get(index).narrow(0, top, ch).narrow(1, left, cw);
+    let resized = crop
+        .view([1, 1, ch, cw])
+        .upsample_bilinear2d([cfg.slice_size, cfg.slice_size], false, None, None)
+        .view([1, cfg.slice_size, cfg.slice_size]);
+    let x = flips(resized, rng, cfg.flip);
+    jitter(x, rng, cfg).to_kind(Kind::Float)
+}
+
+/// A 3D view `[1, T, S, S]` of `volume` `[D, H, W]`: one window along the slice axis, one
+/// in-plane crop, one flip and one intensity jitter for all its slices.
+pub fn volume_view(volume: &Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+    let (d, h, w) = volume.size3().expect("volume is [D, H, W]");
+    let depth = ((d as f64 * rng.random_range(cfg.depth_scale[0]..=cfg.depth_scale[1])).round() as i64).clamp(1, d);
+    let start = rng.random_range(0..=d - depth);
+    let (top, left, ch, cw) = crop_box(rng, h, w, cfg.crop_scale);
+    let crop = volume.narrow(0, start, depth).narrow(1, top, ch).narrow(2, left, cw);
+    let x = resample(&crop, cfg.volume_slices, cfg.volume_size);
+    let x = flips(x, rng, cfg.flip);
+    jitter(x, rng, cfg).to_kind(Kind::Float)
+}
+
+/// The whole volume resampled to `[1, T, S, S]`, without augmentation: the sequence that
+/// slice-sequence objectives (masked prediction) read.
+pub fn sequence_view(volume: &Tensor, cfg: &ViewConfig) -> Tensor {
+    resample(volume, cfg.volume_slices, cfg.volume_size)
+}
+
+/// Trilinear resampling of `[D, H, W]` to `[1, T, S, S]`.
+fn resample(volume: &Tensor, slices: i64, size: i64) -> Tensor {
+    let (d, h, w) = volume.size3().expect("volume is [D, H, W]");
+    volume
+        .view([1, 1, d, h, w])
+        .upsample_trilinear3d([slices, size, size], false, None, None, None)
+        .view([1, slices, size, size])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng;
+
+    fn phantom() -> Tensor {
+        Tensor::arange(6 * 20 * 24, (Kind::Float, tch::Device::Cpu)).view([6, 20, 24]) / 100.0
+    }
+
+    #[test]
+    fn views_have_configured_shapes_and_are_reproducible() {
+        let cfg = ViewConfig { slice_size: 16, volume_size: 12, volume_slices: 4, ..Default::default() };
+        let v = phantom();
+        let a = slice_view(&v, 2, &mut rng::generator(1, &[0, 5, 0]), &cfg);
+        let b = slice_view(&v, 2, &mut rng::generator(1, &[0, 5, 0]), &cfg);
+        let c = slice_view(&v, 2, &mut rng::generator(1, &[1, 5, 0]), &cfg);
+        assert_eq!(a.size(), vec![1, 16, 16]);
+        assert!(a.equal(&b), "same (seed, epoch, id, view) must give identical views");
+        assert!(!a.equal(&c), "another epoch must give another view");
+        let vol = volume_view(&v, &mut rng::generator(1, &[0, 5, 1]), &cfg);
+        assert_eq!(vol.size(), vec![1, 4, 12, 12]);
+        assert_eq!(sequence_view(&v, &cfg).size(), vec![1, 4, 12, 12]);
+    }
+}

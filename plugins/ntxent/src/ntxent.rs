@@ -1,0 +1,167 @@
+//! NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al., "A Simple
+//! Framework for Contrastive Learning of Visual Representations", ICML 2020, Eq. 1), with its
+//! projection head g (Sec. 2.1: Linear-BN-ReLU-Linear).
+//!
+//! With V views of N samples, every projected embedding z is contrasted against the other
+//! V*N - 1: its positives are the other views of the same sample, all else are negatives.
+//! For V = 2 this is exactly Eq. 1 averaged over the 2N anchors; for V > 2 each anchor's
+//! loss is averaged over its V - 1 positives. `level = "volume"` applies the same loss to
+//! volume embeddings of 3D views (a contrastive stand-in for the paper's L_inter).
+
+use medssl_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NtXentConfig {
+    /// `slice` (2D views through the encoder) or `volume` (3D views through the aggregator).
+    pub level: String,
+    /// Temperature tau of Eq. 1.
+    pub temperature: f64,
+    /// Hidden width of the projection head.
+    pub hidden_dim: i64,
+    /// Output width of the projection head.
+    pub output_dim: i64,
+}
+
+impl Default for NtXentConfig {
+    fn default() -> Self {
+        NtXentConfig { level: "slice".into(), temperature: 0.1, hidden_dim: 512, output_dim: 128 }
+    }
+}
+
+pub struct NtXentObjective {
+    cfg: NtXentConfig,
+    consumes: Consumes,
+    projector: nn::SequentialT,
+}
+
+impl NtXentObjective {
+    pub fn new(p: nn::Path, cfg: NtXentConfig, shape: &ObjectiveShape) -> Result<Self> {
+        let (consumes, input_dim) = match cfg.level.as_str() {
+            "slice" => (Consumes::SliceViews, shape.slice_dim),
+            "volume" => match shape.volume_dim {
+                Some(dim) => (Consumes::VolumeViews, dim),
+                None => bail!("ntxent with level = \"volume\" needs an [aggregator] section"),
+            },
+            other => bail!("ntxent: `level` must be \"slice\" or \"volume\", got \"{other}\""),
+        };
+        ensure!(cfg.temperature > 0.0, "ntxent: `temperature` must be positive, got {}", cfg.temperature);
+        ensure!(cfg.hidden_dim > 0 && cfg.output_dim > 0, "ntxent: `hidden_dim` and `output_dim` must be positive");
+        let projector = nn::seq_t()
+            .add(nn::linear(&p / "projector" / "0", input_dim, cfg.hidden_dim, Default::default()))
+            .add(nn::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim, Default::default()))
+            .add_fn(|x| x.relu())
+            .add(nn::linear(&p / "projector" / "3", cfg.hidden_dim, cfg.output_dim, Default::default()));
+        Ok(NtXentObjective { cfg, consumes, projector })
+    }
+}
+
+/// NT-Xent over `views` (each `[N, D]`, already projected): mean over anchors of the mean
+/// over positives of `-log softmax`, with self-similarity excluded.
+pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
+    let v = views.len() as i64;
+    let n = views[0].size()[0];
+    let z = Tensor::cat(views, 0);
+    let z = &z / z.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+    let logits = z.matmul(&z.tr()) / temperature;
+    let device = z.device();
+    let eye = Tensor::eye(v * n, (Kind::Bool, device));
+    let logits = logits.masked_fill(&eye, f64::NEG_INFINITY);
+    let log_prob = logits.log_softmax(1, Kind::Float);
+    let sample = Tensor::arange(v * n, (Kind::Int64, device)).remainder(n);
+    let positives = sample.unsqueeze(0).eq_tensor(&sample.unsqueeze(1)).logical_and(&eye.logical_not());
+    let pos_log_prob = log_prob.masked_fill(&positives.logical_not(), 0.0).sum_dim_intlist(1, false, Kind::Float);
+    -(pos_log_prob / (v - 1) as f64).mean(Kind::Float)
+}
+
+impl Objective for NtXentObjective {
+    fn consumes(&self) -> Consumes {
+        self.consumes
+    }
+
+    fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
+        let views = match self.consumes {
+            Consumes::VolumeViews => input.volume_views,
+            _ => input.slice_views,
+        };
+        let views = views.context("ntxent: the runner supplied no views")?;
+        ensure!(views.len() >= 2, "ntxent needs at least 2 views, got {} (data.views)", views.len());
+        let projected: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.projector, true)).collect();
+        let total = nt_xent(&projected, self.cfg.temperature);
+        Ok(Loss { total, terms: Vec::new() })
+    }
+}
+
+fn build(section: &Section, p: nn::Path, shape: &ObjectiveShape) -> Result<Box<dyn Objective>> {
+    Ok(Box::new(NtXentObjective::new(p, section.parse()?, shape)?))
+}
+
+register!(OBJECTIVES, NTXENT: ObjectiveEntry = ObjectiveEntry {
+    name: "ntxent",
+    about: "SimCLR NT-Xent contrastive loss with an MLP projector, on slice or volume views",
+    default_config: default_toml::<NtXentConfig>,
+    smoke_configs: &[
+        "level = \"slice\"\nhidden_dim = 16\noutput_dim = 8",
+        "level = \"volume\"\nhidden_dim = 16\noutput_dim = 8",
+    ],
+    build,
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Eq. 1 of SimCLR for two views, written out anchor by anchor.
+    fn reference(a: &[Vec<f64>], b: &[Vec<f64>], tau: f64) -> f64 {
+        let norm = |v: &Vec<f64>| {
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            v.iter().map(|x| x / n).collect::<Vec<_>>()
+        };
+        let z: Vec<Vec<f64>> = a.iter().chain(b).map(norm).collect();
+        let n = a.len();
+        let sim = |i: usize, j: usize| z[i].iter().zip(&z[j]).map(|(x, y)| x * y).sum::<f64>() / tau;
+        let mut total = 0.0;
+        for i in 0..2 * n {
+            let pos = (i + n) % (2 * n);
+            let denom: f64 = (0..2 * n).filter(|&k| k != i).map(|k| sim(i, k).exp()).sum();
+            total += -(sim(i, pos).exp() / denom).ln();
+        }
+        total / (2 * n) as f64
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn matches_simclr_equation_1(
+            n in 2usize..6, d in 2usize..6, tau in 0.05f64..1.0, seed in 0u64..1000,
+        ) {
+            let gen = |k: u64| -> Vec<Vec<f64>> {
+                (0..n).map(|i| (0..d).map(|j| (((seed * 31 + k * 17 + i as u64 * 7 + j as u64 * 3) % 97) as f64 / 48.5) - 1.0).collect()).collect()
+            };
+            let (a, b) = (gen(1), gen(2));
+            let to_t = |m: &Vec<Vec<f64>>| Tensor::from_slice(&m.concat()).view([n as i64, d as i64]);
+            let got = nt_xent(&[to_t(&a), to_t(&b)], tau).double_value(&[]);
+            let want = reference(&a, &b, tau);
+            prop_assert!((got - want).abs() < 1e-6 * want.abs().max(1.0), "{} vs {}", got, want);
+        }
+    }
+
+    #[test]
+    fn identical_views_of_distinct_samples_give_a_lower_loss_than_random_ones() {
+        let x = Tensor::eye(4, (Kind::Float, Device::Cpu));
+        let aligned = nt_xent(&[x.shallow_clone(), x.shallow_clone()], 0.1).double_value(&[]);
+        let shuffled = nt_xent(&[x.shallow_clone(), x.flip([0])], 0.1).double_value(&[]);
+        assert!(aligned < shuffled, "{aligned} vs {shuffled}");
+    }
+
+    #[test]
+    fn volume_level_without_an_aggregator_is_a_clear_error() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = NtXentConfig { level: "volume".into(), ..Default::default() };
+        let shape = ObjectiveShape { slice_dim: 8, volume_dim: None, num_samples: 4 };
+        let err = NtXentObjective::new(vs.root(), cfg, &shape).err().unwrap().to_string();
+        assert!(err.contains("aggregator"), "{err}");
+    }
+}

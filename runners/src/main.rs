@@ -1,0 +1,171 @@
+//! The `medssl` command: pre-training runs, resume, and the component catalogue.
+//!
+//! This is the one place that links every plugin crate. A plugin that nothing references is
+//! dropped by the linker with its registrations, so each is named below; the registry test
+//! (tests/registry.rs) fails if one goes missing.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use medssl_core::config::LoadedConfig;
+use medssl_core::registry;
+use medssl_core::train::{self, Run};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use medssl_mean_pool as _;
+use medssl_nifti_reader as _;
+use medssl_ntxent as _;
+use medssl_phantom as _;
+use medssl_resnet as _;
+
+#[derive(Parser)]
+#[command(name = "medssl", version, about = "Self-supervised pre-training on medical images and volumes")]
+struct Cli {
+    /// Log debug detail (RUST_LOG overrides).
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train as CONFIG says, in a new run directory.
+    Run {
+        /// The run's TOML config.
+        config: PathBuf,
+        /// Override a config key: --set optimizer.lr=0.01 (repeatable; beats the file and
+        /// MEDSSL_ environment variables).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Run directory (default: the config's run.dir, else runs/<config name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Replace the run directory if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a config without training: build everything, then run one forward and
+    /// backward pass of each stage and print its loss and gradient norms.
+    Check {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Continue a run from its latest checkpoint.
+    Resume {
+        /// The run directory.
+        run_dir: PathBuf,
+    },
+    /// List the registered components by role.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a component's default config as TOML.
+    Example {
+        /// The component's registered name, e.g. resnet50.
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        eprintln!("error: internal failure{location}: {message}\n(this is a bug in medssl or a plugin; please report it with the command and config)");
+    }));
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}
+
+fn execute(command: Command) -> Result<()> {
+    match command {
+        Command::Run { config, set, run_dir, force } => {
+            let cfg = LoadedConfig::load(&config, &set)?;
+            let dir = run_dir.or_else(|| cfg.run.run.dir.clone()).unwrap_or_else(|| {
+                Path::new("runs").join(config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()))
+            });
+            let run = Run::prepare(cfg)?;
+            train::create_run_dir(&dir, force)?;
+            medssl_core::checkpoint::write_atomic(&dir.join(train::CONFIG_FILE), run.resolved_config().as_bytes())?;
+            tracing::info!("run directory: {}", dir.display());
+            report(run.train(&dir, false)?);
+            Ok(())
+        }
+        Command::Check { config, set } => {
+            let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;
+            for stage in 0..run.stages() {
+                let probe = run.probe_step(stage)?;
+                println!("stage {stage}: loss {:.4}", probe.loss);
+                for g in &probe.groups {
+                    println!("  {:24} gradient norm {:.3e} ({} of {} tensors with a gradient)", g.group, g.norm, g.with_gradient, g.parameters);
+                }
+                anyhow::ensure!(probe.loss.is_finite(), "stage {stage}: the loss is not finite");
+            }
+            println!("config `{}` is valid and trains", config.display());
+            Ok(())
+        }
+        Command::Resume { run_dir } => {
+            let config = run_dir.join(train::CONFIG_FILE);
+            let cfg = LoadedConfig::load_resolved(&config, run_dir.clone())
+                .with_context(|| format!("cannot resume `{}`", run_dir.display()))?;
+            let run = Run::prepare(cfg)?;
+            report(run.train(&run_dir, true)?);
+            Ok(())
+        }
+        Command::List { json } => {
+            let catalogue = registry::catalogue()?;
+            if json {
+                let object: serde_json::Map<String, serde_json::Value> =
+                    catalogue.into_iter().map(|(role, rows)| (role.to_string(), serde_json::json!(rows))).collect();
+                println!("{}", serde_json::to_string_pretty(&object)?);
+            } else {
+                for (role, rows) in catalogue {
+                    println!("{role}:");
+                    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+                    for row in rows {
+                        println!("  {:width$}  {}", row.name, row.about);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Example { name } => {
+            print!("{}", registry::example(&name)?);
+            Ok(())
+        }
+    }
+}
+
+fn report(summary: train::Summary) {
+    let loss = match (summary.first_loss, summary.last_loss) {
+        (Some(a), Some(b)) => format!("; loss {a:.4} -> {b:.4}"),
+        _ => String::new(),
+    };
+    println!(
+        "finished {} steps in {:.1} s{loss}; report: {}",
+        summary.steps,
+        summary.seconds,
+        summary.run_dir.join(train::REPORT_FILE).display()
+    );
+}

@@ -1,0 +1,118 @@
+//! Shared helpers of the workspace tests: a tiny config and a way to run the `medssl` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A config that trains a tiny model on 8 generated phantom volumes: two stages, 4 steps
+/// each, checkpoint after every step. Fast enough for tests on a 2-core CPU.
+pub const TINY: &str = r#"
+seed = 1
+device = "cpu"
+
+[run]
+checkpoint_every = 1
+keep_checkpoints = 2
+threads = 1
+
+[data.sources.phantom]
+format = "phantom"
+count = 8
+slices = 6
+size = 24
+
+[data.views]
+slice_size = 24
+volume_slices = 4
+volume_size = 24
+
+[data.loader]
+batch_size = 4
+workers = 2
+
+[encoder]
+name = "resnet18"
+base_width = 4
+small_input = true
+
+[aggregator]
+name = "mean-pool"
+
+[objectives.slices]
+name = "ntxent"
+hidden_dim = 16
+output_dim = 8
+
+[objectives.volumes]
+name = "ntxent"
+level = "volume"
+hidden_dim = 16
+output_dim = 8
+
+[optimizer]
+name = "sgd"
+lr = 0.05
+warmup_epochs = 0.5
+
+[[stages]]
+name = "slices"
+epochs = 2
+train = ["encoder"]
+objectives = { slices = 1.0 }
+
+[[stages]]
+name = "joint"
+epochs = 2
+train = ["encoder"]
+objectives = { slices = 0.5, volumes = 1.0 }
+optimizer = { name = "adamw", lr = 0.001 }
+"#;
+
+pub fn medssl() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medssl"));
+    cmd.env_remove("RUST_LOG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("MEDSSL_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Writes `text` as `name` in `dir` and returns its path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, every `needle` in stderr, no panic.
+pub fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(1), "expected exit code 1; stderr:\n{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
+    }
+    assert!(!err.contains("panicked") && !err.contains("internal failure") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
+}
+
+/// (step, loss) of every record in a metrics file.
+pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}

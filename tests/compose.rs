@@ -15,8 +15,14 @@ use medssl_phantom as _;
 use medssl_resnet as _;
 
 /// Every (role name, smoke config) pair of one role.
-fn variants<E: registry::Registered>(role: &registry::Role<E>, smoke: impl Fn(&E) -> &'static [&'static str]) -> Vec<(&'static str, &'static str)> {
-    role.entries.iter().flat_map(|e| smoke(e).iter().map(move |c| (e.name(), *c))).collect()
+fn variants<E: registry::Registered>(
+    role: &registry::Role<E>,
+    smoke: impl Fn(&E) -> &'static [&'static str],
+) -> Vec<(&'static str, &'static str)> {
+    role.entries
+        .iter()
+        .flat_map(|e| smoke(e).iter().map(move |c| (e.name(), *c)))
+        .collect()
 }
 
 fn combinations() -> Vec<[(&'static str, &'static str); 3]> {

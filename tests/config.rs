@@ -18,7 +18,11 @@ fn layers_override_in_order_and_errors_name_their_source() {
     assert_eq!(cfg.run.seed, 0);
     assert_eq!(cfg.run.optimizer.momentum, 0.9);
     assert_eq!(cfg.run.optimizer.lr, 0.05, "the file beats the defaults");
-    assert_eq!(cfg.base_dir, sub.canonicalize().unwrap(), "paths resolve against the config's folder");
+    assert_eq!(
+        cfg.base_dir,
+        sub.canonicalize().unwrap(),
+        "paths resolve against the config's folder"
+    );
 
     // The environment beats the file; --set beats the environment.
     std::env::set_var("MEDSSL_OPTIMIZER__LR", "0.5");
@@ -26,21 +30,33 @@ fn layers_override_in_order_and_errors_name_their_source() {
     let cfg = LoadedConfig::load(&path, &[]).unwrap();
     assert_eq!((cfg.run.optimizer.lr, cfg.run.seed), (0.5, 7));
     let cfg = LoadedConfig::load(&path, &["optimizer.lr=0.25".into(), "run.log_every=3".into()]).unwrap();
-    assert_eq!((cfg.run.optimizer.lr, cfg.run.seed, cfg.run.run.log_every), (0.25, 7, 3));
+    assert_eq!(
+        (cfg.run.optimizer.lr, cfg.run.seed, cfg.run.run.log_every),
+        (0.25, 7, 3)
+    );
 
     // A component key set from the environment, and its error naming the variable.
     std::env::set_var("MEDSSL_ENCODER__BASE_WIDTH", "wide");
     let cfg = LoadedConfig::load(&path, &[]).unwrap();
     let section = cfg.section("encoder", "name").unwrap();
     let err = format!("{:#}", section.parse::<medssl_resnet::ResNetConfig>().unwrap_err());
-    assert!(err.contains("encoder.base_width") && err.contains("wide") && err.contains("MEDSSL_"), "{err}");
+    assert!(
+        err.contains("encoder.base_width") && err.contains("wide") && err.contains("MEDSSL_"),
+        "{err}"
+    );
     std::env::remove_var("MEDSSL_ENCODER__BASE_WIDTH");
 
     // A --set override is named as the source of a bad value.
     std::env::remove_var("MEDSSL_OPTIMIZER__LR");
     std::env::remove_var("MEDSSL_SEED");
-    let err = LoadedConfig::load(&path, &["optimizer.lr=fast".into()]).err().unwrap().to_string();
-    assert!(err.contains("optimizer.lr") && err.contains("--set optimizer.lr=fast"), "{err}");
+    let err = LoadedConfig::load(&path, &["optimizer.lr=fast".into()])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("optimizer.lr") && err.contains("--set optimizer.lr=fast"),
+        "{err}"
+    );
     let err = LoadedConfig::load(&path, &["=3".into()]).err().unwrap().to_string();
     assert!(err.contains("not a dotted key"), "{err}");
 }

@@ -34,7 +34,10 @@ fn every_default_config_is_valid_toml() {
 #[test]
 fn an_unknown_name_lists_the_registered_ones() {
     let err = registry::encoders().get("resnet51").err().unwrap().to_string();
-    assert!(err.contains("unknown encoder `resnet51`") && err.contains("resnet18, resnet34, resnet50"), "{err}");
+    assert!(
+        err.contains("unknown encoder `resnet51`") && err.contains("resnet18, resnet34, resnet50"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -50,7 +53,10 @@ fn list_prints_every_role_as_text_and_json() {
 
     let out = common::medssl().arg("list").output().unwrap();
     let text = common::stdout(&out);
-    assert!(text.contains("encoders:") && text.contains("  resnet50") && text.contains("ntxent"), "{text}");
+    assert!(
+        text.contains("encoders:") && text.contains("  resnet50") && text.contains("ntxent"),
+        "{text}"
+    );
 }
 
 #[test]

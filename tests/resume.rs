@@ -17,7 +17,13 @@ fn killed_and_resumed_equals_uninterrupted() {
     let path = write(tmp.path(), "c.toml", &config());
 
     let reference = tmp.path().join("reference");
-    let out = medssl().arg("run").arg(&path).arg("--run-dir").arg(&reference).output().unwrap();
+    let out = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&reference)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     let expected = common::losses(&reference.join("metrics.jsonl"));
     assert_eq!(expected.len(), 12);
@@ -36,11 +42,16 @@ fn killed_and_resumed_equals_uninterrupted() {
     let metrics = killed.join("metrics.jsonl");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let steps = std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+        let steps = std::fs::read_to_string(&metrics)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
         if steps >= 5 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         assert!(Instant::now() < deadline, "the run did not reach step 5 in time");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -56,7 +67,11 @@ fn killed_and_resumed_equals_uninterrupted() {
     assert_eq!(resumed.len(), expected.len(), "{resumed:?}");
     for ((step_a, a), (step_b, b)) in expected.iter().zip(&resumed) {
         assert_eq!(step_a, step_b);
-        assert_eq!(a.to_bits(), b.to_bits(), "step {step_a}: {a} uninterrupted vs {b} resumed");
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "step {step_a}: {a} uninterrupted vs {b} resumed"
+        );
     }
 }
 
@@ -65,7 +80,14 @@ fn resuming_a_finished_run_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let path = write(tmp.path(), "c.toml", TINY);
     let run_dir = tmp.path().join("run");
-    assert!(medssl().arg("run").arg(&path).arg("--run-dir").arg(&run_dir).status().unwrap().success());
+    assert!(medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .status()
+        .unwrap()
+        .success());
     let before = common::losses(&run_dir.join("metrics.jsonl"));
     let out = medssl().arg("resume").arg(&run_dir).output().unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));

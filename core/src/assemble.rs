@@ -22,12 +22,20 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
     let mut resolved = Vec::new();
     for key in cfg.run.data.sources.keys() {
         let section = cfg.section(&format!("data.sources.{key}"), "format")?;
-        let entry = registry::datasets().get(&section.name).with_context(|| format!("config key `data.sources.{key}.format`"))?;
-        resolved.push((section.key.clone(), section.resolved("format", &entry.default_config())?));
+        let entry = registry::datasets()
+            .get(&section.name)
+            .with_context(|| format!("config key `data.sources.{key}.format`"))?;
+        resolved.push((
+            section.key.clone(),
+            section.resolved("format", &entry.default_config())?,
+        ));
         datasets.push((key.clone(), (entry.build)(&section)?));
     }
     cfg.run.data.views.validate()?;
-    anyhow::ensure!(cfg.run.data.loader.batch_size >= 1, "config key `data.loader.batch_size` must be at least 1");
+    anyhow::ensure!(
+        cfg.run.data.loader.batch_size >= 1,
+        "config key `data.loader.batch_size` must be at least 1"
+    );
     let pipeline = DataPipeline {
         sources: Arc::new(Sources::new(datasets)?),
         views: cfg.run.data.views.clone(),
@@ -56,17 +64,35 @@ impl Model {
         let mut resolved = Vec::new();
 
         let section = cfg.section("encoder", "name")?;
-        let entry = registry::encoders().get(&section.name).context("config key `encoder.name`")?;
-        resolved.push(("encoder".to_string(), section.resolved("name", &entry.default_config())?));
-        let encoder = (entry.build)(&section, &root / "encoder", &EncoderShape { in_channels: IMAGE_CHANNELS })?;
+        let entry = registry::encoders()
+            .get(&section.name)
+            .context("config key `encoder.name`")?;
+        resolved.push((
+            "encoder".to_string(),
+            section.resolved("name", &entry.default_config())?,
+        ));
+        let encoder = (entry.build)(
+            &section,
+            &root / "encoder",
+            &EncoderShape {
+                in_channels: IMAGE_CHANNELS,
+            },
+        )?;
 
         let aggregator = match &cfg.run.aggregator {
             None => None,
             Some(_) => {
                 let section = cfg.section("aggregator", "name")?;
-                let entry = registry::aggregators().get(&section.name).context("config key `aggregator.name`")?;
-                resolved.push(("aggregator".to_string(), section.resolved("name", &entry.default_config())?));
-                let shape = AggregatorShape { input_dim: encoder.embedding_dim() };
+                let entry = registry::aggregators()
+                    .get(&section.name)
+                    .context("config key `aggregator.name`")?;
+                resolved.push((
+                    "aggregator".to_string(),
+                    section.resolved("name", &entry.default_config())?,
+                ));
+                let shape = AggregatorShape {
+                    input_dim: encoder.embedding_dim(),
+                };
                 Some((entry.build)(&section, &root / "aggregator", &shape)?)
             }
         };
@@ -80,7 +106,9 @@ impl Model {
         for key in cfg.run.objectives.keys() {
             let path = format!("objectives.{key}");
             let section = cfg.section(&path, "name")?;
-            let entry = registry::objectives().get(&section.name).with_context(|| format!("config key `{path}.name`"))?;
+            let entry = registry::objectives()
+                .get(&section.name)
+                .with_context(|| format!("config key `{path}.name`"))?;
             resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
             let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape)?;
             if aggregator.is_none() && objective.consumes() != Consumes::SliceViews {
@@ -92,7 +120,13 @@ impl Model {
             }
             objectives.insert(key.clone(), objective);
         }
-        Ok(Model { vs, encoder, aggregator, objectives, resolved })
+        Ok(Model {
+            vs,
+            encoder,
+            aggregator,
+            objectives,
+            resolved,
+        })
     }
 
     /// Fingerprint of the architecture: every variable's name and shape. Two configs that
@@ -100,9 +134,15 @@ impl Model {
     pub fn fingerprint(&self) -> String {
         let mut vars: Vec<(String, Vec<i64>)> = self.vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
         vars.sort();
-        let text = vars.iter().map(|(n, s)| format!("{n}:{s:?}")).collect::<Vec<_>>().join(";");
+        let text = vars
+            .iter()
+            .map(|(n, s)| format!("{n}:{s:?}"))
+            .collect::<Vec<_>>()
+            .join(";");
         // FNV-1a: stable across platforms and Rust versions, unlike std's hasher.
-        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
         format!("{hash:016x}")
     }
 }

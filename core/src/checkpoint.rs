@@ -84,7 +84,12 @@ fn tensor_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        owned.push((name.clone(), dtype_of(t.kind())?, t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(), tensor_bytes(t)?));
+        owned.push((
+            name.clone(),
+            dtype_of(t.kind())?,
+            t.size().iter().map(|&d| d as usize).collect::<Vec<_>>(),
+            tensor_bytes(t)?,
+        ));
     }
     let views = owned
         .iter()
@@ -98,8 +103,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 /// error naming it.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let parsed = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("`{}` is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let parsed = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow!(
+            "`{}` is not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
     let mut out = Vec::new();
     for (name, view) in parsed.tensors() {
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -113,19 +122,26 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     let mut file = File::create(path).with_context(|| format!("cannot create `{}`", path.display()))?;
-    file.write_all(data).with_context(|| format!("cannot write `{}`", path.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync `{}`", path.display()))?;
+    file.write_all(data)
+        .with_context(|| format!("cannot write `{}`", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot sync `{}`", path.display()))?;
     Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync folder `{}`", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync folder `{}`", dir.display()))
 }
 
 /// Replaces `path` with `data` atomically (temporary file, fsync, rename, fsync folder).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     write_synced(&tmp, data)?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move `{}` into place", path.display()))?;
     sync_dir(dir)
@@ -210,12 +226,21 @@ pub fn load(path: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
         path.to_path_buf()
     };
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .with_context(|| format!("`{}` is not a checkpoint: cannot read `{}`", dir.display(), state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).with_context(|| {
+        format!(
+            "`{}` is not a checkpoint: cannot read `{}`",
+            dir.display(),
+            state_path.display()
+        )
+    })?;
     let state: TrainingState = serde_json::from_str(&text)
         .map_err(|e| anyhow!("checkpoint state `{}` is corrupt: {e}", state_path.display()))?;
     if state.format != FORMAT {
-        bail!("checkpoint `{}` has format {}, this medssl reads format {FORMAT}", dir.display(), state.format);
+        bail!(
+            "checkpoint `{}` has format {}, this medssl reads format {FORMAT}",
+            dir.display(),
+            state.format
+        );
     }
     let tensors = read_safetensors(&dir.join("tensors.safetensors"))?;
     Ok((tensors, state))
@@ -267,7 +292,11 @@ mod tests {
         let err = store.save(&bad, &state(4)).unwrap_err().to_string();
         assert!(err.contains("`w`") && err.contains("NaN"), "{err}");
         assert_eq!(store.latest().unwrap().unwrap().file_name().unwrap(), "step-00000003");
-        let kept: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        let kept: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(kept.len(), 3, "two checkpoints and the latest pointer: {kept:?}");
     }
 
@@ -275,12 +304,20 @@ mod tests {
     fn truncated_or_corrupt_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let store = Checkpoints::new(dir.path().join("checkpoints"), 2);
-        let path = store.save(&[("w".to_string(), Tensor::ones([64], (Kind::Float, Device::Cpu)))], &state(1)).unwrap();
+        let path = store
+            .save(
+                &[("w".to_string(), Tensor::ones([64], (Kind::Float, Device::Cpu)))],
+                &state(1),
+            )
+            .unwrap();
         let file = path.join("tensors.safetensors");
         let bytes = std::fs::read(&file).unwrap();
         std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
         let err = format!("{:#}", load(dir.path()).unwrap_err());
-        assert!(err.contains("tensors.safetensors") && err.contains("truncated or corrupt"), "{err}");
+        assert!(
+            err.contains("tensors.safetensors") && err.contains("truncated or corrupt"),
+            "{err}"
+        );
         std::fs::write(path.join("state.json"), "{ not json").unwrap();
         let err = format!("{:#}", load(dir.path()).unwrap_err());
         assert!(err.contains("state.json") && err.contains("corrupt"), "{err}");

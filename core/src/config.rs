@@ -58,7 +58,14 @@ pub struct RunSection {
 
 impl Default for RunSection {
     fn default() -> Self {
-        RunSection { dir: None, log_every: 1, checkpoint_every: 50, keep_checkpoints: 2, threads: 0, config_dir: None }
+        RunSection {
+            dir: None,
+            log_every: 1,
+            checkpoint_every: 50,
+            keep_checkpoints: 2,
+            threads: 0,
+            config_dir: None,
+        }
     }
 }
 
@@ -211,8 +218,8 @@ impl LoadedConfig {
         if !path.is_file() {
             bail!("config file `{}` does not exist or is not a file", path.display());
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file `{}`", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file `{}`", path.display()))?;
         if let Err(e) = toml::from_str::<toml::Table>(&text) {
             bail!("config file `{}` is not valid TOML: {e}", path.display());
         }
@@ -225,10 +232,17 @@ impl LoadedConfig {
         let mut figment = Figment::new()
             .merge(Serialized::defaults(builtin_defaults()))
             .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("MEDSSL_").split("__").map(|k| k.as_str().to_lowercase().into()));
+            .merge(
+                Env::prefixed("MEDSSL_")
+                    .split("__")
+                    .map(|k| k.as_str().to_lowercase().into()),
+            );
         for raw in overrides {
             let (key, value) = parse_override(raw)?;
-            figment = figment.merge(Override { raw: raw.clone(), dict: nest(&key, value) });
+            figment = figment.merge(Override {
+                raw: raw.clone(),
+                dict: nest(&key, value),
+            });
         }
         Self::from_figment(figment, base_dir)
     }
@@ -268,18 +282,29 @@ impl LoadedConfig {
             ),
             None => bail!("config section `[{key}]` has no `{selector}` key naming its component"),
         };
-        Ok(Section { key: key.to_string(), name, body: Value::Dict(tag, dict), figment: self.figment.clone(), base_dir: self.base_dir.clone() })
+        Ok(Section {
+            key: key.to_string(),
+            name,
+            body: Value::Dict(tag, dict),
+            figment: self.figment.clone(),
+            base_dir: self.base_dir.clone(),
+        })
     }
 
     /// Parses the value at dotted `key` into `T`, with errors that name the key's source.
     pub fn extract<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
-        self.figment.extract_inner(key).map_err(|e| describe_error(&self.figment, e, ""))
+        self.figment
+            .extract_inner(key)
+            .map_err(|e| describe_error(&self.figment, e, ""))
     }
 
     /// The whole resolved config, with every selected component's defaults filled in, as
     /// TOML: what the run directory keeps.
     pub fn resolved_toml(&self, filled: &[(String, toml::Value)]) -> Result<String> {
-        let mut root: toml::Table = self.figment.extract().map_err(|e| describe_error(&self.figment, e, ""))?;
+        let mut root: toml::Table = self
+            .figment
+            .extract()
+            .map_err(|e| describe_error(&self.figment, e, ""))?;
         for (key, value) in filled {
             let mut table = &mut root;
             let mut parts: Vec<&str> = key.split('.').collect();
@@ -314,9 +339,18 @@ impl Section {
     /// TOML keys.
     pub fn inline(key: &str, name: &str, body: &str) -> Result<Section> {
         let table: toml::Table = toml::from_str(body).with_context(|| format!("inline config of `{key}`"))?;
-        let figment = Figment::from(Serialized::defaults(Value::serialize(nest(key, Value::serialize(table)?))?));
+        let figment = Figment::from(Serialized::defaults(Value::serialize(nest(
+            key,
+            Value::serialize(table)?,
+        ))?));
         let value = figment.find_value(key).unwrap_or_else(|_| Value::from(Dict::new()));
-        Ok(Section { key: key.to_string(), name: name.to_string(), body: value, figment, base_dir: PathBuf::from(".") })
+        Ok(Section {
+            key: key.to_string(),
+            name: name.to_string(),
+            body: value,
+            figment,
+            base_dir: PathBuf::from("."),
+        })
     }
 
     /// Parses the section into the component's config struct. Missing keys take the
@@ -325,8 +359,8 @@ impl Section {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
         T::deserialize(&self.body).map_err(|e| {
             describe_error(&self.figment, e, &self.key).context(format!(
-                "invalid config for {} `{}` in section `[{}]`",
-                "component", self.name, self.key
+                "invalid config for `{}` in section `[{}]`",
+                self.name, self.key
             ))
         })
     }
@@ -416,7 +450,11 @@ pub fn describe_error(figment: &Figment, error: figment::Error, prefix: &str) ->
             Some(source) => format!(" (from {source})"),
             None => String::new(),
         };
-        let key_text = if key.is_empty() { "top level".to_string() } else { format!("key `{key}`") };
+        let key_text = if key.is_empty() {
+            "top level".to_string()
+        } else {
+            format!("key `{key}`")
+        };
         messages.push(format!("config {key_text}{location}: {what}"));
     }
     anyhow!(messages.join("\n"))

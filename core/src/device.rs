@@ -6,7 +6,13 @@ use tch::Device;
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto`. Asking for CUDA where none is available is an
 /// error at start, not a silent fall-back to the CPU.
 pub fn resolve(name: &str) -> Result<Device> {
-    let cuda_count = || if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    let cuda_count = || {
+        if tch::Cuda::is_available() {
+            tch::Cuda::device_count() as usize
+        } else {
+            0
+        }
+    };
     match name {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(if cuda_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),

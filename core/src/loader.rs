@@ -40,7 +40,12 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { batch_size: 8, workers: 2, prefetch: 4, on_error: OnError::Fail }
+        LoaderConfig {
+            batch_size: 8,
+            workers: 2,
+            prefetch: 4,
+            on_error: OnError::Fail,
+        }
     }
 }
 
@@ -82,7 +87,11 @@ impl Sources {
             total += dataset.len();
         }
         anyhow::ensure!(total > 0, "the config lists no data sources under [data.sources]");
-        Ok(Sources { datasets, offsets, total })
+        Ok(Sources {
+            datasets,
+            offsets,
+            total,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -201,7 +210,14 @@ impl DataPipeline {
                 let index = rng::generator(self.seed, &[domain::SLICE, epoch as u64, id as u64]).random_range(0..depth);
                 slices.push(
                     (0..self.views.slice_views)
-                        .map(|v| views::slice_view(&volume, index, &mut rng::generator(self.seed, &coords(v as u64)), &self.views))
+                        .map(|v| {
+                            views::slice_view(
+                                &volume,
+                                index,
+                                &mut rng::generator(self.seed, &coords(v as u64)),
+                                &self.views,
+                            )
+                        })
                         .collect::<Vec<_>>(),
                 );
             }
@@ -227,7 +243,15 @@ impl DataPipeline {
                 return Vec::new();
             }
             (0..count)
-                .map(|v| Tensor::stack(&per_sample.iter().map(|views| views[v].shallow_clone()).collect::<Vec<_>>(), 0))
+                .map(|v| {
+                    Tensor::stack(
+                        &per_sample
+                            .iter()
+                            .map(|views| views[v].shallow_clone())
+                            .collect::<Vec<_>>(),
+                        0,
+                    )
+                })
                 .collect()
         };
         Ok(Batch {
@@ -318,16 +342,33 @@ mod tests {
         }
         fn load(&self, index: usize) -> Result<Volume> {
             anyhow::ensure!(index != 3, "sample 3 is broken");
-            Ok(Volume { voxels: Tensor::ones([4, 16, 16], (tch::Kind::Float, tch::Device::Cpu)) * index as f64, spacing: None })
+            Ok(Volume {
+                voxels: Tensor::ones([4, 16, 16], (tch::Kind::Float, tch::Device::Cpu)) * index as f64,
+                spacing: None,
+            })
         }
     }
 
     fn pipeline(on_error: OnError) -> DataPipeline {
-        let sources = Sources::new(vec![("a".into(), Box::new(Ramp(5)) as Box<dyn Dataset>), ("b".into(), Box::new(Ramp(6)))]).unwrap();
+        let sources = Sources::new(vec![
+            ("a".into(), Box::new(Ramp(5)) as Box<dyn Dataset>),
+            ("b".into(), Box::new(Ramp(6))),
+        ])
+        .unwrap();
         DataPipeline {
             sources: Arc::new(sources),
-            views: ViewConfig { slice_size: 8, volume_size: 8, volume_slices: 2, ..Default::default() },
-            loader: LoaderConfig { batch_size: 2, workers: 2, prefetch: 2, on_error },
+            views: ViewConfig {
+                slice_size: 8,
+                volume_size: 8,
+                volume_slices: 2,
+                ..Default::default()
+            },
+            loader: LoaderConfig {
+                batch_size: 2,
+                workers: 2,
+                prefetch: 2,
+                on_error,
+            },
             seed: 3,
         }
     }
@@ -344,7 +385,11 @@ mod tests {
     #[test]
     fn batches_come_in_order_and_the_window_bounds_memory() {
         let p = pipeline(OnError::Skip);
-        let needs = Needs { slice_views: true, volume_views: true, sequence: true };
+        let needs = Needs {
+            slice_views: true,
+            volume_views: true,
+            sequence: true,
+        };
         let order = p.order(0);
         let mut batches = p.epoch(0, 0, needs);
         let mut seen = Vec::new();
@@ -355,22 +400,45 @@ mod tests {
             assert_eq!(batch.volume_views[0].size()[1..], [1, 2, 8, 8]);
             seen.extend(Vec::<i64>::try_from(&batch.ids).unwrap());
         }
-        let expected: Vec<i64> = order[..10].iter().map(|&i| i as i64).filter(|&i| i != 3 && i != 8).collect();
-        assert_eq!(seen, expected, "broken samples (local index 3 of each source) are skipped");
+        let expected: Vec<i64> = order[..10]
+            .iter()
+            .map(|&i| i as i64)
+            .filter(|&i| i != 3 && i != 8)
+            .collect();
+        assert_eq!(
+            seen, expected,
+            "broken samples (local index 3 of each source) are skipped"
+        );
     }
 
     #[test]
     fn an_unreadable_sample_fails_with_its_name_under_the_fail_policy() {
         let p = pipeline(OnError::Fail);
-        let err = p.epoch(0, 0, Needs { slice_views: true, ..Default::default() }).find_map(|b| b.err()).unwrap();
+        let err = p
+            .epoch(
+                0,
+                0,
+                Needs {
+                    slice_views: true,
+                    ..Default::default()
+                },
+            )
+            .find_map(|b| b.err())
+            .unwrap();
         let text = format!("{err:#}");
-        assert!(text.contains("ramp #3") && text.contains("sample 3 is broken"), "{text}");
+        assert!(
+            text.contains("ramp #3") && text.contains("sample 3 is broken"),
+            "{text}"
+        );
     }
 
     #[test]
     fn resuming_mid_epoch_gives_the_same_batches() {
         let p = pipeline(OnError::Skip);
-        let needs = Needs { slice_views: true, ..Default::default() };
+        let needs = Needs {
+            slice_views: true,
+            ..Default::default()
+        };
         let full: Vec<Batch> = p.epoch(2, 0, needs).map(Result::unwrap).collect();
         let resumed: Vec<Batch> = p.epoch(2, 3, needs).map(Result::unwrap).collect();
         assert_eq!(full.len(), 5);

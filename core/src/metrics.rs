@@ -22,7 +22,11 @@ impl MetricsLog {
         if let Some(last) = keep_through_step {
             let kept: Vec<String> = read_records(path)?
                 .into_iter()
-                .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s as usize <= last))
+                .filter(|r| {
+                    r.get("step")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|s| s as usize <= last)
+                })
                 .map(|r| Value::Object(r).to_string())
                 .collect();
             let mut text = kept.join("\n");
@@ -36,7 +40,10 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open `{}`", path.display()))?;
-        Ok(MetricsLog { path: path.to_path_buf(), file })
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write(&mut self, record: &Map<String, Value>) -> Result<()> {
@@ -85,7 +92,9 @@ fn register_font() -> bool {
 pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for record in records {
-        let Some(step) = record.get("step").and_then(Value::as_f64) else { continue };
+        let Some(step) = record.get("step").and_then(Value::as_f64) else {
+            continue;
+        };
         for (key, value) in record {
             let is_loss = key == "loss" || key.starts_with("loss/");
             if let (true, Some(v)) = (is_loss, value.as_f64()) {
@@ -111,7 +120,10 @@ pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
     let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);
-    builder.margin(16).x_label_area_size(if with_text { 40 } else { 8 }).y_label_area_size(if with_text { 60 } else { 8 });
+    builder
+        .margin(16)
+        .x_label_area_size(if with_text { 40 } else { 8 })
+        .y_label_area_size(if with_text { 60 } else { 8 });
     if with_text {
         builder.caption("training loss", ("sans-serif", 22));
     }
@@ -121,21 +133,34 @@ pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
     }
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let drawn = chart.draw_series(LineSeries::new(pts.iter().copied().filter(|p| p.1.is_finite()), color.stroke_width(2)))?;
+        let drawn = chart.draw_series(LineSeries::new(
+            pts.iter().copied().filter(|p| p.1.is_finite()),
+            color.stroke_width(2),
+        ))?;
         if with_text {
-            drawn.label(name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            drawn
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         }
     }
     if with_text && !series.is_empty() {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
     }
-    root.present().with_context(|| format!("cannot write `{}`", out.display()))?;
+    root.present()
+        .with_context(|| format!("cannot write `{}`", out.display()))?;
     Ok(())
 }
 
 /// Mean of `key` over the first and the last `window` records that have it.
 pub fn first_and_last_mean(records: &[Map<String, Value>], key: &str, window: usize) -> Option<(f64, f64)> {
-    let values: Vec<f64> = records.iter().filter_map(|r| r.get(key).and_then(Value::as_f64)).collect();
+    let values: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.get(key).and_then(Value::as_f64))
+        .collect();
     if values.is_empty() {
         return None;
     }

@@ -42,13 +42,21 @@ impl Optimizer {
             "sgd" => Rule::Sgd,
             "lars" => Rule::Lars,
             "adamw" => Rule::AdamW,
-            other => bail!("config key `optimizer.name`: unknown optimizer `{other}`; expected one of: sgd, lars, adamw"),
+            other => {
+                bail!("config key `optimizer.name`: unknown optimizer `{other}`; expected one of: sgd, lars, adamw")
+            }
         };
         if cfg.lr <= 0.0 || !cfg.lr.is_finite() {
             bail!("config key `optimizer.lr` must be a positive number, got {}", cfg.lr);
         }
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Optimizer { rule, cfg: cfg.clone(), params, state: BTreeMap::new(), steps: 0 })
+        Ok(Optimizer {
+            rule,
+            cfg: cfg.clone(),
+            params,
+            state: BTreeMap::new(),
+            steps: 0,
+        })
     }
 
     pub fn parameters(&self) -> &[(String, Tensor)] {
@@ -64,11 +72,18 @@ impl Optimizer {
     /// Global L2 norm of the gradients, clipped to `max_norm` when `max_norm > 0`.
     pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+            let grads: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| p.grad())
+                .filter(Tensor::defined)
+                .collect();
             if grads.is_empty() {
                 return 0.0;
             }
-            let norm = Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm().double_value(&[]);
+            let norm = Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0)
+                .norm()
+                .double_value(&[]);
             if max_norm > 0.0 && norm > max_norm {
                 let scale = max_norm / (norm + 1e-6);
                 for g in &grads {
@@ -91,7 +106,11 @@ impl Optimizer {
         self.steps += 1;
         let t = self.steps as f64;
         let cfg = self.cfg.clone();
-        let params: Vec<(String, Tensor)> = self.params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let params: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect();
         tch::no_grad(|| {
             for (name, mut p) in params {
                 let g = p.grad();
@@ -101,7 +120,11 @@ impl Optimizer {
                 let decays = p.dim() > 1 && cfg.weight_decay > 0.0;
                 match self.rule {
                     Rule::Sgd | Rule::Lars => {
-                        let mut d = if decays { &g + &p * cfg.weight_decay } else { g.shallow_clone() };
+                        let mut d = if decays {
+                            &g + &p * cfg.weight_decay
+                        } else {
+                            g.shallow_clone()
+                        };
                         if self.rule == Rule::Lars && p.dim() > 1 {
                             let (pn, dn) = (p.norm().double_value(&[]), d.norm().double_value(&[]));
                             if pn > 0.0 && dn > 0.0 {
@@ -140,7 +163,10 @@ impl Optimizer {
 
     /// The optimizer's state as named tensors, plus its step count.
     pub fn state(&self) -> (Vec<(String, Tensor)>, i64) {
-        (self.state.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(), self.steps)
+        (
+            self.state.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(),
+            self.steps,
+        )
     }
 
     /// Restores what [`Optimizer::state`] returned.
@@ -152,7 +178,11 @@ impl Optimizer {
                 bail!("optimizer state `{key}` belongs to no parameter of this run");
             };
             if p.size() != tensor.size() {
-                bail!("optimizer state `{key}` has shape {:?}, its parameter {:?}", tensor.size(), p.size());
+                bail!(
+                    "optimizer state `{key}` has shape {:?}, its parameter {:?}",
+                    tensor.size(),
+                    p.size()
+                );
             }
             self.state.insert(key, tensor.to_device(p.device()));
         }
@@ -179,7 +209,12 @@ mod tests {
     use tch::{Device, Kind};
 
     fn quadratic_descends(name: &str, lr: f64) {
-        let cfg = OptimizerConfig { name: name.into(), lr, weight_decay: 0.0, ..Default::default() };
+        let cfg = OptimizerConfig {
+            name: name.into(),
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let w = Tensor::full([4, 3], 2.0, (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())]).unwrap();
         let loss = |w: &Tensor| (w * w).sum(Kind::Float);
@@ -205,10 +240,22 @@ mod tests {
     fn lars_steps_have_the_trust_ratio_norm_and_skip_biases() {
         // First step (zero momentum): ||dw|| = lr * trust * ||w|| for a weight matrix,
         // and plain SGD for a bias.
-        let cfg = OptimizerConfig { name: "lars".into(), lr: 0.5, weight_decay: 0.0, trust_coefficient: 0.01, ..Default::default() };
-        let w = Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0]).view([2, 2]).set_requires_grad(true);
+        let cfg = OptimizerConfig {
+            name: "lars".into(),
+            lr: 0.5,
+            weight_decay: 0.0,
+            trust_coefficient: 0.01,
+            ..Default::default()
+        };
+        let w = Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])
+            .view([2, 2])
+            .set_requires_grad(true);
         let b = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
-        let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())]).unwrap();
+        let mut opt = Optimizer::new(
+            &cfg,
+            vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
+        )
+        .unwrap();
         let before = w.detach().copy();
         ((&w * &w).sum(Kind::Float) * 7.0 + (&b * &b).sum(Kind::Float)).backward();
         opt.step(cfg.lr);
@@ -220,7 +267,12 @@ mod tests {
     #[test]
     fn sgd_matches_the_closed_form() {
         // One SGD step with momentum 0.9 from zero buffers is w - lr * g.
-        let cfg = OptimizerConfig { name: "sgd".into(), lr: 0.1, weight_decay: 0.0, ..Default::default() };
+        let cfg = OptimizerConfig {
+            name: "sgd".into(),
+            lr: 0.1,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let w = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())]).unwrap();
         (&w * &w).sum(Kind::Float).backward();
@@ -231,7 +283,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_final_rate() {
-        let cfg = OptimizerConfig { lr: 1.0, final_lr: 0.1, warmup_epochs: 1.0, ..Default::default() };
+        let cfg = OptimizerConfig {
+            lr: 1.0,
+            final_lr: 0.1,
+            warmup_epochs: 1.0,
+            ..Default::default()
+        };
         assert!((learning_rate(&cfg, 0, 100, 10) - 0.1).abs() < 1e-12);
         assert!((learning_rate(&cfg, 9, 100, 10) - 1.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 10, 100, 10) - 1.0).abs() < 1e-12);
@@ -242,8 +299,14 @@ mod tests {
 
     #[test]
     fn unknown_optimizer_is_a_clear_error() {
-        let cfg = OptimizerConfig { name: "adam9".into(), ..Default::default() };
+        let cfg = OptimizerConfig {
+            name: "adam9".into(),
+            ..Default::default()
+        };
         let err = Optimizer::new(&cfg, vec![]).err().unwrap().to_string();
-        assert!(err.contains("optimizer.name") && err.contains("adam9") && err.contains("lars"), "{err}");
+        assert!(
+            err.contains("optimizer.name") && err.contains("adam9") && err.contains("lars"),
+            "{err}"
+        );
     }
 }

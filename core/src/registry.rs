@@ -53,19 +53,39 @@ pub struct Role<E: 'static> {
 }
 
 pub fn encoders() -> Role<EncoderEntry> {
-    Role { plural: "encoders", singular: "encoder", entries: &ENCODERS }
+    Role {
+        plural: "encoders",
+        singular: "encoder",
+        entries: &ENCODERS,
+    }
 }
 pub fn aggregators() -> Role<AggregatorEntry> {
-    Role { plural: "aggregators", singular: "aggregator", entries: &AGGREGATORS }
+    Role {
+        plural: "aggregators",
+        singular: "aggregator",
+        entries: &AGGREGATORS,
+    }
 }
 pub fn objectives() -> Role<ObjectiveEntry> {
-    Role { plural: "objectives", singular: "objective", entries: &OBJECTIVES }
+    Role {
+        plural: "objectives",
+        singular: "objective",
+        entries: &OBJECTIVES,
+    }
 }
 pub fn heads() -> Role<HeadEntry> {
-    Role { plural: "heads", singular: "head", entries: &HEADS }
+    Role {
+        plural: "heads",
+        singular: "head",
+        entries: &HEADS,
+    }
 }
 pub fn datasets() -> Role<DatasetEntry> {
-    Role { plural: "datasets", singular: "dataset format", entries: &DATASETS }
+    Role {
+        plural: "datasets",
+        singular: "dataset format",
+        entries: &DATASETS,
+    }
 }
 
 impl<E: Registered> Role<E> {

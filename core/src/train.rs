@@ -76,30 +76,55 @@ impl Run {
             tch::set_num_threads(cfg.run.run.threads);
         }
         let (data, mut resolved) = assemble::data_pipeline(&cfg)?;
-        anyhow::ensure!(data.steps_per_epoch() > 0, "the data sources hold {} samples: too few for one batch", data.num_samples());
+        anyhow::ensure!(
+            data.steps_per_epoch() > 0,
+            "the data sources hold {} samples: too few for one batch",
+            data.num_samples()
+        );
         tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
         let model = Model::build(&cfg, device, data.num_samples())?;
         resolved.extend(model.resolved.iter().cloned());
         let mut run_section = toml::Table::new();
-        run_section.insert("config_dir".into(), toml::Value::String(cfg.base_dir.display().to_string()));
-        resolved.push(("run.config_dir".into(), toml::Value::String(cfg.base_dir.display().to_string())));
+        run_section.insert(
+            "config_dir".into(),
+            toml::Value::String(cfg.base_dir.display().to_string()),
+        );
+        resolved.push((
+            "run.config_dir".into(),
+            toml::Value::String(cfg.base_dir.display().to_string()),
+        ));
         let resolved_config = cfg.resolved_toml(&resolved)?;
-        let run = Run { cfg, device, data, model, resolved_config };
+        let run = Run {
+            cfg,
+            device,
+            data,
+            model,
+            resolved_config,
+        };
         run.check_stages()?;
         Ok(run)
     }
 
     fn check_stages(&self) -> Result<()> {
         let stages = &self.cfg.run.stages;
-        anyhow::ensure!(!stages.is_empty(), "config has no `[[stages]]`: add at least one stage naming its objectives");
+        anyhow::ensure!(
+            !stages.is_empty(),
+            "config has no `[[stages]]`: add at least one stage naming its objectives"
+        );
         for (i, stage) in stages.iter().enumerate() {
             let at = format!("stages[{i}] (`{}`)", stage.name);
             anyhow::ensure!(stage.epochs > 0, "config {at}: `epochs` must be at least 1");
-            anyhow::ensure!(!stage.objectives.is_empty(), "config {at}: `objectives` names no objective");
+            anyhow::ensure!(
+                !stage.objectives.is_empty(),
+                "config {at}: `objectives` names no objective"
+            );
             for key in stage.objectives.keys() {
                 if !self.model.objectives.contains_key(key) {
                     let known: Vec<&str> = self.model.objectives.keys().map(String::as_str).collect();
-                    bail!("config {at}: objective `{key}` is not defined; defined under [objectives]: {}", known.join(", "));
+                    bail!(
+                        "config {at}: objective `{key}` is not defined; defined under [objectives]: {}",
+                        known.join(", ")
+                    );
                 }
             }
             for module in &stage.train {
@@ -122,7 +147,9 @@ impl Run {
             None => Ok(base.clone()),
             Some(overrides) => {
                 let figment = figment::Figment::from(Serialized::defaults(base)).merge(Serialized::defaults(overrides));
-                figment.extract().map_err(|e| describe_error(&figment, e, &format!("stages[{i}].optimizer")))
+                figment
+                    .extract()
+                    .map_err(|e| describe_error(&figment, e, &format!("stages[{i}].optimizer")))
             }
         }
     }
@@ -133,10 +160,22 @@ impl Run {
     pub fn probe_step(&mut self, stage_index: usize) -> Result<StepProbe> {
         let stage = self.cfg.run.stages.get(stage_index).context("no such stage")?.clone();
         let needs = self.needs(&stage);
-        let batch = self.data.epoch(0, 0, needs).next().context("the data pipeline produced no batch")??;
-        let progress = Progress { epoch: 0, step: 0, steps_per_epoch: self.data.steps_per_epoch() };
+        let batch = self
+            .data
+            .epoch(0, 0, needs)
+            .next()
+            .context("the data pipeline produced no batch")??;
+        let progress = Progress {
+            epoch: 0,
+            step: 0,
+            steps_per_epoch: self.data.steps_per_epoch(),
+        };
         for key in stage.objectives.keys() {
-            self.model.objectives.get_mut(key).expect("checked").on_epoch_start(&progress)?;
+            self.model
+                .objectives
+                .get_mut(key)
+                .expect("checked")
+                .on_epoch_start(&progress)?;
         }
         tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, 0]) as i64);
         let mut optimizer = Optimizer::new(&self.stage_optimizer(stage_index)?, self.stage_parameters(&stage))?;
@@ -164,7 +203,12 @@ impl Run {
             terms,
             groups: grad_norms
                 .into_iter()
-                .map(|(k, (sq, n, nonzero))| GroupGradient { group: k, norm: sq.sqrt(), parameters: n, with_gradient: nonzero })
+                .map(|(k, (sq, n, nonzero))| GroupGradient {
+                    group: k,
+                    norm: sq.sqrt(),
+                    parameters: n,
+                    with_gradient: nonzero,
+                })
                 .collect(),
         })
     }
@@ -208,7 +252,9 @@ impl Run {
                 optimizer_state = self.restore(&latest, tensors)?;
                 for (key, value) in &state.objectives {
                     if let Some(objective) = self.model.objectives.get_mut(key) {
-                        objective.load_state(value.clone()).with_context(|| format!("checkpoint `{}`: objective `{key}`", latest.display()))?;
+                        objective
+                            .load_state(value.clone())
+                            .with_context(|| format!("checkpoint `{}`: objective `{key}`", latest.display()))?;
                     }
                 }
                 tracing::info!("resuming from {} (global step {})", latest.display(), state.global_step);
@@ -218,7 +264,13 @@ impl Run {
             }
         }
         let mut log = MetricsLog::open(&run_dir.join(METRICS_FILE), resume.then_some(position.global_step))?;
-        let total_steps: usize = self.cfg.run.stages.iter().map(|s| s.epochs * self.data.steps_per_epoch()).sum();
+        let total_steps: usize = self
+            .cfg
+            .run
+            .stages
+            .iter()
+            .map(|s| s.epochs * self.data.steps_per_epoch())
+            .sum();
         let bar = progress_bar(total_steps, position.global_step);
 
         for stage_index in position.stage..self.cfg.run.stages.len() {
@@ -228,8 +280,22 @@ impl Run {
             if stage_index == position.stage && position.stage_step > 0 {
                 optimizer.load_state(std::mem::take(&mut optimizer_state), position.optimizer_steps)?;
             }
-            let start = if stage_index == position.stage { position.stage_step } else { 0 };
-            self.train_stage(stage_index, &stage, &opt_cfg, &mut optimizer, start, &mut position, &store, &mut log, &bar)?;
+            let start = if stage_index == position.stage {
+                position.stage_step
+            } else {
+                0
+            };
+            self.train_stage(
+                stage_index,
+                &stage,
+                &opt_cfg,
+                &mut optimizer,
+                start,
+                &mut position,
+                &store,
+                &mut log,
+                &bar,
+            )?;
             // Stage done: the next one starts with fresh optimizer state.
             position.stage = stage_index + 1;
             position.stage_step = 0;
@@ -266,7 +332,11 @@ impl Run {
             }
         }
         if seen != vars.len() {
-            bail!("checkpoint `{}` holds {seen} of the model's {} variables: incompatible config", from.display(), vars.len());
+            bail!(
+                "checkpoint `{}` holds {seen} of the model's {} variables: incompatible config",
+                from.display(),
+                vars.len()
+            );
         }
         Ok(optimizer)
     }
@@ -318,14 +388,24 @@ impl Run {
             let batches = self.data.epoch(epoch, step % steps_per_epoch, needs);
             for batch in batches {
                 let batch = batch.with_context(|| format!("stage `{}`, epoch {epoch}", stage.name))?;
-                let progress = Progress { epoch, step, steps_per_epoch };
-                if step % steps_per_epoch == 0 {
+                let progress = Progress {
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                };
+                if step.is_multiple_of(steps_per_epoch) {
                     for key in stage.objectives.keys() {
-                        self.model.objectives.get_mut(key).expect("checked").on_epoch_start(&progress)?;
+                        self.model
+                            .objectives
+                            .get_mut(key)
+                            .expect("checked")
+                            .on_epoch_start(&progress)?;
                     }
                 }
                 let tick = Instant::now();
-                tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64);
+                tch::manual_seed(
+                    rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,
+                );
                 let lr = optim::learning_rate(opt_cfg, step, total, steps_per_epoch);
                 let (loss, terms) = self.loss(stage, &batch, &progress)?;
                 let value = loss.double_value(&[]);
@@ -341,14 +421,18 @@ impl Run {
                 let grad_norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
                 optimizer.step(lr);
                 for key in stage.objectives.keys() {
-                    self.model.objectives.get_mut(key).expect("checked").on_step_end(&progress)?;
+                    self.model
+                        .objectives
+                        .get_mut(key)
+                        .expect("checked")
+                        .on_step_end(&progress)?;
                 }
                 step += 1;
                 position.stage = stage_index;
                 position.stage_step = step;
                 position.global_step += 1;
                 let batch_size = batch.ids.size()[0] as f64;
-                if position.global_step % run.log_every.max(1) == 0 || step == total {
+                if position.global_step.is_multiple_of(run.log_every.max(1)) || step == total {
                     let mut record = Map::new();
                     record.insert("stage".into(), json!(stage.name));
                     record.insert("stage_index".into(), json!(stage_index));
@@ -360,7 +444,10 @@ impl Run {
                     }
                     record.insert("lr".into(), json!(lr));
                     record.insert("grad_norm".into(), json!(grad_norm));
-                    record.insert("samples_per_s".into(), json!(batch_size / tick.elapsed().as_secs_f64().max(1e-9)));
+                    record.insert(
+                        "samples_per_s".into(),
+                        json!(batch_size / tick.elapsed().as_secs_f64().max(1e-9)),
+                    );
                     log.write(&record)?;
                     if bar.is_hidden() {
                         tracing::info!(
@@ -374,7 +461,7 @@ impl Run {
                     }
                 }
                 bar.inc(1);
-                if position.global_step % run.checkpoint_every.max(1) == 0 && step < total {
+                if position.global_step.is_multiple_of(run.checkpoint_every.max(1)) && step < total {
                     self.save(store, position, Some(optimizer))?;
                 }
                 if step >= total {
@@ -386,7 +473,12 @@ impl Run {
     }
 
     /// The weighted sum of the stage's objectives over one batch, and each term.
-    fn loss(&mut self, stage: &StageConfig, batch: &Batch, progress: &Progress) -> Result<(Tensor, Vec<(String, f64)>)> {
+    fn loss(
+        &mut self,
+        stage: &StageConfig,
+        batch: &Batch,
+        progress: &Progress,
+    ) -> Result<(Tensor, Vec<(String, f64)>)> {
         let device = self.device;
         let train_encoder = stage.train.iter().any(|m| m == "encoder");
         let train_aggregator = stage.train.iter().any(|m| m == "aggregator");
@@ -402,7 +494,10 @@ impl Run {
         let embed_volume = |volume: &Tensor| -> Tensor {
             let size = volume.size();
             let (b, t) = (size[0], size[2]);
-            let slices = volume.to_device(device).transpose(1, 2).reshape([b * t, size[1], size[3], size[4]]);
+            let slices = volume
+                .to_device(device)
+                .transpose(1, 2)
+                .reshape([b * t, size[1], size[3], size[4]]);
             embed(&slices).view([b, t, -1])
         };
         let slice_views: Vec<Tensor> = batch.slice_views.iter().map(|v| embed(&v.to_device(device))).collect();
@@ -415,7 +510,9 @@ impl Run {
             None => Vec::new(),
         };
         let sequence = batch.sequence.as_ref().map(embed_volume);
-        let valid = sequence.as_ref().map(|s| Tensor::ones([s.size()[0], s.size()[1]], (Kind::Bool, device)));
+        let valid = sequence
+            .as_ref()
+            .map(|s| Tensor::ones([s.size()[0], s.size()[1]], (Kind::Bool, device)));
         let ids = batch.ids.to_device(device);
 
         let mut total: Option<Tensor> = None;
@@ -423,17 +520,26 @@ impl Run {
         for (key, weight) in &stage.objectives {
             let input = StepInput {
                 ids: &ids,
-                slice_views: batch.slice_views.is_empty().then_some(()).map_or(Some(slice_views.as_slice()), |_| None),
+                slice_views: batch
+                    .slice_views
+                    .is_empty()
+                    .then_some(())
+                    .map_or(Some(slice_views.as_slice()), |_| None),
                 volume_views: (!volume_views.is_empty()).then_some(volume_views.as_slice()),
                 slice_sequence: match (&sequence, &valid, &self.model.aggregator) {
-                    (Some(embeddings), Some(valid), Some(aggregator)) => {
-                        Some(SliceSequence { embeddings, valid, aggregator: aggregator.as_ref(), train: train_aggregator })
-                    }
+                    (Some(embeddings), Some(valid), Some(aggregator)) => Some(SliceSequence {
+                        embeddings,
+                        valid,
+                        aggregator: aggregator.as_ref(),
+                        train: train_aggregator,
+                    }),
                     _ => None,
                 },
             };
             let objective = self.model.objectives.get_mut(key).expect("checked");
-            let loss = objective.loss(&input, progress).with_context(|| format!("objective `{key}`"))?;
+            let loss = objective
+                .loss(&input, progress)
+                .with_context(|| format!("objective `{key}`"))?;
             terms.push((key.clone(), loss.total.double_value(&[])));
             for (name, v) in loss.terms {
                 terms.push((format!("{key}/{name}"), v));
@@ -448,15 +554,25 @@ impl Run {
     }
 
     fn save(&self, store: &Checkpoints, position: &mut TrainingState, optimizer: Option<&Optimizer>) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> =
-            self.model.vs.variables().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+        let mut tensors: Vec<(String, Tensor)> = self
+            .model
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), t))
+            .collect();
         if let Some(optimizer) = optimizer {
             let (state, steps) = optimizer.state();
             tensors.extend(state.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
             position.optimizer_steps = steps;
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        position.objectives = self.model.objectives.iter().map(|(k, o)| (k.clone(), o.state())).collect();
+        position.objectives = self
+            .model
+            .objectives
+            .iter()
+            .map(|(k, o)| (k.clone(), o.state()))
+            .collect();
         store.save(&tensors, position)?;
         Ok(())
     }
@@ -480,17 +596,32 @@ impl Run {
         ));
         report.push_str("| stage | epochs | objectives (weight) | first loss | last loss |\n|---|---|---|---|---|\n");
         for (i, stage) in self.cfg.run.stages.iter().enumerate() {
-            let stage_records: Vec<_> = records.iter().filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64)).cloned().collect();
+            let stage_records: Vec<_> = records
+                .iter()
+                .filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64))
+                .cloned()
+                .collect();
             let w = (stage_records.len() / 10).max(1);
             let (a, b) = metrics::first_and_last_mean(&stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
             let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
-            report.push_str(&format!("| {} | {} | {} | {a:.4} | {b:.4} |\n", stage.name, stage.epochs, objectives.join(", ")));
+            report.push_str(&format!(
+                "| {} | {} | {} | {a:.4} | {b:.4} |\n",
+                stage.name,
+                stage.epochs,
+                objectives.join(", ")
+            ));
         }
         report.push_str(&format!(
             "\nFirst and last loss are means over the first and last tenth of the logged steps. Loss curve: `{PLOT_FILE}`; every step: `{METRICS_FILE}`; config: `{CONFIG_FILE}`; weights: `{CHECKPOINT_DIR}/`.\n"
         ));
         checkpoint::write_atomic(&run_dir.join(REPORT_FILE), report.as_bytes())?;
-        Ok(Summary { run_dir: run_dir.to_path_buf(), steps, first_loss: first, last_loss: last, seconds })
+        Ok(Summary {
+            run_dir: run_dir.to_path_buf(),
+            steps,
+            first_loss: first,
+            last_loss: last,
+            seconds,
+        })
     }
 }
 
@@ -523,5 +654,6 @@ pub fn create_run_dir(dir: &Path, force: bool) -> Result<()> {
             std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear `{}`", dir.display()))?;
         }
     }
-    std::fs::create_dir_all(dir.join(CHECKPOINT_DIR)).with_context(|| format!("cannot create run directory `{}`", dir.display()))
+    std::fs::create_dir_all(dir.join(CHECKPOINT_DIR))
+        .with_context(|| format!("cannot create run directory `{}`", dir.display()))
 }

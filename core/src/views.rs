@@ -60,11 +60,26 @@ impl Default for ViewConfig {
 impl ViewConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         let in_unit = |r: [f64; 2]| 0.0 < r[0] && r[0] <= r[1] && r[1] <= 1.0;
-        anyhow::ensure!(in_unit(self.crop_scale), "data.views.crop_scale must satisfy 0 < min <= max <= 1, got {:?}", self.crop_scale);
-        anyhow::ensure!(in_unit(self.depth_scale), "data.views.depth_scale must satisfy 0 < min <= max <= 1, got {:?}", self.depth_scale);
-        anyhow::ensure!(self.slice_size >= 8 && self.volume_size >= 8, "data.views.slice_size and volume_size must be at least 8");
+        anyhow::ensure!(
+            in_unit(self.crop_scale),
+            "data.views.crop_scale must satisfy 0 < min <= max <= 1, got {:?}",
+            self.crop_scale
+        );
+        anyhow::ensure!(
+            in_unit(self.depth_scale),
+            "data.views.depth_scale must satisfy 0 < min <= max <= 1, got {:?}",
+            self.depth_scale
+        );
+        anyhow::ensure!(
+            self.slice_size >= 8 && self.volume_size >= 8,
+            "data.views.slice_size and volume_size must be at least 8"
+        );
         anyhow::ensure!(self.volume_slices >= 1, "data.views.volume_slices must be at least 1");
-        anyhow::ensure!((0.0..=1.0).contains(&self.flip), "data.views.flip is a probability, got {}", self.flip);
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.flip),
+            "data.views.flip is a probability, got {}",
+            self.flip
+        );
         Ok(())
     }
 }
@@ -170,7 +185,12 @@ mod tests {
 
     #[test]
     fn views_have_configured_shapes_and_are_reproducible() {
-        let cfg = ViewConfig { slice_size: 16, volume_size: 12, volume_slices: 4, ..Default::default() };
+        let cfg = ViewConfig {
+            slice_size: 16,
+            volume_size: 12,
+            volume_slices: 4,
+            ..Default::default()
+        };
         let v = phantom();
         let a = slice_view(&v, 2, &mut rng::generator(1, &[0, 5, 0]), &cfg);
         let b = slice_view(&v, 2, &mut rng::generator(1, &[0, 5, 0]), &cfg);

@@ -19,7 +19,11 @@ use medssl_phantom as _;
 use medssl_resnet as _;
 
 #[derive(Parser)]
-#[command(name = "medssl", version, about = "Self-supervised pre-training on medical images and volumes")]
+#[command(
+    name = "medssl",
+    version,
+    about = "Self-supervised pre-training on medical images and volumes"
+)]
 struct Cli {
     /// Log debug detail (RUST_LOG overrides).
     #[arg(long, short, global = true)]
@@ -72,7 +76,10 @@ enum Command {
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         let message = info
             .payload()
             .downcast_ref::<String>()
@@ -94,16 +101,31 @@ fn main() -> ExitCode {
 
 fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn execute(command: Command) -> Result<()> {
     match command {
-        Command::Run { config, set, run_dir, force } => {
+        Command::Run {
+            config,
+            set,
+            run_dir,
+            force,
+        } => {
             let cfg = LoadedConfig::load(&config, &set)?;
             let dir = run_dir.or_else(|| cfg.run.run.dir.clone()).unwrap_or_else(|| {
-                Path::new("runs").join(config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()))
+                Path::new("runs").join(
+                    config
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "run".into()),
+                )
             });
             let run = Run::prepare(cfg)?;
             train::create_run_dir(&dir, force)?;
@@ -118,7 +140,10 @@ fn execute(command: Command) -> Result<()> {
                 let probe = run.probe_step(stage)?;
                 println!("stage {stage}: loss {:.4}", probe.loss);
                 for g in &probe.groups {
-                    println!("  {:24} gradient norm {:.3e} ({} of {} tensors with a gradient)", g.group, g.norm, g.with_gradient, g.parameters);
+                    println!(
+                        "  {:24} gradient norm {:.3e} ({} of {} tensors with a gradient)",
+                        g.group, g.norm, g.with_gradient, g.parameters
+                    );
                 }
                 anyhow::ensure!(probe.loss.is_finite(), "stage {stage}: the loss is not finite");
             }
@@ -136,8 +161,10 @@ fn execute(command: Command) -> Result<()> {
         Command::List { json } => {
             let catalogue = registry::catalogue()?;
             if json {
-                let object: serde_json::Map<String, serde_json::Value> =
-                    catalogue.into_iter().map(|(role, rows)| (role.to_string(), serde_json::json!(rows))).collect();
+                let object: serde_json::Map<String, serde_json::Value> = catalogue
+                    .into_iter()
+                    .map(|(role, rows)| (role.to_string(), serde_json::json!(rows)))
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&object)?);
             } else {
                 for (role, rows) in catalogue {

@@ -102,7 +102,10 @@ pub fn assert_fails_with(out: &Output, needles: &[&str]) {
     for needle in needles {
         assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
     }
-    assert!(!err.contains("panicked") && !err.contains("internal failure") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal failure") && !err.contains("RUST_BACKTRACE"),
+        "panic:\n{err}"
+    );
 }
 
 /// (step, loss) of every record in a metrics file.

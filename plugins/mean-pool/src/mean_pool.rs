@@ -42,7 +42,8 @@ impl Aggregator for MeanPoolAggregator {
         let volume = match valid {
             Some(valid) => {
                 let weights = valid.to_kind(slices.kind()).unsqueeze(-1);
-                (&slices * &weights).sum_dim_intlist(1, false, slices.kind()) / weights.sum_dim_intlist(1, false, slices.kind()).clamp_min(1.0)
+                (&slices * &weights).sum_dim_intlist(1, false, slices.kind())
+                    / weights.sum_dim_intlist(1, false, slices.kind()).clamp_min(1.0)
             }
             None => slices.mean_dim(1, false, slices.kind()),
         };
@@ -51,7 +52,10 @@ impl Aggregator for MeanPoolAggregator {
 }
 
 fn build(section: &Section, _: nn::Path, shape: &AggregatorShape) -> Result<Box<dyn Aggregator>> {
-    Ok(Box::new(MeanPoolAggregator { cfg: section.parse()?, dim: shape.input_dim }))
+    Ok(Box::new(MeanPoolAggregator {
+        cfg: section.parse()?,
+        dim: shape.input_dim,
+    }))
 }
 
 register!(AGGREGATORS, MEAN_POOL: AggregatorEntry = AggregatorEntry {
@@ -68,7 +72,10 @@ mod tests {
 
     #[test]
     fn padding_does_not_change_the_volume_embedding() {
-        let agg = MeanPoolAggregator { cfg: MeanPoolConfig { normalize: false }, dim: 3 };
+        let agg = MeanPoolAggregator {
+            cfg: MeanPoolConfig { normalize: false },
+            dim: 3,
+        };
         let x = Tensor::from_slice(&[1f32, 2., 3., 5., 6., 7., 100., 100., 100.]).view([1, 3, 3]);
         let valid = Tensor::from_slice(&[true, true, false]).view([1, 3]);
         let out = agg.forward(&x, Some(&valid), true);
@@ -78,7 +85,10 @@ mod tests {
 
     #[test]
     fn normalised_slices_have_unit_norm() {
-        let agg = MeanPoolAggregator { cfg: MeanPoolConfig::default(), dim: 8 };
+        let agg = MeanPoolAggregator {
+            cfg: MeanPoolConfig::default(),
+            dim: 8,
+        };
         let out = agg.forward(&Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu)), None, true);
         let norms = out.slices.norm_scalaropt_dim(2, [-1], false);
         assert!(norms.allclose(&norms.ones_like(), 1e-5, 1e-5, false));

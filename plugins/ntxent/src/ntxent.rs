@@ -26,7 +26,12 @@ pub struct NtXentConfig {
 
 impl Default for NtXentConfig {
     fn default() -> Self {
-        NtXentConfig { level: "slice".into(), temperature: 0.1, hidden_dim: 512, output_dim: 128 }
+        NtXentConfig {
+            level: "slice".into(),
+            temperature: 0.1,
+            hidden_dim: 512,
+            output_dim: 128,
+        }
     }
 }
 
@@ -46,14 +51,39 @@ impl NtXentObjective {
             },
             other => bail!("ntxent: `level` must be \"slice\" or \"volume\", got \"{other}\""),
         };
-        ensure!(cfg.temperature > 0.0, "ntxent: `temperature` must be positive, got {}", cfg.temperature);
-        ensure!(cfg.hidden_dim > 0 && cfg.output_dim > 0, "ntxent: `hidden_dim` and `output_dim` must be positive");
+        ensure!(
+            cfg.temperature > 0.0,
+            "ntxent: `temperature` must be positive, got {}",
+            cfg.temperature
+        );
+        ensure!(
+            cfg.hidden_dim > 0 && cfg.output_dim > 0,
+            "ntxent: `hidden_dim` and `output_dim` must be positive"
+        );
         let projector = nn::seq_t()
-            .add(nn::linear(&p / "projector" / "0", input_dim, cfg.hidden_dim, Default::default()))
-            .add(nn::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim, Default::default()))
+            .add(nn::linear(
+                &p / "projector" / "0",
+                input_dim,
+                cfg.hidden_dim,
+                Default::default(),
+            ))
+            .add(nn::batch_norm1d(
+                &p / "projector" / "1",
+                cfg.hidden_dim,
+                Default::default(),
+            ))
             .add_fn(|x| x.relu())
-            .add(nn::linear(&p / "projector" / "3", cfg.hidden_dim, cfg.output_dim, Default::default()));
-        Ok(NtXentObjective { cfg, consumes, projector })
+            .add(nn::linear(
+                &p / "projector" / "3",
+                cfg.hidden_dim,
+                cfg.output_dim,
+                Default::default(),
+            ));
+        Ok(NtXentObjective {
+            cfg,
+            consumes,
+            projector,
+        })
     }
 }
 
@@ -70,8 +100,13 @@ pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
     let logits = logits.masked_fill(&eye, f64::NEG_INFINITY);
     let log_prob = logits.log_softmax(1, Kind::Float);
     let sample = Tensor::arange(v * n, (Kind::Int64, device)).remainder(n);
-    let positives = sample.unsqueeze(0).eq_tensor(&sample.unsqueeze(1)).logical_and(&eye.logical_not());
-    let pos_log_prob = log_prob.masked_fill(&positives.logical_not(), 0.0).sum_dim_intlist(1, false, Kind::Float);
+    let positives = sample
+        .unsqueeze(0)
+        .eq_tensor(&sample.unsqueeze(1))
+        .logical_and(&eye.logical_not());
+    let pos_log_prob = log_prob
+        .masked_fill(&positives.logical_not(), 0.0)
+        .sum_dim_intlist(1, false, Kind::Float);
     -(pos_log_prob / (v - 1) as f64).mean(Kind::Float)
 }
 
@@ -86,10 +121,17 @@ impl Objective for NtXentObjective {
             _ => input.slice_views,
         };
         let views = views.context("ntxent: the runner supplied no views")?;
-        ensure!(views.len() >= 2, "ntxent needs at least 2 views, got {} (data.views)", views.len());
+        ensure!(
+            views.len() >= 2,
+            "ntxent needs at least 2 views, got {} (data.views)",
+            views.len()
+        );
         let projected: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.projector, true)).collect();
         let total = nt_xent(&projected, self.cfg.temperature);
-        Ok(Loss { total, terms: Vec::new() })
+        Ok(Loss {
+            total,
+            terms: Vec::new(),
+        })
     }
 }
 
@@ -159,8 +201,15 @@ mod tests {
     #[test]
     fn volume_level_without_an_aggregator_is_a_clear_error() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let cfg = NtXentConfig { level: "volume".into(), ..Default::default() };
-        let shape = ObjectiveShape { slice_dim: 8, volume_dim: None, num_samples: 4 };
+        let cfg = NtXentConfig {
+            level: "volume".into(),
+            ..Default::default()
+        };
+        let shape = ObjectiveShape {
+            slice_dim: 8,
+            volume_dim: None,
+            num_samples: 4,
+        };
         let err = NtXentObjective::new(vs.root(), cfg, &shape).err().unwrap().to_string();
         assert!(err.contains("aggregator"), "{err}");
     }

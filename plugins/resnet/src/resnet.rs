@@ -26,7 +26,11 @@ pub struct ResNetConfig {
 
 impl Default for ResNetConfig {
     fn default() -> Self {
-        ResNetConfig { input_channels: 1, base_width: 64, small_input: false }
+        ResNetConfig {
+            input_channels: 1,
+            base_width: 64,
+            small_input: false,
+        }
     }
 }
 
@@ -52,7 +56,19 @@ fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -
         fan: nn::init::FanInOut::FanOut,
         non_linearity: nn::init::NonLinearity::ReLU,
     };
-    nn::conv2d(p, c_in, c_out, k, nn::ConvConfig { stride, padding, bias: false, ws_init, ..Default::default() })
+    nn::conv2d(
+        p,
+        c_in,
+        c_out,
+        k,
+        nn::ConvConfig {
+            stride,
+            padding,
+            bias: false,
+            ws_init,
+            ..Default::default()
+        },
+    )
 }
 
 fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
@@ -81,8 +97,12 @@ impl Residual {
                 (conv(p / "conv3", width, c_out, 1, 1, 0), bn(p / "bn3", c_out)),
             ],
         };
-        let downsample = (stride != 1 || c_in != c_out)
-            .then(|| (conv(p / "downsample" / "0", c_in, c_out, 1, stride, 0), bn(p / "downsample" / "1", c_out)));
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            (
+                conv(p / "downsample" / "0", c_in, c_out, 1, stride, 0),
+                bn(p / "downsample" / "1", c_out),
+            )
+        });
         Residual { convs, downsample }
     }
 
@@ -113,8 +133,16 @@ pub struct ResNet {
 
 impl ResNet {
     fn new(p: nn::Path, cfg: ResNetConfig, kind: Block, depths: [usize; 4]) -> Result<ResNet> {
-        ensure!(cfg.input_channels == 1 || cfg.input_channels == 3, "encoder.input_channels must be 1 or 3, got {}", cfg.input_channels);
-        ensure!(cfg.base_width >= 1, "encoder.base_width must be at least 1, got {}", cfg.base_width);
+        ensure!(
+            cfg.input_channels == 1 || cfg.input_channels == 3,
+            "encoder.input_channels must be 1 or 3, got {}",
+            cfg.input_channels
+        );
+        ensure!(
+            cfg.base_width >= 1,
+            "encoder.base_width must be at least 1, got {}",
+            cfg.base_width
+        );
         let w = cfg.base_width;
         let (conv1, stem_stride, pool_stride) = if cfg.small_input {
             (conv(&p / "conv1", cfg.input_channels, w, 3, 1, 1), 1, 1)
@@ -122,7 +150,11 @@ impl ResNet {
             (conv(&p / "conv1", cfg.input_channels, w, 7, 2, 3), 2, 2)
         };
         let bn1 = bn(&p / "bn1", w);
-        let mut levels = vec![Level { name: "stem".into(), channels: w, stride: stem_stride }];
+        let mut levels = vec![Level {
+            name: "stem".into(),
+            channels: w,
+            stride: stem_stride,
+        }];
         let mut layers = Vec::new();
         let mut c_in = w;
         let mut stride_so_far = stem_stride * pool_stride;
@@ -133,15 +165,31 @@ impl ResNet {
             let lp = &p / format!("layer{}", i + 1);
             let blocks: Vec<Residual> = (0..depth)
                 .map(|b| {
-                    let block = Residual::new(&(&lp / b.to_string()), kind, c_in, width, if b == 0 { stride } else { 1 });
+                    let block = Residual::new(
+                        &(&lp / b.to_string()),
+                        kind,
+                        c_in,
+                        width,
+                        if b == 0 { stride } else { 1 },
+                    );
                     c_in = width * kind.expansion();
                     block
                 })
                 .collect();
             layers.push(blocks);
-            levels.push(Level { name: format!("layer{}", i + 1), channels: c_in, stride: stride_so_far });
+            levels.push(Level {
+                name: format!("layer{}", i + 1),
+                channels: c_in,
+                stride: stride_so_far,
+            });
         }
-        Ok(ResNet { cfg, conv1, bn1, layers, levels })
+        Ok(ResNet {
+            cfg,
+            conv1,
+            bn1,
+            layers,
+            levels,
+        })
     }
 }
 
@@ -159,9 +207,17 @@ impl Encoder for ResNet {
     }
 
     fn forward(&self, images: &Tensor, train: bool) -> EncoderOutput {
-        let x = if self.cfg.input_channels == 3 && images.size()[1] == 1 { images.repeat([1, 3, 1, 1]) } else { images.shallow_clone() };
+        let x = if self.cfg.input_channels == 3 && images.size()[1] == 1 {
+            images.repeat([1, 3, 1, 1])
+        } else {
+            images.shallow_clone()
+        };
         let stem = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let mut y = if self.cfg.small_input { stem.shallow_clone() } else { stem.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false) };
+        let mut y = if self.cfg.small_input {
+            stem.shallow_clone()
+        } else {
+            stem.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
+        };
         let mut levels = vec![stem];
         for layer in &self.layers {
             for block in layer {
@@ -231,7 +287,13 @@ mod tests {
         let strides: Vec<i64> = enc.levels().iter().map(|l| l.stride).collect();
         assert_eq!(strides, vec![2, 4, 8, 16, 32]);
         let vars = vs.variables();
-        for name in ["conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer4.2.conv3.weight", "layer3.5.bn2.bias"] {
+        for name in [
+            "conv1.weight",
+            "bn1.running_mean",
+            "layer1.0.downsample.0.weight",
+            "layer4.2.conv3.weight",
+            "layer3.5.bn2.bias",
+        ] {
             assert!(vars.contains_key(name), "missing {name}");
         }
         // torchvision's resnet50 has 23,508,032 parameters without fc (25,557,032 - 2,049,000),
@@ -250,13 +312,22 @@ mod tests {
 
     #[test]
     fn feature_maps_follow_the_declared_levels() {
-        for (name, body, size) in [("resnet18", "base_width = 4", 64), ("resnet34", "base_width = 4\nsmall_input = true", 32), ("resnet50", "base_width = 2", 64)] {
+        for (name, body, size) in [
+            ("resnet18", "base_width = 4", 64),
+            ("resnet34", "base_width = 4\nsmall_input = true", 32),
+            ("resnet50", "base_width = 2", 64),
+        ] {
             let (_, enc) = build_named(name, body);
             let x = Tensor::randn([2, 1, size, size], (Kind::Float, Device::Cpu));
             let out = enc.forward(&x, true);
             assert_eq!(out.levels.len(), enc.levels().len());
             for (t, level) in out.levels.iter().zip(enc.levels()) {
-                assert_eq!(t.size(), vec![2, level.channels, size / level.stride, size / level.stride], "{name} {}", level.name);
+                assert_eq!(
+                    t.size(),
+                    vec![2, level.channels, size / level.stride, size / level.stride],
+                    "{name} {}",
+                    level.name
+                );
             }
             assert_eq!(out.pooled.size(), vec![2, enc.embedding_dim()]);
         }
@@ -273,10 +344,16 @@ mod tests {
     fn bad_config_is_a_clear_error() {
         let section = Section::inline("encoder", "resnet18", "input_channels = 2").unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
-        let err = build(&section, vs.root(), Block::Basic, [2, 2, 2, 2]).err().unwrap().to_string();
+        let err = build(&section, vs.root(), Block::Basic, [2, 2, 2, 2])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("input_channels") && err.contains('2'), "{err}");
         let section = Section::inline("encoder", "resnet18", "widht = 2").unwrap();
-        let err = format!("{:#}", build(&section, vs.root(), Block::Basic, [2, 2, 2, 2]).err().unwrap());
+        let err = format!(
+            "{:#}",
+            build(&section, vs.root(), Block::Basic, [2, 2, 2, 2]).err().unwrap()
+        );
         assert!(err.contains("encoder.widht") && err.contains("base_width"), "{err}");
     }
 }

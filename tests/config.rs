@@ -18,10 +18,44 @@ fn layers_override_in_order_and_errors_name_their_source() {
     assert_eq!(cfg.run.seed, 0);
     assert_eq!(cfg.run.optimizer.momentum, 0.9);
     assert_eq!(cfg.run.optimizer.lr, 0.05, "the file beats the defaults");
+
+    // A relative path from the file resolves against the file's folder; one from --set (or
+    // the environment) against the working directory.
+    let with_path = common::write(
+        &sub,
+        "p.toml",
+        &common::TINY.replace("count = 8", "count = 8\npath = \"vols\""),
+    );
+    let cfg = LoadedConfig::load(&with_path, &[]).unwrap();
+    let section = cfg.section("data.sources.phantom", "format").unwrap();
     assert_eq!(
-        cfg.base_dir,
-        sub.canonicalize().unwrap(),
-        "paths resolve against the config's folder"
+        section.resolve_path("path", std::path::Path::new("vols")),
+        sub.join("vols")
+    );
+    let cfg = LoadedConfig::load(&with_path, &["data.sources.phantom.path=elsewhere".into()]).unwrap();
+    let section = cfg.section("data.sources.phantom", "format").unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(
+        section.resolve_path("path", std::path::Path::new("elsewhere")),
+        cwd.join("elsewhere")
+    );
+
+    // Array elements are addressed by index.
+    let cfg = LoadedConfig::load(
+        &path,
+        &["stages.1.epochs=5".into(), "stages.0.objectives.slices=2.0".into()],
+    )
+    .unwrap();
+    assert_eq!((cfg.run.stages[0].epochs, cfg.run.stages[1].epochs), (2, 5));
+    assert_eq!(cfg.run.stages[0].objectives["slices"], 2.0);
+    assert_eq!(cfg.run.stages[1].name, "joint", "the rest of the element is kept");
+    let err = LoadedConfig::load(&path, &["stages.7.epochs=1".into()])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("index 7 is out of range") && err.contains("2 element"),
+        "{err}"
     );
 
     // The environment beats the file; --set beats the environment.

@@ -25,11 +25,11 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
         let entry = registry::datasets()
             .get(&section.name)
             .with_context(|| format!("config key `data.sources.{key}.format`"))?;
+        datasets.push((key.clone(), (entry.build)(&section)?));
         resolved.push((
             section.key.clone(),
             section.resolved("format", &entry.default_config())?,
         ));
-        datasets.push((key.clone(), (entry.build)(&section)?));
     }
     cfg.run.data.views.validate()?;
     anyhow::ensure!(
@@ -67,10 +67,6 @@ impl Model {
         let entry = registry::encoders()
             .get(&section.name)
             .context("config key `encoder.name`")?;
-        resolved.push((
-            "encoder".to_string(),
-            section.resolved("name", &entry.default_config())?,
-        ));
         let encoder = (entry.build)(
             &section,
             &root / "encoder",
@@ -78,6 +74,10 @@ impl Model {
                 in_channels: IMAGE_CHANNELS,
             },
         )?;
+        resolved.push((
+            "encoder".to_string(),
+            section.resolved("name", &entry.default_config())?,
+        ));
 
         let aggregator = match &cfg.run.aggregator {
             None => None,
@@ -86,14 +86,15 @@ impl Model {
                 let entry = registry::aggregators()
                     .get(&section.name)
                     .context("config key `aggregator.name`")?;
+                let shape = AggregatorShape {
+                    input_dim: encoder.embedding_dim(),
+                };
+                let aggregator = (entry.build)(&section, &root / "aggregator", &shape)?;
                 resolved.push((
                     "aggregator".to_string(),
                     section.resolved("name", &entry.default_config())?,
                 ));
-                let shape = AggregatorShape {
-                    input_dim: encoder.embedding_dim(),
-                };
-                Some((entry.build)(&section, &root / "aggregator", &shape)?)
+                Some(aggregator)
             }
         };
 
@@ -109,8 +110,8 @@ impl Model {
             let entry = registry::objectives()
                 .get(&section.name)
                 .with_context(|| format!("config key `{path}.name`"))?;
-            resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
             let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape)?;
+            resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
             if aggregator.is_none() && objective.consumes() != Consumes::SliceViews {
                 bail!(
                     "objective `{key}` ({}) consumes {:?}, which needs an aggregator; add an `[aggregator]` section",

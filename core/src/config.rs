@@ -13,8 +13,10 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// The top level of a run config. Component sections stay raw here: each is parsed by the
 /// component that its `name` selects.
@@ -51,9 +53,6 @@ pub struct RunSection {
     pub keep_checkpoints: usize,
     /// CPU threads for libtorch's intra-op parallelism (0: libtorch's default).
     pub threads: i32,
-    /// Folder that relative paths in the config resolve against. Set to the config file's
-    /// folder when a run directory saves its resolved config, so `resume` finds the data.
-    pub config_dir: Option<PathBuf>,
 }
 
 impl Default for RunSection {
@@ -64,7 +63,6 @@ impl Default for RunSection {
             checkpoint_every: 50,
             keep_checkpoints: 2,
             threads: 0,
-            config_dir: None,
         }
     }
 }
@@ -143,8 +141,6 @@ pub struct StageConfig {
 pub struct LoadedConfig {
     pub figment: Figment,
     pub run: RunConfig,
-    /// Folder of the config file; relative paths in the config resolve against it.
-    pub base_dir: PathBuf,
 }
 
 /// Built-in defaults of the top level; component defaults come from their own structs.
@@ -197,6 +193,37 @@ fn nest(key: &str, value: Value) -> Dict {
     dict
 }
 
+/// Replaces the value at `path` (table keys and array indices) inside `value`.
+fn set_path(value: &mut Value, path: &[&str], new: Value) -> Result<()> {
+    let Some((first, rest)) = path.split_first() else {
+        *value = new;
+        return Ok(());
+    };
+    match value {
+        Value::Array(_, items) => {
+            let len = items.len();
+            let index: usize = first
+                .parse()
+                .map_err(|_| anyhow!("`{first}` is not an index into an array"))?;
+            let item = items
+                .get_mut(index)
+                .ok_or_else(|| anyhow!("index {index} is out of range: the array has {len} element(s)"))?;
+            set_path(item, rest, new)
+        }
+        Value::Dict(_, dict) => {
+            if rest.is_empty() {
+                dict.insert(first.to_string(), new);
+                return Ok(());
+            }
+            let entry = dict
+                .entry(first.to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            set_path(entry, rest, new)
+        }
+        other => bail!("cannot set `{first}` inside {}", describe_value(other)),
+    }
+}
+
 /// A `--set` layer, named so that errors say which override a value came from.
 struct Override {
     raw: String,
@@ -223,12 +250,6 @@ impl LoadedConfig {
         if let Err(e) = toml::from_str::<toml::Table>(&text) {
             bail!("config file `{}` is not valid TOML: {e}", path.display());
         }
-        let base_dir = path
-            .canonicalize()
-            .with_context(|| format!("cannot resolve `{}`", path.display()))?
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
         let mut figment = Figment::new()
             .merge(Serialized::defaults(builtin_defaults()))
             .merge(Toml::file_exact(path))
@@ -239,29 +260,38 @@ impl LoadedConfig {
             );
         for raw in overrides {
             let (key, value) = parse_override(raw)?;
-            figment = figment.merge(Override {
-                raw: raw.clone(),
-                dict: nest(&key, value),
-            });
+            let dict = if key.split('.').any(|part| part.parse::<usize>().is_ok()) {
+                // An array element (`stages.0.epochs`): figment merges arrays whole, so the
+                // override carries the whole top-level value with the element replaced.
+                let top = key.split('.').next().unwrap_or_default();
+                let mut current = figment
+                    .find_value(top)
+                    .map_err(|_| anyhow!("--set `{raw}`: the config has no `{top}` to index into"))?;
+                let rest: Vec<&str> = key.split('.').skip(1).collect();
+                set_path(&mut current, &rest, value).map_err(|e| anyhow!("--set `{raw}`: {e}"))?;
+                nest(top, current)
+            } else {
+                nest(&key, value)
+            };
+            figment = figment.merge(Override { raw: raw.clone(), dict });
         }
-        Self::from_figment(figment, base_dir)
+        Self::from_figment(figment)
     }
 
     /// Loads a config that a run directory saved (already resolved: no env, no overrides).
-    pub fn load_resolved(path: &Path, base_dir: PathBuf) -> Result<Self> {
+    pub fn load_resolved(path: &Path) -> Result<Self> {
         if !path.is_file() {
             bail!("`{}` is missing: is this a medssl run directory?", path.display());
         }
         let figment = Figment::new()
             .merge(Serialized::defaults(builtin_defaults()))
             .merge(Toml::file_exact(path));
-        Self::from_figment(figment, base_dir)
+        Self::from_figment(figment)
     }
 
-    fn from_figment(figment: Figment, base_dir: PathBuf) -> Result<Self> {
+    fn from_figment(figment: Figment) -> Result<Self> {
         let run: RunConfig = figment.extract().map_err(|e| describe_error(&figment, e, ""))?;
-        let base_dir = run.run.config_dir.clone().unwrap_or(base_dir);
-        Ok(LoadedConfig { figment, run, base_dir })
+        Ok(LoadedConfig { figment, run })
     }
 
     /// The component section at dotted `key`, whose component is picked by `selector`
@@ -287,7 +317,7 @@ impl LoadedConfig {
             name,
             body: Value::Dict(tag, dict),
             figment: self.figment.clone(),
-            base_dir: self.base_dir.clone(),
+            paths: Default::default(),
         })
     }
 
@@ -331,7 +361,9 @@ pub struct Section {
     pub name: String,
     body: Value,
     figment: Figment,
-    base_dir: PathBuf,
+    /// Paths this section's component resolved, by field: the run directory records them
+    /// absolute, so `resume` finds the data from any working directory.
+    paths: Rc<RefCell<BTreeMap<String, PathBuf>>>,
 }
 
 impl Section {
@@ -349,7 +381,7 @@ impl Section {
             name: name.to_string(),
             body: value,
             figment,
-            base_dir: PathBuf::from("."),
+            paths: Default::default(),
         })
     }
 
@@ -366,7 +398,8 @@ impl Section {
     }
 
     /// The section as the run directory records it: the component's default config with
-    /// the user's keys laid over it, and the selector key.
+    /// the user's keys laid over it, the selector key, and every path the component resolved
+    /// made absolute. Call it after building the component.
     pub fn resolved(&self, selector: &str, default_toml: &str) -> Result<toml::Value> {
         let mut table: toml::Table = toml::from_str(default_toml)
             .with_context(|| format!("default config of `{}` is not valid TOML", self.name))?;
@@ -374,17 +407,30 @@ impl Section {
         if let toml::Value::Table(user) = user {
             overlay(&mut table, user);
         }
+        for (field, path) in self.paths.borrow().iter() {
+            table.insert(field.clone(), toml::Value::String(path.display().to_string()));
+        }
         table.insert(selector.to_string(), toml::Value::String(self.name.clone()));
         Ok(toml::Value::Table(table))
     }
 
-    /// Resolves a path from the config against the config file's folder.
-    pub fn resolve_path(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
+    /// Resolves the path in this section's key `field`: a relative path from a config file
+    /// is relative to that file's folder; one from an environment variable or `--set` is
+    /// relative to the working directory, as on any command line.
+    pub fn resolve_path(&self, field: &str, path: &Path) -> PathBuf {
+        let resolved = if path.is_absolute() {
             path.to_path_buf()
         } else {
-            self.base_dir.join(path)
-        }
+            let key = format!("{}.{field}", self.key);
+            let base = match self.figment.find_metadata(&key).and_then(|m| m.source.as_ref()) {
+                Some(figment::Source::File(file)) => file.parent().map(Path::to_path_buf).unwrap_or_default(),
+                _ => PathBuf::new(),
+            };
+            let joined = base.join(path);
+            std::path::absolute(&joined).unwrap_or(joined)
+        };
+        self.paths.borrow_mut().insert(field.to_string(), resolved.clone());
+        resolved
     }
 }
 

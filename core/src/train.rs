@@ -63,8 +63,8 @@ pub struct GroupGradient {
 pub struct Summary {
     pub run_dir: PathBuf,
     pub steps: usize,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
+    /// Each stage's name with the mean loss over its first and last tenth of logged steps.
+    pub stages: Vec<(String, f64, f64)>,
     pub seconds: f64,
 }
 
@@ -84,15 +84,6 @@ impl Run {
         tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
         let model = Model::build(&cfg, device, data.num_samples())?;
         resolved.extend(model.resolved.iter().cloned());
-        let mut run_section = toml::Table::new();
-        run_section.insert(
-            "config_dir".into(),
-            toml::Value::String(cfg.base_dir.display().to_string()),
-        );
-        resolved.push((
-            "run.config_dir".into(),
-            toml::Value::String(cfg.base_dir.display().to_string()),
-        ));
         let resolved_config = cfg.resolved_toml(&resolved)?;
         let run = Run {
             cfg,
@@ -134,6 +125,9 @@ impl Run {
                     "aggregator" => bail!("config {at}: `train` lists `aggregator` but the config has no [aggregator]"),
                     other => bail!("config {at}: `train` lists `{other}`; expected `encoder` or `aggregator`"),
                 }
+            }
+            if self.trained_modules(stage).len() < stage.train.len() {
+                tracing::warn!("stage `{}` lists `aggregator` in `train`, but none of its objectives uses the aggregator: it stays as it is", stage.name);
             }
             self.stage_optimizer(i)?;
         }
@@ -343,13 +337,30 @@ impl Run {
 
     /// Parameters optimised in `stage`: those of its trainable modules and of its objectives.
     fn stage_parameters(&self, stage: &StageConfig) -> Vec<(String, Tensor)> {
-        let mut prefixes: Vec<String> = stage.train.iter().map(|m| format!("{m}.")).collect();
+        let mut prefixes: Vec<String> = self
+            .trained_modules(stage)
+            .into_iter()
+            .map(|m| format!("{m}."))
+            .collect();
         prefixes.extend(stage.objectives.keys().map(|k| format!("objectives.{k}.")));
         self.model
             .vs
             .variables()
             .into_iter()
             .filter(|(name, t)| t.requires_grad() && prefixes.iter().any(|p| name.starts_with(p)))
+            .collect()
+    }
+
+    /// The modules of `train` that the stage's objectives actually run: an aggregator
+    /// under slice-only objectives gets no gradient, so it is not optimised.
+    fn trained_modules<'s>(&self, stage: &'s StageConfig) -> Vec<&'s str> {
+        let needs = self.needs(stage);
+        let uses_aggregator = needs.volume_views || needs.sequence;
+        stage
+            .train
+            .iter()
+            .map(String::as_str)
+            .filter(|m| *m != "aggregator" || uses_aggregator)
             .collect()
     }
 
@@ -380,6 +391,7 @@ impl Run {
     ) -> Result<()> {
         let steps_per_epoch = self.data.steps_per_epoch();
         let total = stage.epochs * steps_per_epoch;
+        let total_run_steps: usize = self.cfg.run.stages.iter().map(|s| s.epochs * steps_per_epoch).sum();
         let needs = self.needs(stage);
         let run = self.cfg.run.run.clone();
         let mut step = start;
@@ -451,10 +463,9 @@ impl Run {
                     log.write(&record)?;
                     if bar.is_hidden() {
                         tracing::info!(
-                            "stage {} epoch {epoch} step {}/{}: loss {value:.4} lr {lr:.2e}",
+                            "stage {} epoch {epoch} step {}/{total_run_steps}: loss {value:.4} lr {lr:.2e}",
                             stage.name,
                             position.global_step,
-                            bar.length().unwrap_or(0)
                         );
                     } else {
                         bar.set_message(format!("{} loss {value:.4}", stage.name));
@@ -581,8 +592,7 @@ impl Run {
     fn finish(&self, run_dir: &Path, seconds: f64, steps: usize) -> Result<Summary> {
         let records = metrics::read_records(&run_dir.join(METRICS_FILE))?;
         metrics::plot_losses(&records, &run_dir.join(PLOT_FILE))?;
-        let window = (records.len() / 10).max(1);
-        let (first, last) = metrics::first_and_last_mean(&records, "loss", window).unzip();
+        let mut stages = Vec::new();
         let mut report = String::new();
         report.push_str(&format!("# medssl run `{}`\n\n", run_dir.display()));
         report.push_str(&format!(
@@ -603,6 +613,7 @@ impl Run {
                 .collect();
             let w = (stage_records.len() / 10).max(1);
             let (a, b) = metrics::first_and_last_mean(&stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
+            stages.push((stage.name.clone(), a, b));
             let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
             report.push_str(&format!(
                 "| {} | {} | {} | {a:.4} | {b:.4} |\n",
@@ -618,8 +629,7 @@ impl Run {
         Ok(Summary {
             run_dir: run_dir.to_path_buf(),
             steps,
-            first_loss: first,
-            last_loss: last,
+            stages,
             seconds,
         })
     }

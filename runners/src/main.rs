@@ -12,11 +12,13 @@ use medssl_core::train::{self, Run};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use medssl_attention_pool as _;
 use medssl_mean_pool as _;
 use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
 use medssl_resnet as _;
+use medssl_vicreg as _;
 
 #[derive(Parser)]
 #[command(
@@ -152,7 +154,7 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Resume { run_dir } => {
             let config = run_dir.join(train::CONFIG_FILE);
-            let cfg = LoadedConfig::load_resolved(&config, run_dir.clone())
+            let cfg = LoadedConfig::load_resolved(&config)
                 .with_context(|| format!("cannot resume `{}`", run_dir.display()))?;
             let run = Run::prepare(cfg)?;
             report(run.train(&run_dir, true)?);
@@ -185,10 +187,11 @@ fn execute(command: Command) -> Result<()> {
 }
 
 fn report(summary: train::Summary) {
-    let loss = match (summary.first_loss, summary.last_loss) {
-        (Some(a), Some(b)) => format!("; loss {a:.4} -> {b:.4}"),
-        _ => String::new(),
-    };
+    let loss: String = summary
+        .stages
+        .iter()
+        .map(|(name, a, b)| format!("; {name} loss {a:.4} -> {b:.4}"))
+        .collect();
     println!(
         "finished {} steps in {:.1} s{loss}; report: {}",
         summary.steps,

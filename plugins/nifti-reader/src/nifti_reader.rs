@@ -37,7 +37,8 @@ pub enum Normalization {
 #[serde(deny_unknown_fields, default)]
 pub struct NiftiConfig {
     /// A folder of `.nii` / `.nii.gz` files (not searched recursively) or one such file;
-    /// relative paths resolve against the config file's folder. Required.
+    /// a relative path resolves against the config file's folder (from `--set` or the
+    /// environment: against the working directory). Required.
     pub path: PathBuf,
     /// The NIfTI axis (0, 1 or 2) that becomes the slice axis D; the other two become H and
     /// W in their order. The default 2 slices along the third axis, axial in RAS-oriented
@@ -305,7 +306,7 @@ fn percentile(voxels: &Tensor, fraction: f64) -> f64 {
 fn build(section: &Section) -> Result<Box<dyn Dataset>> {
     let mut config: NiftiConfig = section.parse()?;
     if !config.path.as_os_str().is_empty() {
-        config.path = section.resolve_path(&config.path);
+        config.path = section.resolve_path("path", &config.path);
     }
     Ok(Box::new(NiftiReader::new(config, &section.key)?))
 }

@@ -35,7 +35,7 @@ pub enum Dimensions {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PhantomConfig {
-    /// Number of samples.
+    /// Number of samples (the default gives a contrastive demo six batches of 32).
     pub count: usize,
     /// Slices per volume (D); ignored for `dimensions = "2d"`.
     pub slices: usize,
@@ -51,7 +51,7 @@ pub struct PhantomConfig {
 impl Default for PhantomConfig {
     fn default() -> Self {
         PhantomConfig {
-            count: 48,
+            count: 192,
             slices: 24,
             size: 64,
             seed: 0,
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn default_volume_is_float32_slices_by_size_by_size_on_cpu() -> Result<()> {
         let dataset = phantom("")?;
-        assert_eq!(dataset.len(), 48);
+        assert_eq!(dataset.len(), 192);
         let volume = dataset.load(0)?;
         assert_eq!(volume.voxels.size(), [24, 64, 64]);
         assert_eq!(volume.voxels.kind(), Kind::Float);

@@ -1,0 +1,199 @@
+//! VICReg (Bardes, Ponce and LeCun, "VICReg: Variance-Invariance-Covariance Regularization
+//! for Self-Supervised Learning", ICLR 2022, Eq. 1-6).
+//!
+//! For two batches of expanded embeddings Z, Z' (n rows, d columns):
+//! - invariance s(Z, Z') = mean over rows of ||z_i - z'_i||^2 (Eq. 5);
+//! - variance v(Z) = mean over columns of max(0, gamma - sqrt(Var(z^j) + eps)) (Eq. 1-2);
+//! - covariance c(Z) = sum of the squared off-diagonal entries of Z's covariance, over d
+//!   (Eq. 3-4);
+//! - loss = lambda s + mu (v(Z) + v(Z')) + nu (c(Z) + c(Z')) (Eq. 6).
+//!
+//! It needs no negatives, no momentum encoder and no state, which makes it the worked
+//! example of docs/adding-a-plugin.md. With more than two views the loss is averaged over
+//! every pair.
+
+use medssl_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VicRegConfig {
+    /// `slice` (2D views through the encoder) or `volume` (3D views through the aggregator).
+    pub level: String,
+    /// Width of the expander's layers (8192 in the paper; its Table 8 shows 2048 loses
+    /// little).
+    pub expander_dim: i64,
+    /// lambda, the invariance weight.
+    pub invariance_weight: f64,
+    /// mu, the variance weight.
+    pub variance_weight: f64,
+    /// nu, the covariance weight.
+    pub covariance_weight: f64,
+    /// gamma, the target standard deviation of every dimension.
+    pub target_std: f64,
+}
+
+impl Default for VicRegConfig {
+    fn default() -> Self {
+        VicRegConfig {
+            level: "slice".into(),
+            expander_dim: 2048,
+            invariance_weight: 25.0,
+            variance_weight: 25.0,
+            covariance_weight: 1.0,
+            target_std: 1.0,
+        }
+    }
+}
+
+pub struct VicRegObjective {
+    cfg: VicRegConfig,
+    consumes: Consumes,
+    expander: nn::SequentialT,
+}
+
+impl VicRegObjective {
+    pub fn new(p: nn::Path, cfg: VicRegConfig, shape: &ObjectiveShape) -> Result<Self> {
+        let (consumes, input_dim) = match cfg.level.as_str() {
+            "slice" => (Consumes::SliceViews, shape.slice_dim),
+            "volume" => match shape.volume_dim {
+                Some(dim) => (Consumes::VolumeViews, dim),
+                None => bail!("vicreg with level = \"volume\" needs an [aggregator] section"),
+            },
+            other => bail!("vicreg: `level` must be \"slice\" or \"volume\", got \"{other}\""),
+        };
+        ensure!(
+            cfg.expander_dim > 0,
+            "vicreg: `expander_dim` must be positive, got {}",
+            cfg.expander_dim
+        );
+        let d = cfg.expander_dim;
+        // The paper's expander: two Linear-BN-ReLU blocks and a final linear layer.
+        let e = &p / "expander";
+        let expander = nn::seq_t()
+            .add(nn::linear(&e / "0", input_dim, d, Default::default()))
+            .add(nn::batch_norm1d(&e / "1", d, Default::default()))
+            .add_fn(|x| x.relu())
+            .add(nn::linear(&e / "3", d, d, Default::default()))
+            .add(nn::batch_norm1d(&e / "4", d, Default::default()))
+            .add_fn(|x| x.relu())
+            .add(nn::linear(&e / "6", d, d, Default::default()));
+        Ok(VicRegObjective {
+            cfg,
+            consumes,
+            expander,
+        })
+    }
+}
+
+/// Eq. 1-2: hinge on the standard deviation of every column.
+pub fn variance(z: &Tensor, target_std: f64) -> Tensor {
+    let std = (z.var_dim(0, true, false) + 1e-4).sqrt();
+    (-std + target_std).relu().mean(Kind::Float)
+}
+
+/// Eq. 3-4: squared off-diagonal covariances, summed and divided by the width.
+pub fn covariance(z: &Tensor) -> Tensor {
+    let (n, d) = z.size2().expect("[n, d]");
+    let centred = z - z.mean_dim(0, true, Kind::Float);
+    let cov = centred.tr().matmul(&centred) / (n - 1).max(1) as f64;
+    let off_diagonal =
+        cov.pow_tensor_scalar(2).sum(Kind::Float) - cov.diagonal(0, 0, 1).pow_tensor_scalar(2).sum(Kind::Float);
+    off_diagonal / d as f64
+}
+
+/// Eq. 5: mean squared distance between matching rows.
+pub fn invariance(z: &Tensor, z_other: &Tensor) -> Tensor {
+    (z - z_other)
+        .pow_tensor_scalar(2)
+        .sum_dim_intlist(1, false, Kind::Float)
+        .mean(Kind::Float)
+}
+
+impl Objective for VicRegObjective {
+    fn consumes(&self) -> Consumes {
+        self.consumes
+    }
+
+    fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
+        let views = match self.consumes {
+            Consumes::VolumeViews => input.volume_views,
+            _ => input.slice_views,
+        };
+        let views = views.context("vicreg: the runner supplied no views")?;
+        ensure!(
+            views.len() >= 2,
+            "vicreg needs at least 2 views, got {} (data.views)",
+            views.len()
+        );
+        let z: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.expander, true)).collect();
+        let (mut s, mut v, mut c, mut pairs) = (Tensor::from(0f32), Tensor::from(0f32), Tensor::from(0f32), 0.0);
+        for i in 0..z.len() {
+            for j in i + 1..z.len() {
+                s += invariance(&z[i], &z[j]);
+                v += variance(&z[i], self.cfg.target_std) + variance(&z[j], self.cfg.target_std);
+                c += covariance(&z[i]) + covariance(&z[j]);
+                pairs += 1.0;
+            }
+        }
+        let (s, v, c) = (s / pairs, v / pairs, c / pairs);
+        let total = &s * self.cfg.invariance_weight + &v * self.cfg.variance_weight + &c * self.cfg.covariance_weight;
+        let terms = vec![
+            ("invariance".to_string(), s.double_value(&[])),
+            ("variance".to_string(), v.double_value(&[])),
+            ("covariance".to_string(), c.double_value(&[])),
+        ];
+        Ok(Loss { total, terms })
+    }
+}
+
+fn build(section: &Section, p: nn::Path, shape: &ObjectiveShape) -> Result<Box<dyn Objective>> {
+    Ok(Box::new(VicRegObjective::new(p, section.parse()?, shape)?))
+}
+
+register!(OBJECTIVES, VICREG: ObjectiveEntry = ObjectiveEntry {
+    name: "vicreg",
+    about: "VICReg variance-invariance-covariance loss with an MLP expander, on slice or volume views",
+    default_config: default_toml::<VicRegConfig>,
+    smoke_configs: &["level = \"slice\"\nexpander_dim = 16", "level = \"volume\"\nexpander_dim = 16"],
+    build,
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matrix(rows: &[[f32; 2]]) -> Tensor {
+        Tensor::from_slice(&rows.concat()).view([rows.len() as i64, 2])
+    }
+
+    #[test]
+    fn terms_match_hand_computed_values() {
+        // Columns (1, -1) and (2, -2): variances 2 and 8 (unbiased), covariance 4.
+        let z = matrix(&[[1.0, 2.0], [-1.0, -2.0]]);
+        assert!((covariance(&z).double_value(&[]) - 2.0 * 16.0 / 2.0).abs() < 1e-5);
+        // std = sqrt(2 + 1e-4) and sqrt(8 + 1e-4), both above 1: no variance penalty.
+        assert!(variance(&z, 1.0).double_value(&[]).abs() < 1e-7);
+        // A collapsed batch pays the full hinge, gamma - sqrt(eps), in every column.
+        let collapsed = matrix(&[[3.0, 3.0], [3.0, 3.0]]);
+        assert!((variance(&collapsed, 1.0).double_value(&[]) - (1.0 - 0.01)).abs() < 1e-5);
+        let shifted = &z + 1.0;
+        assert!((invariance(&z, &shifted).double_value(&[]) - 2.0).abs() < 1e-6);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn terms_are_non_negative_and_invariance_vanishes_on_equal_views(
+            n in 2i64..8, d in 1i64..6, seed in 0i64..1000,
+        ) {
+            tch::manual_seed(seed);
+            let z = Tensor::randn([n, d], (Kind::Float, Device::Cpu));
+            prop_assert!(variance(&z, 1.0).double_value(&[]) >= 0.0);
+            prop_assert!(covariance(&z).double_value(&[]) >= 0.0);
+            prop_assert!(invariance(&z, &z).double_value(&[]).abs() < 1e-12);
+            prop_assert!(invariance(&z, &(&z * 2.0)).double_value(&[]) > 0.0);
+        }
+    }
+}

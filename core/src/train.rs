@@ -58,6 +58,33 @@ pub struct GroupGradient {
     pub with_gradient: usize,
 }
 
+/// What [`Run::bench`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Bench {
+    pub stage: String,
+    pub batch_size: usize,
+    /// Timed training steps.
+    pub steps: usize,
+    /// Loader throughput alone: decoding and augmentation on the worker threads.
+    pub data_samples_per_s: f64,
+    /// Forward, backward and optimizer step on in-memory batches.
+    pub train_steps_per_s: f64,
+    pub train_samples_per_s: f64,
+    /// Peak resident memory of the process (Linux `VmHWM`), if known.
+    pub peak_rss_mib: Option<f64>,
+    pub device: String,
+    pub threads: i32,
+    pub loader_workers: usize,
+}
+
+/// Peak resident set size of this process, from /proc (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -204,6 +231,61 @@ impl Run {
                     with_gradient: nonzero,
                 })
                 .collect(),
+        })
+    }
+
+    /// Throughput of stage `stage_index`: the loader alone over `steps` batches, then
+    /// `steps` optimizer steps on batches already in memory (after one warm-up step), so
+    /// each number measures one thing. The model trains; nothing is written.
+    pub fn bench(&mut self, stage_index: usize, steps: usize) -> Result<Bench> {
+        let stage = self.cfg.run.stages.get(stage_index).context("no such stage")?.clone();
+        let needs = self.needs(&stage);
+        let steps = steps.clamp(1, self.data.steps_per_epoch());
+        let started = Instant::now();
+        let batches: Vec<Batch> = self.data.epoch(0, 0, needs).take(steps + 1).collect::<Result<_>>()?;
+        let data_seconds = started.elapsed().as_secs_f64();
+        let opt_cfg = self.stage_optimizer(stage_index)?;
+        let mut optimizer = Optimizer::new(&opt_cfg, self.stage_parameters(&stage))?;
+        let progress = Progress {
+            epoch: 0,
+            step: 0,
+            steps_per_epoch: self.data.steps_per_epoch(),
+        };
+        for key in stage.objectives.keys() {
+            self.model
+                .objectives
+                .get_mut(key)
+                .expect("checked")
+                .on_epoch_start(&progress)?;
+        }
+        let mut train_seconds = 0.0;
+        for (i, batch) in batches.iter().enumerate() {
+            let tick = Instant::now();
+            let (loss, _) = self.loss(&stage, batch, &progress)?;
+            optimizer.zero_grad();
+            loss.backward();
+            optimizer.step(opt_cfg.lr);
+            if let Device::Cuda(_) = self.device {
+                tch::Cuda::synchronize(0);
+            }
+            // The first step pays one-off allocations; it is not counted.
+            if i > 0 {
+                train_seconds += tick.elapsed().as_secs_f64();
+            }
+        }
+        let batch_size = self.data.batch_size() as f64;
+        let measured = batches.len().saturating_sub(1).max(1) as f64;
+        Ok(Bench {
+            stage: stage.name,
+            batch_size: self.data.batch_size(),
+            steps: batches.len().saturating_sub(1),
+            data_samples_per_s: batches.len() as f64 * batch_size / data_seconds.max(1e-9),
+            train_steps_per_s: measured / train_seconds.max(1e-9),
+            train_samples_per_s: measured * batch_size / train_seconds.max(1e-9),
+            peak_rss_mib: peak_rss_mib(),
+            device: format!("{:?}", self.device),
+            threads: tch::get_num_threads(),
+            loader_workers: self.data.loader.workers,
         })
     }
 
@@ -395,6 +477,7 @@ impl Run {
         let needs = self.needs(stage);
         let run = self.cfg.run.run.clone();
         let mut step = start;
+        let mut last_step_end = Instant::now();
         while step < total {
             let epoch = step / steps_per_epoch;
             let batches = self.data.epoch(epoch, step % steps_per_epoch, needs);
@@ -414,7 +497,6 @@ impl Run {
                             .on_epoch_start(&progress)?;
                     }
                 }
-                let tick = Instant::now();
                 tch::manual_seed(
                     rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,
                 );
@@ -456,9 +538,10 @@ impl Run {
                     }
                     record.insert("lr".into(), json!(lr));
                     record.insert("grad_norm".into(), json!(grad_norm));
+                    // Wall time since the previous step ended: data waiting included.
                     record.insert(
                         "samples_per_s".into(),
-                        json!(batch_size / tick.elapsed().as_secs_f64().max(1e-9)),
+                        json!(batch_size / last_step_end.elapsed().as_secs_f64().max(1e-9)),
                     );
                     log.write(&record)?;
                     if bar.is_hidden() {
@@ -472,6 +555,7 @@ impl Run {
                     }
                 }
                 bar.inc(1);
+                last_step_end = Instant::now();
                 if position.global_step.is_multiple_of(run.checkpoint_every.max(1)) && step < total {
                     self.save(store, position, Some(optimizer))?;
                 }
@@ -531,11 +615,7 @@ impl Run {
         for (key, weight) in &stage.objectives {
             let input = StepInput {
                 ids: &ids,
-                slice_views: batch
-                    .slice_views
-                    .is_empty()
-                    .then_some(())
-                    .map_or(Some(slice_views.as_slice()), |_| None),
+                slice_views: (!slice_views.is_empty()).then_some(slice_views.as_slice()),
                 volume_views: (!volume_views.is_empty()).then_some(volume_views.as_slice()),
                 slice_sequence: match (&sequence, &valid, &self.model.aggregator) {
                     (Some(embeddings), Some(valid), Some(aggregator)) => Some(SliceSequence {

@@ -58,6 +58,21 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Measure throughput: the loader alone, then training steps on in-memory batches.
+    Bench {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Batches to time (at most one epoch).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Stage to measure (0-based).
+        #[arg(long, default_value_t = 0)]
+        stage: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Continue a run from its latest checkpoint.
     Resume {
         /// The run directory.
@@ -150,6 +165,38 @@ fn execute(command: Command) -> Result<()> {
                 anyhow::ensure!(probe.loss.is_finite(), "stage {stage}: the loss is not finite");
             }
             println!("config `{}` is valid and trains", config.display());
+            Ok(())
+        }
+        Command::Bench {
+            config,
+            set,
+            steps,
+            stage,
+            json,
+        } => {
+            let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;
+            anyhow::ensure!(
+                stage < run.stages(),
+                "--stage {stage}: the config has {} stage(s)",
+                run.stages()
+            );
+            let bench = run.bench(stage, steps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&bench)?);
+            } else {
+                println!(
+                    "stage `{}`, batch {}, {} timed steps on {} ({} threads, {} loader workers)",
+                    bench.stage, bench.batch_size, bench.steps, bench.device, bench.threads, bench.loader_workers
+                );
+                println!("  loader alone:    {:8.1} samples/s", bench.data_samples_per_s);
+                println!(
+                    "  training steps:  {:8.1} samples/s ({:.2} steps/s)",
+                    bench.train_samples_per_s, bench.train_steps_per_s
+                );
+                if let Some(rss) = bench.peak_rss_mib {
+                    println!("  peak memory:     {rss:8.0} MiB");
+                }
+            }
             Ok(())
         }
         Command::Resume { run_dir } => {

@@ -32,7 +32,9 @@ pub mod prelude {
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
     pub use crate::head::{Head, HeadEntry, HeadShape};
-    pub use crate::objective::{Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput};
+    pub use crate::objective::{
+        Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
+    };
     pub use crate::register;
     pub use crate::registry::default_toml;
     pub use anyhow::{bail, ensure, Context, Result};

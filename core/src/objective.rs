@@ -24,6 +24,44 @@ pub enum Consumes {
     SliceSequence,
 }
 
+/// Which embeddings a view-based objective compares: 2D views of slices through the
+/// encoder (the paper's L_intra) or 3D views of volumes through the aggregator (L_inter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewLevel {
+    Slice,
+    Volume,
+}
+
+impl ViewLevel {
+    /// What the objective consumes at this level and the width of those embeddings; a
+    /// volume level without an aggregator is an error naming `objective`.
+    pub fn resolve(self, shape: &ObjectiveShape, objective: &str) -> anyhow::Result<(Consumes, i64)> {
+        match (self, shape.volume_dim) {
+            (ViewLevel::Slice, _) => Ok((Consumes::SliceViews, shape.slice_dim)),
+            (ViewLevel::Volume, Some(dim)) => Ok((Consumes::VolumeViews, dim)),
+            (ViewLevel::Volume, None) => {
+                anyhow::bail!("{objective} with level = \"volume\" needs an [aggregator] section")
+            }
+        }
+    }
+
+    /// This step's views at this level.
+    pub fn views<'a>(self, input: &StepInput<'a>, objective: &str) -> anyhow::Result<&'a [Tensor]> {
+        let views = match self {
+            ViewLevel::Slice => input.slice_views,
+            ViewLevel::Volume => input.volume_views,
+        };
+        let views = views.ok_or_else(|| anyhow::anyhow!("{objective}: the runner supplied no {self:?} views"))?;
+        anyhow::ensure!(
+            views.len() >= 2,
+            "{objective} needs at least 2 views, got {} (data.views)",
+            views.len()
+        );
+        Ok(views)
+    }
+}
+
 /// A sequence of slice embeddings and the aggregator to run over it.
 pub struct SliceSequence<'a> {
     /// `[B, n, E]`.

@@ -191,13 +191,7 @@ impl Run {
             step: 0,
             steps_per_epoch: self.data.steps_per_epoch(),
         };
-        for key in stage.objectives.keys() {
-            self.model
-                .objectives
-                .get_mut(key)
-                .expect("checked")
-                .on_epoch_start(&progress)?;
-        }
+        self.start_epoch(&stage, &progress)?;
         tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, 0]) as i64);
         let mut optimizer = Optimizer::new(&self.stage_optimizer(stage_index)?, self.stage_parameters(&stage))?;
         optimizer.zero_grad();
@@ -251,13 +245,7 @@ impl Run {
             step: 0,
             steps_per_epoch: self.data.steps_per_epoch(),
         };
-        for key in stage.objectives.keys() {
-            self.model
-                .objectives
-                .get_mut(key)
-                .expect("checked")
-                .on_epoch_start(&progress)?;
-        }
+        self.start_epoch(&stage, &progress)?;
         let mut train_seconds = 0.0;
         for (i, batch) in batches.iter().enumerate() {
             let tick = Instant::now();
@@ -446,6 +434,21 @@ impl Run {
             .collect()
     }
 
+    /// Runs the epoch-start hook of each of the stage's objectives.
+    fn start_epoch(&mut self, stage: &StageConfig, progress: &Progress) -> Result<()> {
+        for key in stage.objectives.keys() {
+            let objective = self
+                .model
+                .objectives
+                .get_mut(key)
+                .expect("stages are checked against objectives");
+            objective
+                .on_epoch_start(progress)
+                .with_context(|| format!("objective `{key}` at epoch start"))?;
+        }
+        Ok(())
+    }
+
     fn needs(&self, stage: &StageConfig) -> Needs {
         let mut needs = Needs::default();
         for key in stage.objectives.keys() {
@@ -489,13 +492,7 @@ impl Run {
                     steps_per_epoch,
                 };
                 if step.is_multiple_of(steps_per_epoch) {
-                    for key in stage.objectives.keys() {
-                        self.model
-                            .objectives
-                            .get_mut(key)
-                            .expect("checked")
-                            .on_epoch_start(&progress)?;
-                    }
+                    self.start_epoch(stage, &progress)?;
                 }
                 tch::manual_seed(
                     rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct NtXentConfig {
     /// `slice` (2D views through the encoder) or `volume` (3D views through the aggregator).
-    pub level: String,
+    pub level: ViewLevel,
     /// Temperature tau of Eq. 1.
     pub temperature: f64,
     /// Hidden width of the projection head.
@@ -27,7 +27,7 @@ pub struct NtXentConfig {
 impl Default for NtXentConfig {
     fn default() -> Self {
         NtXentConfig {
-            level: "slice".into(),
+            level: ViewLevel::Slice,
             temperature: 0.1,
             hidden_dim: 512,
             output_dim: 128,
@@ -43,14 +43,7 @@ pub struct NtXentObjective {
 
 impl NtXentObjective {
     pub fn new(p: nn::Path, cfg: NtXentConfig, shape: &ObjectiveShape) -> Result<Self> {
-        let (consumes, input_dim) = match cfg.level.as_str() {
-            "slice" => (Consumes::SliceViews, shape.slice_dim),
-            "volume" => match shape.volume_dim {
-                Some(dim) => (Consumes::VolumeViews, dim),
-                None => bail!("ntxent with level = \"volume\" needs an [aggregator] section"),
-            },
-            other => bail!("ntxent: `level` must be \"slice\" or \"volume\", got \"{other}\""),
-        };
+        let (consumes, input_dim) = cfg.level.resolve(shape, "ntxent")?;
         ensure!(
             cfg.temperature > 0.0,
             "ntxent: `temperature` must be positive, got {}",
@@ -116,16 +109,7 @@ impl Objective for NtXentObjective {
     }
 
     fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
-        let views = match self.consumes {
-            Consumes::VolumeViews => input.volume_views,
-            _ => input.slice_views,
-        };
-        let views = views.context("ntxent: the runner supplied no views")?;
-        ensure!(
-            views.len() >= 2,
-            "ntxent needs at least 2 views, got {} (data.views)",
-            views.len()
-        );
+        let views = self.cfg.level.views(input, "ntxent")?;
         let projected: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.projector, true)).collect();
         let total = nt_xent(&projected, self.cfg.temperature);
         Ok(Loss {
@@ -202,7 +186,7 @@ mod tests {
     fn volume_level_without_an_aggregator_is_a_clear_error() {
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = NtXentConfig {
-            level: "volume".into(),
+            level: ViewLevel::Volume,
             ..Default::default()
         };
         let shape = ObjectiveShape {

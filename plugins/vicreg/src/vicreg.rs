@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct VicRegConfig {
     /// `slice` (2D views through the encoder) or `volume` (3D views through the aggregator).
-    pub level: String,
+    pub level: ViewLevel,
     /// Width of the expander's layers (8192 in the paper; its Table 8 shows 2048 loses
     /// little).
     pub expander_dim: i64,
@@ -36,7 +36,7 @@ pub struct VicRegConfig {
 impl Default for VicRegConfig {
     fn default() -> Self {
         VicRegConfig {
-            level: "slice".into(),
+            level: ViewLevel::Slice,
             expander_dim: 2048,
             invariance_weight: 25.0,
             variance_weight: 25.0,
@@ -54,14 +54,7 @@ pub struct VicRegObjective {
 
 impl VicRegObjective {
     pub fn new(p: nn::Path, cfg: VicRegConfig, shape: &ObjectiveShape) -> Result<Self> {
-        let (consumes, input_dim) = match cfg.level.as_str() {
-            "slice" => (Consumes::SliceViews, shape.slice_dim),
-            "volume" => match shape.volume_dim {
-                Some(dim) => (Consumes::VolumeViews, dim),
-                None => bail!("vicreg with level = \"volume\" needs an [aggregator] section"),
-            },
-            other => bail!("vicreg: `level` must be \"slice\" or \"volume\", got \"{other}\""),
-        };
+        let (consumes, input_dim) = cfg.level.resolve(shape, "vicreg")?;
         ensure!(
             cfg.expander_dim > 0,
             "vicreg: `expander_dim` must be positive, got {}",
@@ -116,16 +109,7 @@ impl Objective for VicRegObjective {
     }
 
     fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
-        let views = match self.consumes {
-            Consumes::VolumeViews => input.volume_views,
-            _ => input.slice_views,
-        };
-        let views = views.context("vicreg: the runner supplied no views")?;
-        ensure!(
-            views.len() >= 2,
-            "vicreg needs at least 2 views, got {} (data.views)",
-            views.len()
-        );
+        let views = self.cfg.level.views(input, "vicreg")?;
         let z: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.expander, true)).collect();
         let (mut s, mut v, mut c, mut pairs) = (Tensor::from(0f32), Tensor::from(0f32), Tensor::from(0f32), 0.0);
         for i in 0..z.len() {

@@ -12,6 +12,22 @@ pub struct Volume {
     pub voxels: Tensor,
     /// Voxel spacing in mm along (D, H, W), where the format records it.
     pub spacing: Option<[f64; 3]>,
+    /// Class label, for formats that carry one (MedMNIST, labelled folders).
+    pub label: Option<i64>,
+    /// Segmentation mask `[D, H, W]` (int64 class ids), for formats that pair one.
+    pub mask: Option<Tensor>,
+}
+
+impl Volume {
+    /// An unlabelled volume.
+    pub fn new(voxels: Tensor, spacing: Option<[f64; 3]>) -> Volume {
+        Volume {
+            voxels,
+            spacing,
+            label: None,
+            mask: None,
+        }
+    }
 }
 
 pub trait Dataset: Send + Sync {

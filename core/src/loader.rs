@@ -61,7 +61,8 @@ pub struct Needs {
 pub struct Batch {
     /// Global sample ids `[B]` (int64).
     pub ids: Tensor,
-    /// One `[B, 1, S, S]` per 2D view.
+    /// One `[B, 1, S, S]` per 2D view: the `slice_views` global views, then the
+    /// `local_views` local ones.
     pub slice_views: Vec<Tensor>,
     /// One `[B, 1, T, S, S]` per 3D view.
     pub volume_views: Vec<Tensor>,
@@ -209,14 +210,10 @@ impl DataPipeline {
                 let depth = volume.size()[0];
                 let index = rng::generator(self.seed, &[domain::SLICE, epoch as u64, id as u64]).random_range(0..depth);
                 slices.push(
-                    (0..self.views.slice_views)
+                    (0..self.views.slice_views + self.views.local_views)
                         .map(|v| {
-                            views::slice_view(
-                                &volume,
-                                index,
-                                &mut rng::generator(self.seed, &coords(v as u64)),
-                                &self.views,
-                            )
+                            let mut generator = rng::generator(self.seed, &coords(v as u64));
+                            views::slice_view(&volume, index, v, &mut generator, &self.views)
                         })
                         .collect::<Vec<_>>(),
                 );
@@ -256,7 +253,7 @@ impl DataPipeline {
         };
         Ok(Batch {
             ids: Tensor::from_slice(&ids),
-            slice_views: stack_views(slices, self.views.slice_views),
+            slice_views: stack_views(slices, self.views.slice_views + self.views.local_views),
             volume_views: stack_views(volumes, self.views.volume_views),
             sequence: (!sequences.is_empty()).then(|| Tensor::stack(&sequences, 0)),
         })
@@ -342,10 +339,10 @@ mod tests {
         }
         fn load(&self, index: usize) -> Result<Volume> {
             anyhow::ensure!(index != 3, "sample 3 is broken");
-            Ok(Volume {
-                voxels: Tensor::ones([4, 16, 16], (tch::Kind::Float, tch::Device::Cpu)) * index as f64,
-                spacing: None,
-            })
+            Ok(Volume::new(
+                Tensor::ones([4, 16, 16], (tch::Kind::Float, tch::Device::Cpu)) * index as f64,
+                None,
+            ))
         }
     }
 

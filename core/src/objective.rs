@@ -76,7 +76,10 @@ pub struct SliceSequence<'a> {
 pub struct StepInput<'a> {
     /// Global sample id of each row (unique across every dataset of the run).
     pub ids: &'a Tensor,
+    /// Embeddings `[N, E]` of each 2D view: the global views first, then the local ones.
     pub slice_views: Option<&'a [Tensor]>,
+    /// How many of `slice_views` are global (SwAV computes codes from these only).
+    pub global_slice_views: usize,
     pub volume_views: Option<&'a [Tensor]>,
     pub slice_sequence: Option<SliceSequence<'a>>,
 }
@@ -102,6 +105,16 @@ pub trait Objective {
     fn loss(&mut self, input: &StepInput, progress: &Progress) -> Result<Loss>;
     /// Called before the first step of each epoch.
     fn on_epoch_start(&mut self, _progress: &Progress) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the objective wants a pass over the coming epoch's batches before it starts
+    /// (no gradients, every module in eval mode), e.g. to fill a memory bank before the first
+    /// clustering. Each batch goes to [`Objective::observe`]; then `on_epoch_start` runs.
+    fn needs_memory_pass(&self, _progress: &Progress) -> bool {
+        false
+    }
+    /// Receives one batch of the memory pass.
+    fn observe(&mut self, _input: &StepInput, _progress: &Progress) -> Result<()> {
         Ok(())
     }
     /// Called after each optimizer step (prototype normalisation, queue updates, ...).

@@ -39,6 +39,37 @@ pub struct Run {
     resolved_config: String,
 }
 
+/// A batch's embeddings, computed once per step and shared by every objective.
+struct Embedded {
+    ids: Tensor,
+    slice_views: Vec<Tensor>,
+    global_slice_views: usize,
+    volume_views: Vec<Tensor>,
+    sequence: Option<Tensor>,
+    valid: Option<Tensor>,
+    train_aggregator: bool,
+}
+
+impl Embedded {
+    fn input<'a>(&'a self, aggregator: Option<&'a dyn crate::aggregator::Aggregator>) -> StepInput<'a> {
+        StepInput {
+            ids: &self.ids,
+            slice_views: (!self.slice_views.is_empty()).then_some(self.slice_views.as_slice()),
+            global_slice_views: self.global_slice_views,
+            volume_views: (!self.volume_views.is_empty()).then_some(self.volume_views.as_slice()),
+            slice_sequence: match (&self.sequence, &self.valid, aggregator) {
+                (Some(embeddings), Some(valid), Some(aggregator)) => Some(SliceSequence {
+                    embeddings,
+                    valid,
+                    aggregator,
+                    train: self.train_aggregator,
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// What [`Run::probe_step`] measured.
 #[derive(Debug, Clone)]
 pub struct StepProbe {
@@ -434,8 +465,28 @@ impl Run {
             .collect()
     }
 
-    /// Runs the epoch-start hook of each of the stage's objectives.
+    /// Runs the memory pass that objectives ask for (one pass over the epoch's batches
+    /// without gradients, every module in eval mode), then each objective's epoch-start hook.
     fn start_epoch(&mut self, stage: &StageConfig, progress: &Progress) -> Result<()> {
+        let wanting: Vec<String> = stage
+            .objectives
+            .keys()
+            .filter(|k| self.model.objectives[k.as_str()].needs_memory_pass(progress))
+            .cloned()
+            .collect();
+        if !wanting.is_empty() {
+            tracing::info!("memory pass over epoch {} for {}", progress.epoch, wanting.join(", "));
+            for batch in self.data.epoch(progress.epoch, 0, self.needs(stage)) {
+                let batch = batch.with_context(|| format!("memory pass of stage `{}`", stage.name))?;
+                let embedded = tch::no_grad(|| self.embed(stage, &batch, true));
+                let aggregator = self.model.aggregator.as_deref();
+                for key in &wanting {
+                    let objective = self.model.objectives.get_mut(key).expect("checked");
+                    tch::no_grad(|| objective.observe(&embedded.input(aggregator), progress))
+                        .with_context(|| format!("objective `{key}` in its memory pass"))?;
+                }
+            }
+        }
         for key in stage.objectives.keys() {
             let objective = self
                 .model
@@ -565,15 +616,12 @@ impl Run {
     }
 
     /// The weighted sum of the stage's objectives over one batch, and each term.
-    fn loss(
-        &mut self,
-        stage: &StageConfig,
-        batch: &Batch,
-        progress: &Progress,
-    ) -> Result<(Tensor, Vec<(String, f64)>)> {
+    /// The batch's embeddings that the stage's objectives consume, each computed once.
+    /// With `observe`, every module runs in eval mode (the caller disables autograd).
+    fn embed(&self, stage: &StageConfig, batch: &Batch, observe: bool) -> Embedded {
         let device = self.device;
-        let train_encoder = stage.train.iter().any(|m| m == "encoder");
-        let train_aggregator = stage.train.iter().any(|m| m == "aggregator");
+        let train_encoder = !observe && stage.train.iter().any(|m| m == "encoder");
+        let train_aggregator = !observe && stage.train.iter().any(|m| m == "aggregator");
         let encoder = &self.model.encoder;
         // A frozen encoder runs without autograd and with batch norm in eval mode.
         let embed = |images: &Tensor| -> Tensor {
@@ -592,8 +640,8 @@ impl Run {
                 .reshape([b * t, size[1], size[3], size[4]]);
             embed(&slices).view([b, t, -1])
         };
-        let slice_views: Vec<Tensor> = batch.slice_views.iter().map(|v| embed(&v.to_device(device))).collect();
-        let volume_views: Vec<Tensor> = match &self.model.aggregator {
+        let slice_views = batch.slice_views.iter().map(|v| embed(&v.to_device(device))).collect();
+        let volume_views = match &self.model.aggregator {
             Some(aggregator) => batch
                 .volume_views
                 .iter()
@@ -605,28 +653,32 @@ impl Run {
         let valid = sequence
             .as_ref()
             .map(|s| Tensor::ones([s.size()[0], s.size()[1]], (Kind::Bool, device)));
-        let ids = batch.ids.to_device(device);
+        Embedded {
+            ids: batch.ids.to_device(device),
+            slice_views,
+            global_slice_views: self.data.views.slice_views,
+            volume_views,
+            sequence,
+            valid,
+            train_aggregator,
+        }
+    }
 
+    /// The weighted sum of the stage's objectives over one batch, and each term.
+    fn loss(
+        &mut self,
+        stage: &StageConfig,
+        batch: &Batch,
+        progress: &Progress,
+    ) -> Result<(Tensor, Vec<(String, f64)>)> {
+        let embedded = self.embed(stage, batch, false);
+        let aggregator = self.model.aggregator.as_deref();
         let mut total: Option<Tensor> = None;
         let mut terms = Vec::new();
         for (key, weight) in &stage.objectives {
-            let input = StepInput {
-                ids: &ids,
-                slice_views: (!slice_views.is_empty()).then_some(slice_views.as_slice()),
-                volume_views: (!volume_views.is_empty()).then_some(volume_views.as_slice()),
-                slice_sequence: match (&sequence, &valid, &self.model.aggregator) {
-                    (Some(embeddings), Some(valid), Some(aggregator)) => Some(SliceSequence {
-                        embeddings,
-                        valid,
-                        aggregator: aggregator.as_ref(),
-                        train: train_aggregator,
-                    }),
-                    _ => None,
-                },
-            };
             let objective = self.model.objectives.get_mut(key).expect("checked");
             let loss = objective
-                .loss(&input, progress)
+                .loss(&embedded.input(aggregator), progress)
                 .with_context(|| format!("objective `{key}`"))?;
             terms.push((key.clone(), loss.total.double_value(&[])));
             for (name, v) in loss.terms {

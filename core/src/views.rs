@@ -15,10 +15,17 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ViewConfig {
-    /// Number of 2D views of a slice per sample (for slice-level objectives).
+    /// Number of global 2D views of a slice per sample (for slice-level objectives).
     pub slice_views: usize,
-    /// Side of a 2D view, in pixels.
+    /// Side of a global 2D view, in pixels.
     pub slice_size: i64,
+    /// Number of local (small) 2D views per sample: SwAV's multi-crop (Caron et al. 2020,
+    /// Sec. 3.2). They follow the global views in every batch.
+    pub local_views: usize,
+    /// Side of a local view.
+    pub local_size: i64,
+    /// Area range of a local view's crop.
+    pub local_crop_scale: [f64; 2],
     /// Number of 3D views per volume (for volume-level objectives).
     pub volume_views: usize,
     /// Slices in a 3D view and in the un-augmented slice sequence.
@@ -44,6 +51,9 @@ impl Default for ViewConfig {
         ViewConfig {
             slice_views: 2,
             slice_size: 64,
+            local_views: 0,
+            local_size: 32,
+            local_crop_scale: [0.05, 0.4],
             volume_views: 2,
             volume_slices: 16,
             volume_size: 64,
@@ -69,6 +79,15 @@ impl ViewConfig {
             in_unit(self.depth_scale),
             "data.views.depth_scale must satisfy 0 < min <= max <= 1, got {:?}",
             self.depth_scale
+        );
+        anyhow::ensure!(
+            in_unit(self.local_crop_scale),
+            "data.views.local_crop_scale must satisfy 0 < min <= max <= 1, got {:?}",
+            self.local_crop_scale
+        );
+        anyhow::ensure!(
+            self.local_views == 0 || self.local_size >= 8,
+            "data.views.local_size must be at least 8"
         );
         anyhow::ensure!(
             self.slice_size >= 8 && self.volume_size >= 8,
@@ -133,15 +152,26 @@ fn flips(x: Tensor, rng: &mut ChaCha8Rng, p: f64) -> Tensor {
     x
 }
 
-/// A 2D view `[1, S, S]` of slice `index` of `volume` `[D, H, W]`.
-pub fn slice_view(volume: &Tensor, index: i64, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+/// The size and crop scale of 2D view `view`: global views first, then local ones.
+pub fn slice_view_geometry(cfg: &ViewConfig, view: usize) -> (i64, [f64; 2]) {
+    if view < cfg.slice_views {
+        (cfg.slice_size, cfg.crop_scale)
+    } else {
+        (cfg.local_size, cfg.local_crop_scale)
+    }
+}
+
+/// 2D view number `view` `[1, S, S]` of slice `index` of `volume` `[D, H, W]`: a global
+/// view for `view < slice_views`, else a local one.
+pub fn slice_view(volume: &Tensor, index: i64, view: usize, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
     let (_, h, w) = volume.size3().expect("volume is [D, H, W]");
-    let (top, left, ch, cw) = crop_box(rng, h, w, cfg.crop_scale);
+    let (size, scale) = slice_view_geometry(cfg, view);
+    let (top, left, ch, cw) = crop_box(rng, h, w, scale);
     let crop = volume.get(index).narrow(0, top, ch).narrow(1, left, cw);
     let resized = crop
         .view([1, 1, ch, cw])
-        .upsample_bilinear2d([cfg.slice_size, cfg.slice_size], false, None, None)
-        .view([1, cfg.slice_size, cfg.slice_size]);
+        .upsample_bilinear2d([size, size], false, None, None)
+        .view([1, size, size]);
     let x = flips(resized, rng, cfg.flip);
     jitter(x, rng, cfg).to_kind(Kind::Float)
 }
@@ -192,10 +222,17 @@ mod tests {
             ..Default::default()
         };
         let v = phantom();
-        let a = slice_view(&v, 2, &mut rng::generator(1, &[0, 5, 0]), &cfg);
-        let b = slice_view(&v, 2, &mut rng::generator(1, &[0, 5, 0]), &cfg);
-        let c = slice_view(&v, 2, &mut rng::generator(1, &[1, 5, 0]), &cfg);
+        let a = slice_view(&v, 2, 0, &mut rng::generator(1, &[0, 5, 0]), &cfg);
+        let b = slice_view(&v, 2, 0, &mut rng::generator(1, &[0, 5, 0]), &cfg);
+        let c = slice_view(&v, 2, 0, &mut rng::generator(1, &[1, 5, 0]), &cfg);
         assert_eq!(a.size(), vec![1, 16, 16]);
+        let cfg_local = ViewConfig {
+            local_views: 2,
+            local_size: 8,
+            ..cfg.clone()
+        };
+        let local = slice_view(&v, 2, 3, &mut rng::generator(1, &[0, 5, 3]), &cfg_local);
+        assert_eq!(local.size(), vec![1, 8, 8], "views past slice_views are local");
         assert!(a.equal(&b), "same (seed, epoch, id, view) must give identical views");
         assert!(!a.equal(&c), "another epoch must give another view");
         let vol = volume_view(&v, &mut rng::generator(1, &[0, 5, 1]), &cfg);

@@ -116,10 +116,7 @@ impl Dataset for NiftiReader {
         };
         let decoded =
             decode(path, self.slice_axis).with_context(|| format!("cannot decode NIfTI file `{}`", path.display()))?;
-        Ok(Volume {
-            voxels: normalize(&decoded.voxels, self.normalize),
-            spacing: decoded.spacing,
-        })
+        Ok(Volume::new(normalize(&decoded.voxels, self.normalize), decoded.spacing))
     }
 }
 

@@ -159,10 +159,7 @@ impl Dataset for Phantom {
             "phantom sample #{index} does not exist: the source has {} samples",
             self.config.count
         );
-        Ok(Volume {
-            voxels: self.generate(index),
-            spacing: None,
-        })
+        Ok(Volume::new(self.generate(index), None))
     }
 }
 

@@ -5,43 +5,53 @@
 use crate::aggregator::{Aggregator, AggregatorShape};
 use crate::config::LoadedConfig;
 use crate::encoder::{Encoder, EncoderShape};
-use crate::loader::{DataPipeline, Sources};
+use crate::loader::DataPipeline;
 use crate::objective::{Consumes, Objective, ObjectiveShape};
 use crate::registry::{self, Registered};
+use crate::sources::{Source, SourceOptions, Sources, SOURCE_OPTION_KEYS};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use tch::{nn, Device};
 
 /// Channels of every image the data pipeline produces (medical images are grey-scale).
 pub const IMAGE_CHANNELS: i64 = 1;
 
-/// The data pipeline of a config: every source under `[data.sources]`.
+/// The data pipeline of a config: every source under `[data.sources]`, and each source
+/// section as resolved for the run directory.
 pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, toml::Value)>)> {
-    let mut datasets = Vec::new();
+    let mut sources = Vec::new();
     let mut resolved = Vec::new();
     for key in cfg.run.data.sources.keys() {
-        let section = cfg.section(&format!("data.sources.{key}"), "format")?;
+        let mut section = cfg.section(&format!("data.sources.{key}"), "format")?;
+        let options: SourceOptions = section.take(&SOURCE_OPTION_KEYS).parse()?;
         let entry = registry::datasets()
             .get(&section.name)
             .with_context(|| format!("config key `data.sources.{key}.format`"))?;
-        datasets.push((key.clone(), (entry.build)(&section)?));
-        resolved.push((
-            section.key.clone(),
-            section.resolved("format", &entry.default_config())?,
-        ));
+        let dataset = (entry.build)(&section)?;
+        let mut table = section.resolved("format", &entry.default_config())?;
+        if let (toml::Value::Table(table), Ok(toml::Value::Table(core))) = (&mut table, toml::Value::try_from(&options))
+        {
+            table.extend(core);
+        }
+        resolved.push((section.key.clone(), table));
+        sources.push(Source {
+            key: key.clone(),
+            dataset,
+            options,
+        });
     }
     cfg.run.data.views.validate()?;
     anyhow::ensure!(
         cfg.run.data.loader.batch_size >= 1,
         "config key `data.loader.batch_size` must be at least 1"
     );
-    let pipeline = DataPipeline {
-        sources: Arc::new(Sources::new(datasets)?),
-        views: cfg.run.data.views.clone(),
-        loader: cfg.run.data.loader.clone(),
-        seed: cfg.run.seed,
-    };
+    let sources = Sources::new(sources, cfg.run.data.loader.cache_mib)?;
+    let pipeline = DataPipeline::new(
+        sources,
+        cfg.run.data.views.clone(),
+        cfg.run.data.loader.clone(),
+        cfg.run.seed,
+    )?;
     Ok((pipeline, resolved))
 }
 

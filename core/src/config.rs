@@ -134,6 +134,10 @@ pub struct StageConfig {
     /// Overrides of `[optimizer]` keys for this stage.
     #[serde(default)]
     pub optimizer: Option<Dict>,
+    /// Keys of the `[data.sources]` this stage draws from (default: all), e.g. 2D images and
+    /// slices for stage 1, volumes for stage 3.
+    #[serde(default)]
+    pub sources: Option<Vec<String>>,
 }
 
 /// A loaded config: the merged layers, the typed top level and where the file was.
@@ -383,6 +387,24 @@ impl Section {
             figment,
             paths: Default::default(),
         })
+    }
+
+    /// Moves `keys` out of this section into a new one with the same key and sources, for
+    /// options that core reads beside a component's own (a data source's `weight`, ...).
+    pub fn take(&mut self, keys: &[&str]) -> Section {
+        let mut taken = Dict::new();
+        if let Value::Dict(_, dict) = &mut self.body {
+            for key in keys {
+                if let Some(value) = dict.remove(*key) {
+                    taken.insert(key.to_string(), value);
+                }
+            }
+        }
+        Section {
+            body: Value::from(taken),
+            paths: Default::default(),
+            ..self.clone()
+        }
     }
 
     /// Parses the section into the component's config struct. Missing keys take the

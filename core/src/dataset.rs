@@ -16,6 +16,8 @@ pub struct Volume {
     pub label: Option<i64>,
     /// Segmentation mask `[D, H, W]` (int64 class ids), for formats that pair one.
     pub mask: Option<Tensor>,
+    /// The stored element type (`int16`, `float32`, ...), where the format says.
+    pub dtype: Option<String>,
 }
 
 impl Volume {
@@ -26,6 +28,7 @@ impl Volume {
             spacing,
             label: None,
             mask: None,
+            dtype: None,
         }
     }
 }

@@ -11,12 +11,14 @@ pub mod dataset;
 pub mod device;
 pub mod encoder;
 pub mod head;
+pub mod inspect;
 pub mod loader;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod registry;
 pub mod rng;
+pub mod sources;
 pub mod train;
 pub mod views;
 

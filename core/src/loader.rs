@@ -1,15 +1,11 @@
-//! The data loader: sources with globally unique sample ids, a seeded epoch order, and
-//! decoding plus augmentation on worker threads behind a bounded prefetch window.
-//!
-//! Sample ids are offsets into the concatenation of the run's sources (in key order), so
-//! they never collide across datasets, unlike the authors' code where concatenated datasets
-//! reuse indices and corrupt DeepCluster-v2's memory bank.
+//! The data loader: a seeded epoch order over the selected sources, and decoding plus
+//! augmentation on worker threads behind a bounded prefetch window, so batches arrive in
+//! order and memory stays bounded whatever the dataset size.
 
-use crate::dataset::Dataset;
 use crate::rng::{self, domain};
+use crate::sources::Sources;
 use crate::views::{self, ViewConfig};
-use anyhow::{anyhow, Context, Result};
-use rand::seq::SliceRandom;
+use anyhow::{anyhow, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,6 +32,8 @@ pub struct LoaderConfig {
     /// Batches prepared ahead of the training step (bounds memory).
     pub prefetch: usize,
     pub on_error: OnError,
+    /// Budget of the cache of decoded volumes (not views), in MiB; 0 disables it.
+    pub cache_mib: usize,
 }
 
 impl Default for LoaderConfig {
@@ -45,6 +43,7 @@ impl Default for LoaderConfig {
             workers: 2,
             prefetch: 4,
             on_error: OnError::Fail,
+            cache_mib: 1024,
         }
     }
 }
@@ -66,96 +65,70 @@ pub struct Batch {
     pub slice_views: Vec<Tensor>,
     /// One `[B, 1, T, S, S]` per 3D view.
     pub volume_views: Vec<Tensor>,
-    /// The un-augmented sequence `[B, 1, T, S, S]`.
-    pub sequence: Option<Tensor>,
-}
-
-/// The run's datasets, concatenated.
-pub struct Sources {
-    datasets: Vec<(String, Box<dyn Dataset>)>,
-    /// `offsets[k]` is the global id of dataset k's first sample.
-    offsets: Vec<usize>,
-    total: usize,
-}
-
-impl Sources {
-    pub fn new(datasets: Vec<(String, Box<dyn Dataset>)>) -> Result<Self> {
-        let mut offsets = Vec::with_capacity(datasets.len());
-        let mut total = 0;
-        for (key, dataset) in &datasets {
-            anyhow::ensure!(!dataset.is_empty(), "data source `{key}` has no samples");
-            offsets.push(total);
-            total += dataset.len();
-        }
-        anyhow::ensure!(total > 0, "the config lists no data sources under [data.sources]");
-        Ok(Sources {
-            datasets,
-            offsets,
-            total,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.total
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    /// (source key, dataset, index within it) of a global id.
-    fn locate(&self, id: usize) -> (&str, &dyn Dataset, usize) {
-        let k = self.offsets.partition_point(|&o| o <= id) - 1;
-        let (key, dataset) = &self.datasets[k];
-        (key, dataset.as_ref(), id - self.offsets[k])
-    }
-
-    /// Decodes sample `id`, with an error naming its source and file.
-    pub fn load(&self, id: usize) -> Result<Tensor> {
-        let (key, dataset, index) = self.locate(id);
-        let volume = dataset
-            .load(index)
-            .with_context(|| format!("data source `{key}`: cannot read {}", dataset.describe(index)))?;
-        anyhow::ensure!(
-            volume.voxels.dim() == 3,
-            "data source `{key}`: {} decoded to shape {:?}, expected [D, H, W]",
-            dataset.describe(index),
-            volume.voxels.size()
-        );
-        Ok(volume.voxels)
-    }
+    /// Which slices of each 3D view are real: one `[B, T]` (bool) per view.
+    pub volume_valid: Vec<Tensor>,
+    /// The un-augmented sequence `[B, 1, T, S, S]` and its real slices `[B, T]`.
+    pub sequence: Option<(Tensor, Tensor)>,
+    /// Class labels `[B]` (int64, -1 where a sample has none).
+    pub labels: Tensor,
 }
 
 /// Sources, views and loader settings: everything needed to produce any epoch's batches.
 #[derive(Clone)]
 pub struct DataPipeline {
     pub sources: Arc<Sources>,
+    /// The sources this pipeline draws from (a stage may use a subset).
+    pub selection: Arc<Vec<usize>>,
     pub views: ViewConfig,
     pub loader: LoaderConfig,
     pub seed: u64,
 }
 
 impl DataPipeline {
+    /// All of the run's sources.
+    pub fn new(sources: Sources, views: ViewConfig, loader: LoaderConfig, seed: u64) -> Result<Self> {
+        let selection = Arc::new(sources.select(None)?);
+        Ok(DataPipeline {
+            sources: Arc::new(sources),
+            selection,
+            views,
+            loader,
+            seed,
+        })
+    }
+
+    /// The same pipeline over the sources named by `keys` (all when `None`).
+    pub fn restricted_to(&self, keys: Option<&[String]>) -> Result<DataPipeline> {
+        Ok(DataPipeline {
+            selection: Arc::new(self.sources.select(keys)?),
+            ..self.clone()
+        })
+    }
+
+    /// Size of the run's global id space (for memory banks), over every source.
     pub fn num_samples(&self) -> usize {
         self.sources.len()
     }
 
-    /// Batch size actually used: the configured one, or the dataset size if smaller.
+    /// Samples one epoch visits (weights applied).
+    pub fn epoch_len(&self) -> usize {
+        self.sources.epoch_order(&self.selection, self.seed, 0).len()
+    }
+
+    /// Batch size actually used: the configured one, or the epoch's length if smaller.
     pub fn batch_size(&self) -> usize {
-        self.loader.batch_size.min(self.num_samples()).max(1)
+        self.loader.batch_size.min(self.epoch_len()).max(1)
     }
 
     /// Full batches per epoch (the last partial batch is dropped, as contrastive and
     /// clustering losses expect full batches).
     pub fn steps_per_epoch(&self) -> usize {
-        self.num_samples() / self.batch_size()
+        self.epoch_len() / self.batch_size()
     }
 
     /// The order in which epoch `epoch` visits the samples.
     pub fn order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.num_samples()).collect();
-        order.shuffle(&mut rng::generator(self.seed, &[domain::ORDER, epoch as u64]));
-        order
+        self.sources.epoch_order(&self.selection, self.seed, epoch)
     }
 
     /// Batches `start..steps_per_epoch()` of `epoch`, prepared on worker threads.
@@ -193,18 +166,20 @@ impl DataPipeline {
 
     fn make_batch(&self, epoch: usize, order: &[usize], step: usize, needs: Needs) -> Result<Batch> {
         let b = self.batch_size();
-        let mut ids = Vec::with_capacity(b);
+        let (mut ids, mut labels) = (Vec::with_capacity(b), Vec::with_capacity(b));
         let (mut slices, mut volumes, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
         for &id in &order[step * b..(step + 1) * b] {
-            let volume = match self.sources.load(id) {
-                Ok(v) => v,
+            let sample = match self.sources.load(id) {
+                Ok(sample) => sample,
                 Err(e) if self.loader.on_error == OnError::Skip => {
                     tracing::warn!("skipping sample {id}: {e:#}");
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            let volume = &sample.voxels;
             ids.push(id as i64);
+            labels.push(sample.label.unwrap_or(-1));
             let coords = |view: u64| [domain::VIEW, epoch as u64, id as u64, view];
             if needs.slice_views {
                 let depth = volume.size()[0];
@@ -213,7 +188,7 @@ impl DataPipeline {
                     (0..self.views.slice_views + self.views.local_views)
                         .map(|v| {
                             let mut generator = rng::generator(self.seed, &coords(v as u64));
-                            views::slice_view(&volume, index, v, &mut generator, &self.views)
+                            views::slice_view(volume, index, v, &mut generator, &self.views)
                         })
                         .collect::<Vec<_>>(),
                 );
@@ -223,39 +198,48 @@ impl DataPipeline {
                     (0..self.views.volume_views)
                         .map(|v| {
                             let view = 1000 + v as u64;
-                            views::volume_view(&volume, &mut rng::generator(self.seed, &coords(view)), &self.views)
+                            views::volume_view(volume, &mut rng::generator(self.seed, &coords(view)), &self.views)
                         })
                         .collect::<Vec<_>>(),
                 );
             }
             if needs.sequence {
-                sequences.push(views::sequence_view(&volume, &self.views));
+                sequences.push(views::sequence_view(volume, &self.views));
             }
         }
         if ids.is_empty() {
             return Err(anyhow!("every sample of batch {step} in epoch {epoch} was unreadable"));
         }
-        let stack_views = |per_sample: Vec<Vec<Tensor>>, count: usize| -> Vec<Tensor> {
-            if per_sample.is_empty() {
+        let stack = |tensors: Vec<Tensor>| Tensor::stack(&tensors, 0);
+        let per_view = |count: usize, pick: &dyn Fn(usize, usize) -> Tensor, samples: usize| -> Vec<Tensor> {
+            if samples == 0 {
                 return Vec::new();
             }
             (0..count)
-                .map(|v| {
-                    Tensor::stack(
-                        &per_sample
-                            .iter()
-                            .map(|views| views[v].shallow_clone())
-                            .collect::<Vec<_>>(),
-                        0,
-                    )
-                })
+                .map(|v| stack((0..samples).map(|i| pick(i, v)).collect()))
                 .collect()
         };
+        let slice_count = self.views.slice_views + self.views.local_views;
         Ok(Batch {
             ids: Tensor::from_slice(&ids),
-            slice_views: stack_views(slices, self.views.slice_views + self.views.local_views),
-            volume_views: stack_views(volumes, self.views.volume_views),
-            sequence: (!sequences.is_empty()).then(|| Tensor::stack(&sequences, 0)),
+            labels: Tensor::from_slice(&labels),
+            slice_views: per_view(slice_count, &|i, v| slices[i][v].shallow_clone(), slices.len()),
+            volume_views: per_view(
+                self.views.volume_views,
+                &|i, v| volumes[i][v].voxels.shallow_clone(),
+                volumes.len(),
+            ),
+            volume_valid: per_view(
+                self.views.volume_views,
+                &|i, v| volumes[i][v].valid.shallow_clone(),
+                volumes.len(),
+            ),
+            sequence: (!sequences.is_empty()).then(|| {
+                (
+                    stack(sequences.iter().map(|s| s.voxels.shallow_clone()).collect()),
+                    stack(sequences.iter().map(|s| s.valid.shallow_clone()).collect()),
+                )
+            }),
         })
     }
 }
@@ -327,7 +311,8 @@ impl Drop for EpochBatches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Volume;
+    use crate::dataset::{Dataset, Volume};
+    use crate::sources::Source;
 
     struct Ramp(usize);
     impl Dataset for Ramp {
@@ -347,27 +332,26 @@ mod tests {
     }
 
     fn pipeline(on_error: OnError) -> DataPipeline {
-        let sources = Sources::new(vec![
-            ("a".into(), Box::new(Ramp(5)) as Box<dyn Dataset>),
-            ("b".into(), Box::new(Ramp(6))),
-        ])
-        .unwrap();
-        DataPipeline {
-            sources: Arc::new(sources),
-            views: ViewConfig {
-                slice_size: 8,
-                volume_size: 8,
-                volume_slices: 2,
-                ..Default::default()
-            },
-            loader: LoaderConfig {
-                batch_size: 2,
-                workers: 2,
-                prefetch: 2,
-                on_error,
-            },
-            seed: 3,
-        }
+        let source = |key: &str, n| Source {
+            key: key.into(),
+            dataset: Box::new(Ramp(n)) as Box<dyn Dataset>,
+            options: Default::default(),
+        };
+        let sources = Sources::new(vec![source("a", 5), source("b", 6)], 0).unwrap();
+        let views = ViewConfig {
+            slice_size: 8,
+            volume_size: 8,
+            volume_slices: 2,
+            ..Default::default()
+        };
+        let loader = LoaderConfig {
+            batch_size: 2,
+            workers: 2,
+            prefetch: 2,
+            on_error,
+            cache_mib: 0,
+        };
+        DataPipeline::new(sources, views, loader, 3).unwrap()
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Files of a run directory.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -34,7 +34,10 @@ pub const CHECKPOINT_DIR: &str = "checkpoints";
 pub struct Run {
     cfg: LoadedConfig,
     device: Device,
+    /// Every source of the run (the global id space).
     data: DataPipeline,
+    /// Each stage's pipeline over the sources it draws from.
+    stage_data: Vec<DataPipeline>,
     model: Model,
     resolved_config: String,
 }
@@ -134,11 +137,19 @@ impl Run {
             tch::set_num_threads(cfg.run.run.threads);
         }
         let (data, mut resolved) = assemble::data_pipeline(&cfg)?;
-        anyhow::ensure!(
-            data.steps_per_epoch() > 0,
-            "the data sources hold {} samples: too few for one batch",
-            data.num_samples()
-        );
+        let mut stage_data = Vec::new();
+        for (i, stage) in cfg.run.stages.iter().enumerate() {
+            let pipeline = data
+                .restricted_to(stage.sources.as_deref())
+                .with_context(|| format!("config stages[{i}] (`{}`): `sources`", stage.name))?;
+            anyhow::ensure!(
+                pipeline.steps_per_epoch() > 0,
+                "config stages[{i}] (`{}`): its sources give {} samples an epoch: too few for one batch",
+                stage.name,
+                pipeline.epoch_len()
+            );
+            stage_data.push(pipeline);
+        }
         tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
         let model = Model::build(&cfg, device, data.num_samples())?;
         resolved.extend(model.resolved.iter().cloned());
@@ -147,6 +158,7 @@ impl Run {
             cfg,
             device,
             data,
+            stage_data,
             model,
             resolved_config,
         };
@@ -212,17 +224,17 @@ impl Run {
     pub fn probe_step(&mut self, stage_index: usize) -> Result<StepProbe> {
         let stage = self.cfg.run.stages.get(stage_index).context("no such stage")?.clone();
         let needs = self.needs(&stage);
-        let batch = self
-            .data
+        let data = self.stage_data[stage_index].clone();
+        let batch = data
             .epoch(0, 0, needs)
             .next()
             .context("the data pipeline produced no batch")??;
         let progress = Progress {
             epoch: 0,
             step: 0,
-            steps_per_epoch: self.data.steps_per_epoch(),
+            steps_per_epoch: data.steps_per_epoch(),
         };
-        self.start_epoch(&stage, &progress)?;
+        self.start_epoch(stage_index, &progress)?;
         tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, 0]) as i64);
         let mut optimizer = Optimizer::new(&self.stage_optimizer(stage_index)?, self.stage_parameters(&stage))?;
         optimizer.zero_grad();
@@ -265,18 +277,19 @@ impl Run {
     pub fn bench(&mut self, stage_index: usize, steps: usize) -> Result<Bench> {
         let stage = self.cfg.run.stages.get(stage_index).context("no such stage")?.clone();
         let needs = self.needs(&stage);
-        let steps = steps.clamp(1, self.data.steps_per_epoch());
+        let data = self.stage_data[stage_index].clone();
+        let steps = steps.clamp(1, data.steps_per_epoch());
         let started = Instant::now();
-        let batches: Vec<Batch> = self.data.epoch(0, 0, needs).take(steps + 1).collect::<Result<_>>()?;
+        let batches: Vec<Batch> = data.epoch(0, 0, needs).take(steps + 1).collect::<Result<_>>()?;
         let data_seconds = started.elapsed().as_secs_f64();
         let opt_cfg = self.stage_optimizer(stage_index)?;
         let mut optimizer = Optimizer::new(&opt_cfg, self.stage_parameters(&stage))?;
         let progress = Progress {
             epoch: 0,
             step: 0,
-            steps_per_epoch: self.data.steps_per_epoch(),
+            steps_per_epoch: data.steps_per_epoch(),
         };
-        self.start_epoch(&stage, &progress)?;
+        self.start_epoch(stage_index, &progress)?;
         let mut train_seconds = 0.0;
         for (i, batch) in batches.iter().enumerate() {
             let tick = Instant::now();
@@ -292,11 +305,11 @@ impl Run {
                 train_seconds += tick.elapsed().as_secs_f64();
             }
         }
-        let batch_size = self.data.batch_size() as f64;
+        let batch_size = data.batch_size() as f64;
         let measured = batches.len().saturating_sub(1).max(1) as f64;
         Ok(Bench {
             stage: stage.name,
-            batch_size: self.data.batch_size(),
+            batch_size: data.batch_size(),
             steps: batches.len().saturating_sub(1),
             data_samples_per_s: batches.len() as f64 * batch_size / data_seconds.max(1e-9),
             train_steps_per_s: measured / train_seconds.max(1e-9),
@@ -304,7 +317,7 @@ impl Run {
             peak_rss_mib: peak_rss_mib(),
             device: format!("{:?}", self.device),
             threads: tch::get_num_threads(),
-            loader_workers: self.data.loader.workers,
+            loader_workers: data.loader.workers,
         })
     }
 
@@ -364,7 +377,8 @@ impl Run {
             .run
             .stages
             .iter()
-            .map(|s| s.epochs * self.data.steps_per_epoch())
+            .zip(&self.stage_data)
+            .map(|(s, data)| s.epochs * data.steps_per_epoch())
             .sum();
         let bar = progress_bar(total_steps, position.global_step);
 
@@ -467,7 +481,9 @@ impl Run {
 
     /// Runs the memory pass that objectives ask for (one pass over the epoch's batches
     /// without gradients, every module in eval mode), then each objective's epoch-start hook.
-    fn start_epoch(&mut self, stage: &StageConfig, progress: &Progress) -> Result<()> {
+    fn start_epoch(&mut self, stage_index: usize, progress: &Progress) -> Result<()> {
+        let stage = self.cfg.run.stages[stage_index].clone();
+        let stage = &stage;
         let wanting: Vec<String> = stage
             .objectives
             .keys()
@@ -476,7 +492,8 @@ impl Run {
             .collect();
         if !wanting.is_empty() {
             tracing::info!("memory pass over epoch {} for {}", progress.epoch, wanting.join(", "));
-            for batch in self.data.epoch(progress.epoch, 0, self.needs(stage)) {
+            let data = self.stage_data[stage_index].clone();
+            for batch in data.epoch(progress.epoch, 0, self.needs(stage)) {
                 let batch = batch.with_context(|| format!("memory pass of stage `{}`", stage.name))?;
                 let embedded = tch::no_grad(|| self.embed(stage, &batch, true));
                 let aggregator = self.model.aggregator.as_deref();
@@ -525,16 +542,24 @@ impl Run {
         log: &mut MetricsLog,
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
-        let steps_per_epoch = self.data.steps_per_epoch();
+        let data = self.stage_data[stage_index].clone();
+        let steps_per_epoch = data.steps_per_epoch();
         let total = stage.epochs * steps_per_epoch;
-        let total_run_steps: usize = self.cfg.run.stages.iter().map(|s| s.epochs * steps_per_epoch).sum();
+        let total_run_steps: usize = self
+            .cfg
+            .run
+            .stages
+            .iter()
+            .zip(&self.stage_data)
+            .map(|(s, d)| s.epochs * d.steps_per_epoch())
+            .sum();
         let needs = self.needs(stage);
         let run = self.cfg.run.run.clone();
         let mut step = start;
         let mut last_step_end = Instant::now();
         while step < total {
             let epoch = step / steps_per_epoch;
-            let batches = self.data.epoch(epoch, step % steps_per_epoch, needs);
+            let batches = data.epoch(epoch, step % steps_per_epoch, needs);
             for batch in batches {
                 let batch = batch.with_context(|| format!("stage `{}`, epoch {epoch}", stage.name))?;
                 let progress = Progress {
@@ -543,7 +568,7 @@ impl Run {
                     steps_per_epoch,
                 };
                 if step.is_multiple_of(steps_per_epoch) {
-                    self.start_epoch(stage, &progress)?;
+                    self.start_epoch(stage_index, &progress)?;
                 }
                 tch::manual_seed(
                     rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,
@@ -615,7 +640,6 @@ impl Run {
         Ok(())
     }
 
-    /// The weighted sum of the stage's objectives over one batch, and each term.
     /// The batch's embeddings that the stage's objectives consume, each computed once.
     /// With `observe`, every module runs in eval mode (the caller disables autograd).
     fn embed(&self, stage: &StageConfig, batch: &Batch, observe: bool) -> Embedded {
@@ -645,14 +669,17 @@ impl Run {
             Some(aggregator) => batch
                 .volume_views
                 .iter()
-                .map(|v| aggregator.forward(&embed_volume(v), None, train_aggregator).volume)
+                .zip(&batch.volume_valid)
+                .map(|(v, valid)| {
+                    aggregator
+                        .forward(&embed_volume(v), Some(&valid.to_device(device)), train_aggregator)
+                        .volume
+                })
                 .collect(),
             None => Vec::new(),
         };
-        let sequence = batch.sequence.as_ref().map(embed_volume);
-        let valid = sequence
-            .as_ref()
-            .map(|s| Tensor::ones([s.size()[0], s.size()[1]], (Kind::Bool, device)));
+        let sequence = batch.sequence.as_ref().map(|(voxels, _)| embed_volume(voxels));
+        let valid = batch.sequence.as_ref().map(|(_, valid)| valid.to_device(device));
         Embedded {
             ids: batch.ids.to_device(device),
             slice_views,
@@ -725,15 +752,16 @@ impl Run {
         let mut report = String::new();
         report.push_str(&format!("# medssl run `{}`\n\n", run_dir.display()));
         report.push_str(&format!(
-            "- device: {:?}\n- samples: {} ({} steps an epoch, batch {})\n- steps: {steps}\n- wall time of this invocation: {seconds:.1} s\n- encoder: {}, aggregator: {}\n\n",
+            "- device: {:?}\n- samples: {} (global ids over sources {})\n- steps: {steps}\n- wall time of this invocation: {seconds:.1} s\n- encoder: {}, aggregator: {}\n\n",
             self.device,
             self.data.num_samples(),
-            self.data.steps_per_epoch(),
-            self.data.batch_size(),
+            self.data.sources.keys().join(", "),
             self.cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default(),
             self.cfg.run.aggregator.as_ref().and_then(|_| self.cfg.section("aggregator", "name").ok()).map(|s| s.name).unwrap_or_else(|| "none".into()),
         ));
-        report.push_str("| stage | epochs | objectives (weight) | first loss | last loss |\n|---|---|---|---|---|\n");
+        report.push_str(
+            "| stage | epochs | steps an epoch (batch) | objectives (weight) | first loss | last loss |\n|---|---|---|---|---|---|\n",
+        );
         for (i, stage) in self.cfg.run.stages.iter().enumerate() {
             let stage_records: Vec<_> = records
                 .iter()
@@ -744,10 +772,13 @@ impl Run {
             let (a, b) = metrics::first_and_last_mean(&stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
             stages.push((stage.name.clone(), a, b));
             let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
+            let data = &self.stage_data[i];
             report.push_str(&format!(
-                "| {} | {} | {} | {a:.4} | {b:.4} |\n",
+                "| {} | {} | {} ({}) | {} | {a:.4} | {b:.4} |\n",
                 stage.name,
                 stage.epochs,
+                data.steps_per_epoch(),
+                data.batch_size(),
                 objectives.join(", ")
             ));
         }

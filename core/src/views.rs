@@ -36,6 +36,11 @@ pub struct ViewConfig {
     pub crop_scale: [f64; 2],
     /// Range of the fraction of the slice axis a 3D view's window covers.
     pub depth_scale: [f64; 2],
+    /// How a window of slices becomes `volume_slices`: `resample` (trilinear along the
+    /// slice axis) or `crop_or_pad` (keep slices as they are: windows longer than
+    /// `volume_slices` are cropped, shorter ones padded with zero slices that the validity
+    /// mask marks, so the aggregator ignores them).
+    pub depth_mode: DepthMode,
     /// Probability of each flip (horizontal, vertical).
     pub flip: f64,
     /// Contrast jitter: intensities are multiplied by a factor in [1 - c, 1 + c].
@@ -59,12 +64,26 @@ impl Default for ViewConfig {
             volume_size: 64,
             crop_scale: [0.4, 1.0],
             depth_scale: [0.6, 1.0],
+            depth_mode: DepthMode::Resample,
             flip: 0.5,
             contrast: 0.2,
             brightness: 0.1,
             noise: 0.02,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthMode {
+    Resample,
+    CropOrPad,
+}
+
+/// A 3D view or sequence `[1, T, S, S]` and which of its T slices are real `[T]` (bool).
+pub struct SliceStack {
+    pub voxels: Tensor,
+    pub valid: Tensor,
 }
 
 impl ViewConfig {
@@ -176,32 +195,67 @@ pub fn slice_view(volume: &Tensor, index: i64, view: usize, rng: &mut ChaCha8Rng
     jitter(x, rng, cfg).to_kind(Kind::Float)
 }
 
-/// A 3D view `[1, T, S, S]` of `volume` `[D, H, W]`: one window along the slice axis, one
-/// in-plane crop, one flip and one intensity jitter for all its slices.
-pub fn volume_view(volume: &Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+/// A 3D view of `volume` `[D, H, W]`: one window along the slice axis, one in-plane crop,
+/// one flip and one intensity jitter for all its slices.
+pub fn volume_view(volume: &Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> SliceStack {
     let (d, h, w) = volume.size3().expect("volume is [D, H, W]");
     let depth = ((d as f64 * rng.random_range(cfg.depth_scale[0]..=cfg.depth_scale[1])).round() as i64).clamp(1, d);
+    let depth = match cfg.depth_mode {
+        DepthMode::Resample => depth,
+        DepthMode::CropOrPad => depth.min(cfg.volume_slices),
+    };
     let start = rng.random_range(0..=d - depth);
     let (top, left, ch, cw) = crop_box(rng, h, w, cfg.crop_scale);
     let crop = volume.narrow(0, start, depth).narrow(1, top, ch).narrow(2, left, cw);
-    let x = resample(&crop, cfg.volume_slices, cfg.volume_size);
-    let x = flips(x, rng, cfg.flip);
-    jitter(x, rng, cfg).to_kind(Kind::Float)
+    let stack = fit_depth(&crop, cfg);
+    let x = flips(stack.voxels, rng, cfg.flip);
+    // Padding slices stay zero: jitter only the real ones.
+    let x = jitter(x, rng, cfg) * stack.valid.view([1, -1, 1, 1]).to_kind(Kind::Float);
+    SliceStack {
+        voxels: x.to_kind(Kind::Float),
+        valid: stack.valid,
+    }
 }
 
-/// The whole volume resampled to `[1, T, S, S]`, without augmentation: the sequence that
-/// slice-sequence objectives (masked prediction) read.
-pub fn sequence_view(volume: &Tensor, cfg: &ViewConfig) -> Tensor {
-    resample(volume, cfg.volume_slices, cfg.volume_size)
+/// The whole volume as `volume_slices` slices (the centre ones under `crop_or_pad`),
+/// without augmentation: the sequence that slice-sequence objectives (masked prediction)
+/// read.
+pub fn sequence_view(volume: &Tensor, cfg: &ViewConfig) -> SliceStack {
+    let d = volume.size()[0];
+    let window = match cfg.depth_mode {
+        DepthMode::Resample => volume.shallow_clone(),
+        DepthMode::CropOrPad => {
+            let depth = d.min(cfg.volume_slices);
+            volume.narrow(0, (d - depth) / 2, depth)
+        }
+    };
+    fit_depth(&window, cfg)
 }
 
-/// Trilinear resampling of `[D, H, W]` to `[1, T, S, S]`.
-fn resample(volume: &Tensor, slices: i64, size: i64) -> Tensor {
-    let (d, h, w) = volume.size3().expect("volume is [D, H, W]");
-    volume
-        .view([1, 1, d, h, w])
-        .upsample_trilinear3d([slices, size, size], false, None, None, None)
-        .view([1, slices, size, size])
+/// `[D, H, W]` to `[1, T, S, S]`: in-plane always resized to S; along the slice axis
+/// resampled to T, or (crop_or_pad, with D <= T) zero-padded at the end.
+fn fit_depth(window: &Tensor, cfg: &ViewConfig) -> SliceStack {
+    let (d, h, w) = window.size3().expect("volume is [D, H, W]");
+    let (t, s) = (cfg.volume_slices, cfg.volume_size);
+    let options = (Kind::Bool, window.device());
+    match cfg.depth_mode {
+        DepthMode::Resample => SliceStack {
+            voxels: window
+                .view([1, 1, d, h, w])
+                .upsample_trilinear3d([t, s, s], false, None, None, None)
+                .view([1, t, s, s]),
+            valid: Tensor::ones([t], options),
+        },
+        DepthMode::CropOrPad => {
+            let resized = window
+                .view([d, 1, h, w])
+                .upsample_bilinear2d([s, s], false, None, None)
+                .view([1, d, s, s]);
+            let voxels = resized.constant_pad_nd([0, 0, 0, 0, 0, t - d]);
+            let valid = Tensor::cat(&[Tensor::ones([d], options), Tensor::zeros([t - d], options)], 0);
+            SliceStack { voxels, valid }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,7 +290,40 @@ mod tests {
         assert!(a.equal(&b), "same (seed, epoch, id, view) must give identical views");
         assert!(!a.equal(&c), "another epoch must give another view");
         let vol = volume_view(&v, &mut rng::generator(1, &[0, 5, 1]), &cfg);
-        assert_eq!(vol.size(), vec![1, 4, 12, 12]);
-        assert_eq!(sequence_view(&v, &cfg).size(), vec![1, 4, 12, 12]);
+        assert_eq!(vol.voxels.size(), vec![1, 4, 12, 12]);
+        assert_eq!(sequence_view(&v, &cfg).voxels.size(), vec![1, 4, 12, 12]);
+    }
+
+    #[test]
+    fn crop_or_pad_keeps_slices_and_marks_padding() {
+        let v = phantom(); // 6 slices
+        let cfg = ViewConfig {
+            volume_size: 12,
+            volume_slices: 8,
+            depth_mode: DepthMode::CropOrPad,
+            depth_scale: [1.0, 1.0],
+            ..Default::default()
+        };
+        let seq = sequence_view(&v, &cfg);
+        assert_eq!(seq.voxels.size(), vec![1, 8, 12, 12]);
+        assert_eq!(
+            Vec::<bool>::try_from(&seq.valid).unwrap(),
+            [true, true, true, true, true, true, false, false]
+        );
+        assert_eq!(seq.voxels.narrow(1, 6, 2).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let view = volume_view(&v, &mut rng::generator(1, &[0, 5, 1]), &cfg);
+        assert_eq!(
+            view.voxels.narrow(1, 6, 2).abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "padding stays zero after jitter"
+        );
+        // A longer volume is cropped to T real slices.
+        let cfg = ViewConfig {
+            volume_slices: 4,
+            ..cfg
+        };
+        let seq = sequence_view(&v, &cfg);
+        assert!(bool::try_from(seq.valid.all()).unwrap());
+        assert_eq!(seq.voxels.size(), vec![1, 4, 12, 12]);
     }
 }

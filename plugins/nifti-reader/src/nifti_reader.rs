@@ -116,7 +116,9 @@ impl Dataset for NiftiReader {
         };
         let decoded =
             decode(path, self.slice_axis).with_context(|| format!("cannot decode NIfTI file `{}`", path.display()))?;
-        Ok(Volume::new(normalize(&decoded.voxels, self.normalize), decoded.spacing))
+        let mut volume = Volume::new(normalize(&decoded.voxels, self.normalize), decoded.spacing);
+        volume.dtype = Some(decoded.dtype);
+        Ok(volume)
     }
 }
 
@@ -168,6 +170,8 @@ struct Decoded {
     /// float32 `[D, H, W]`, the file's values after slope and intercept.
     voxels: Tensor,
     spacing: Option<[f64; 3]>,
+    /// The stored data type, e.g. `int16`.
+    dtype: String,
 }
 
 /// Reads `path` and lays its axes out as `[slice_axis, other, other]`.
@@ -194,7 +198,8 @@ fn decode(path: &Path, slice_axis: usize) -> Result<Decoded> {
     let [a, b] = other_axes(slice_axis);
     let voxels = voxels.permute([slice_axis as i64, a as i64, b as i64]).contiguous();
     let spacing = spacing_mm(&header).map(|mm| [mm[slice_axis], mm[a], mm[b]]);
-    Ok(Decoded { voxels, spacing })
+    let dtype = format!("{:?}", header.data_type()?).to_lowercase();
+    Ok(Decoded { voxels, spacing, dtype })
 }
 
 /// Rejects what the `nifti` crate's ndarray conversion would panic on rather than report:

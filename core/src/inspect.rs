@@ -1,0 +1,128 @@
+//! `medssl data inspect`: what a file or folder holds, as the run would read it.
+//!
+//! The format is recognised from the path (extension, or what a folder contains); the
+//! registered reader of that format decodes the samples with intensities left as stored
+//! (`normalize = "none"` where the reader has the option), and the report gives shapes,
+//! spacing, stored type, intensity range and label values.
+
+use crate::config::Section;
+use crate::registry::{self, Registered};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+use tch::Kind;
+
+/// What `inspect` reports.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub path: String,
+    pub format: String,
+    /// Samples the reader lists.
+    pub samples: usize,
+    /// Samples decoded for this report.
+    pub inspected: usize,
+    /// Distinct shapes `[D, H, W]` among the inspected samples.
+    pub shapes: Vec<Vec<i64>>,
+    pub dtype: Option<String>,
+    pub spacing: Option<[f64; 3]>,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    /// Class labels, or segmentation mask values, found in the inspected samples.
+    pub labels: Vec<i64>,
+}
+
+/// The dataset format a path holds, from its name or contents.
+pub fn guess_format(path: &Path) -> Result<&'static str> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_lowercase();
+    if path.is_file() {
+        return Ok(match () {
+            _ if name.ends_with(".nii") || name.ends_with(".nii.gz") => "nifti",
+            _ if name.ends_with(".npy") => "npy",
+            _ if name.ends_with(".npz") => "medmnist",
+            _ if name.ends_with(".dcm") => "dicom",
+            _ if [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e)) => "image-folder",
+            _ => bail!("`{}`: cannot tell the format from the file name; expected .nii, .nii.gz, .npy, .npz, .dcm, .png or .jpg", path.display()),
+        });
+    }
+    if !path.is_dir() {
+        bail!("`{}` does not exist", path.display());
+    }
+    if path.join("imagesTr").is_dir() {
+        return Ok("decathlon");
+    }
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(path).with_context(|| format!("cannot list `{}`", path.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_lowercase();
+        if entry.path().is_dir() {
+            if let Ok(inner) = guess_format(&entry.path()) {
+                names.push(format!("dir:{inner}"));
+            }
+        } else {
+            names.push(name);
+        }
+    }
+    let any = |f: &dyn Fn(&str) -> bool| names.iter().any(|n| f(n));
+    Ok(match () {
+        _ if any(&|n| n.ends_with(".nii") || n.ends_with(".nii.gz")) => "nifti",
+        _ if any(&|n| n.ends_with(".npy")) => "npy",
+        _ if any(&|n| n.ends_with(".dcm") || n == "dir:dicom") => "dicom",
+        _ if any(&|n| [".png", ".jpg", ".jpeg"].iter().any(|e| n.ends_with(e)) || n == "dir:image-folder") => "image-folder",
+        _ => bail!("`{}`: found no NIfTI, NPY, DICOM or image files to inspect", path.display()),
+    })
+}
+
+/// Inspects `path` (as `format`, or the recognised one), decoding at most `limit` samples.
+pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspection> {
+    let format = match format {
+        Some(f) => f,
+        None => guess_format(path)?,
+    };
+    let entry = registry::datasets().get(format)?;
+    let path_text = toml::Value::String(path.display().to_string()).to_string();
+    // Raw intensities where the reader can leave them; readers without the key are built
+    // with their path alone.
+    let raw = Section::inline("data.sources.inspect", format, &format!("path = {path_text}\nnormalize = \"none\""))?;
+    let plain = Section::inline("data.sources.inspect", format, &format!("path = {path_text}"))?;
+    let dataset = match (entry.build)(&raw) {
+        Ok(d) => d,
+        Err(_) if !entry.default_config().contains("normalize") => (entry.build)(&plain)?,
+        Err(e) => return Err(e),
+    };
+    let samples = dataset.len();
+    let inspected = samples.min(limit.max(1));
+    let (mut min, mut max, mut sum, mut count) = (f64::INFINITY, f64::NEG_INFINITY, 0.0, 0usize);
+    let (mut shapes, mut labels) = (BTreeSet::new(), BTreeSet::new());
+    let (mut dtype, mut spacing) = (None, None);
+    for i in 0..inspected {
+        let volume = dataset.load(i).with_context(|| format!("cannot read {}", dataset.describe(i)))?;
+        let v = volume.voxels.to_kind(Kind::Double);
+        min = min.min(v.min().double_value(&[]));
+        max = max.max(v.max().double_value(&[]));
+        sum += v.sum(Kind::Double).double_value(&[]);
+        count += v.numel();
+        shapes.insert(volume.voxels.size());
+        labels.extend(volume.label);
+        if let Some(mask) = &volume.mask {
+            let values = mask.to_kind(Kind::Int64).flatten(0, -1).internal_unique(true, false).0;
+            labels.extend(Vec::<i64>::try_from(values).unwrap_or_default());
+        }
+        dtype = dtype.or(volume.dtype);
+        spacing = spacing.or(volume.spacing);
+    }
+    Ok(Inspection {
+        path: path.display().to_string(),
+        format: entry.name().to_string(),
+        samples,
+        inspected,
+        shapes: shapes.into_iter().collect(),
+        dtype,
+        spacing,
+        min,
+        max,
+        mean: sum / count.max(1) as f64,
+        labels: labels.into_iter().collect(),
+    })
+}

@@ -40,18 +40,14 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
             options,
         });
     }
-    cfg.run.data.views.validate()?;
+    let views = cfg.run.data.views.resolved()?;
+    views.validate()?;
     anyhow::ensure!(
         cfg.run.data.loader.batch_size >= 1,
         "config key `data.loader.batch_size` must be at least 1"
     );
     let sources = Sources::new(sources, cfg.run.data.loader.cache_mib)?;
-    let pipeline = DataPipeline::new(
-        sources,
-        cfg.run.data.views.clone(),
-        cfg.run.data.loader.clone(),
-        cfg.run.seed,
-    )?;
+    let pipeline = DataPipeline::new(sources, views, cfg.run.data.loader.clone(), cfg.run.seed)?;
     Ok((pipeline, resolved))
 }
 

@@ -35,7 +35,11 @@ pub struct Inspection {
 
 /// The dataset format a path holds, from its name or contents.
 pub fn guess_format(path: &Path) -> Result<&'static str> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_lowercase();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_lowercase();
     if path.is_file() {
         return Ok(match () {
             _ if name.ends_with(".nii") || name.ends_with(".nii.gz") => "nifti",
@@ -69,8 +73,13 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
         _ if any(&|n| n.ends_with(".nii") || n.ends_with(".nii.gz")) => "nifti",
         _ if any(&|n| n.ends_with(".npy")) => "npy",
         _ if any(&|n| n.ends_with(".dcm") || n == "dir:dicom") => "dicom",
-        _ if any(&|n| [".png", ".jpg", ".jpeg"].iter().any(|e| n.ends_with(e)) || n == "dir:image-folder") => "image-folder",
-        _ => bail!("`{}`: found no NIfTI, NPY, DICOM or image files to inspect", path.display()),
+        _ if any(&|n| [".png", ".jpg", ".jpeg"].iter().any(|e| n.ends_with(e)) || n == "dir:image-folder") => {
+            "image-folder"
+        }
+        _ => bail!(
+            "`{}`: found no NIfTI, NPY, DICOM or image files to inspect",
+            path.display()
+        ),
     })
 }
 
@@ -84,7 +93,11 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
     let path_text = toml::Value::String(path.display().to_string()).to_string();
     // Raw intensities where the reader can leave them; readers without the key are built
     // with their path alone.
-    let raw = Section::inline("data.sources.inspect", format, &format!("path = {path_text}\nnormalize = \"none\""))?;
+    let raw = Section::inline(
+        "data.sources.inspect",
+        format,
+        &format!("path = {path_text}\nnormalize = \"none\""),
+    )?;
     let plain = Section::inline("data.sources.inspect", format, &format!("path = {path_text}"))?;
     let dataset = match (entry.build)(&raw) {
         Ok(d) => d,
@@ -97,7 +110,9 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
     let (mut shapes, mut labels) = (BTreeSet::new(), BTreeSet::new());
     let (mut dtype, mut spacing) = (None, None);
     for i in 0..inspected {
-        let volume = dataset.load(i).with_context(|| format!("cannot read {}", dataset.describe(i)))?;
+        let volume = dataset
+            .load(i)
+            .with_context(|| format!("cannot read {}", dataset.describe(i)))?;
         let v = volume.voxels.to_kind(Kind::Double);
         min = min.min(v.min().double_value(&[]));
         max = max.max(v.max().double_value(&[]));

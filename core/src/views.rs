@@ -49,6 +49,19 @@ pub struct ViewConfig {
     pub brightness: f64,
     /// Standard deviation of added Gaussian noise.
     pub noise: f64,
+    /// Gamma jitter: intensities, rescaled to [0, 1] within the view, are raised to a power
+    /// in [1 / (1 + g), 1 + g] and mapped back (0: off).
+    pub gamma: f64,
+    /// Probability of a Gaussian blur of a 2D view (sigma uniform in `blur_sigma`), as in
+    /// SimCLR and SwAV.
+    pub blur: f64,
+    pub blur_sigma: [f64; 2],
+    /// Largest in-plane rotation, in degrees; a 3D view rotates all its slices alike.
+    pub rotation: f64,
+    /// `"swav"` sets SwAV's multi-crop (2 x 224 px global crops of scale [0.14, 1], 6 x 96 px
+    /// local crops of scale [0.05, 0.14], blur 0.5); keys given beside it are ignored in
+    /// favour of the preset's.
+    pub preset: Option<String>,
 }
 
 impl Default for ViewConfig {
@@ -69,6 +82,11 @@ impl Default for ViewConfig {
             contrast: 0.2,
             brightness: 0.1,
             noise: 0.02,
+            gamma: 0.0,
+            blur: 0.0,
+            blur_sigma: [0.1, 2.0],
+            rotation: 0.0,
+            preset: None,
         }
     }
 }
@@ -87,6 +105,25 @@ pub struct SliceStack {
 }
 
 impl ViewConfig {
+    /// The config with its preset, if any, applied.
+    pub fn resolved(&self) -> anyhow::Result<ViewConfig> {
+        match self.preset.as_deref() {
+            None => Ok(self.clone()),
+            Some("swav") => Ok(ViewConfig {
+                slice_views: 2,
+                slice_size: 224,
+                crop_scale: [0.14, 1.0],
+                local_views: 6,
+                local_size: 96,
+                local_crop_scale: [0.05, 0.14],
+                blur: 0.5,
+                preset: None,
+                ..self.clone()
+            }),
+            Some(other) => anyhow::bail!("config key `data.views.preset`: unknown preset `{other}`; known: swav"),
+        }
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         let in_unit = |r: [f64; 2]| 0.0 < r[0] && r[0] <= r[1] && r[1] <= 1.0;
         anyhow::ensure!(
@@ -113,6 +150,16 @@ impl ViewConfig {
             "data.views.slice_size and volume_size must be at least 8"
         );
         anyhow::ensure!(self.volume_slices >= 1, "data.views.volume_slices must be at least 1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.blur) && self.blur_sigma[0] > 0.0 && self.blur_sigma[0] <= self.blur_sigma[1],
+            "data.views.blur must be a probability and blur_sigma a positive range, got {} and {:?}",
+            self.blur,
+            self.blur_sigma
+        );
+        anyhow::ensure!(
+            self.gamma >= 0.0 && self.rotation >= 0.0,
+            "data.views.gamma and rotation must be >= 0"
+        );
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.flip),
             "data.views.flip is a probability, got {}",
@@ -141,6 +188,17 @@ fn crop_box(rng: &mut ChaCha8Rng, h: i64, w: i64, scale: [f64; 2]) -> (i64, i64,
 /// Intensity jitter and noise, drawn from `rng` (never from libtorch's global generator,
 /// which loader threads share).
 fn jitter(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+    let x = if cfg.gamma > 0.0 {
+        let power = rng.random_range((1.0 / (1.0 + cfg.gamma))..=(1.0 + cfg.gamma));
+        let (lo, hi) = (x.min().double_value(&[]), x.max().double_value(&[]));
+        if hi > lo {
+            ((&x - lo) / (hi - lo)).pow_tensor_scalar(power) * (hi - lo) + lo
+        } else {
+            x
+        }
+    } else {
+        x
+    };
     let contrast = 1.0 + rng.random_range(-cfg.contrast..=cfg.contrast);
     let brightness = rng.random_range(-cfg.brightness..=cfg.brightness);
     let mut x = x * contrast + brightness;
@@ -171,6 +229,47 @@ fn flips(x: Tensor, rng: &mut ChaCha8Rng, p: f64) -> Tensor {
     x
 }
 
+/// Rotates every slice of `x` `[1, T, S, S]` by the same random angle in
+/// [-rotation, rotation] degrees (bilinear, reflected borders).
+fn rotate(x: Tensor, rng: &mut ChaCha8Rng, max_degrees: f64) -> Tensor {
+    if max_degrees <= 0.0 {
+        return x;
+    }
+    let angle = rng.random_range(-max_degrees..=max_degrees).to_radians();
+    let size = x.size();
+    let (t, h, w) = (size[1], size[2], size[3]);
+    let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+    let theta = Tensor::from_slice(&[c, -s, 0.0, s, c, 0.0])
+        .view([1, 2, 3])
+        .repeat([t, 1, 1]);
+    let grid = Tensor::affine_grid_generator(&theta, [t, 1, h, w], false);
+    x.view([t, 1, h, w])
+        .grid_sampler_2d(&grid, 0, 2, false)
+        .view([1, t, h, w])
+}
+
+/// Gaussian blur of `x` `[1, S, S]` with a random sigma, with probability `cfg.blur`.
+fn blur(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
+    if cfg.blur <= 0.0 || !rng.random_bool(cfg.blur) {
+        return x;
+    }
+    let sigma = rng.random_range(cfg.blur_sigma[0]..=cfg.blur_sigma[1]);
+    let radius = (3.0 * sigma).ceil().max(1.0) as i64;
+    let taps: Vec<f32> = (-radius..=radius)
+        .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
+        .collect();
+    let total: f32 = taps.iter().sum();
+    let kernel = Tensor::from_slice(&taps.iter().map(|v| v / total).collect::<Vec<_>>());
+    let k = 2 * radius + 1;
+    let size = x.size();
+    let (h, w) = (size[1], size[2]);
+    // Separable: rows then columns, reflected borders.
+    let padded = x.view([1, 1, h, w]).reflection_pad2d([radius, radius, radius, radius]);
+    let rows = padded.conv2d(&kernel.view([1, 1, 1, k]), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+    let both = rows.conv2d(&kernel.view([1, 1, k, 1]), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+    both.view([1, h, w])
+}
+
 /// The size and crop scale of 2D view `view`: global views first, then local ones.
 pub fn slice_view_geometry(cfg: &ViewConfig, view: usize) -> (i64, [f64; 2]) {
     if view < cfg.slice_views {
@@ -192,6 +291,8 @@ pub fn slice_view(volume: &Tensor, index: i64, view: usize, rng: &mut ChaCha8Rng
         .upsample_bilinear2d([size, size], false, None, None)
         .view([1, size, size]);
     let x = flips(resized, rng, cfg.flip);
+    let x = rotate(x.unsqueeze(0), rng, cfg.rotation).squeeze_dim(0);
+    let x = blur(x, rng, cfg);
     jitter(x, rng, cfg).to_kind(Kind::Float)
 }
 
@@ -209,6 +310,7 @@ pub fn volume_view(volume: &Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> S
     let crop = volume.narrow(0, start, depth).narrow(1, top, ch).narrow(2, left, cw);
     let stack = fit_depth(&crop, cfg);
     let x = flips(stack.voxels, rng, cfg.flip);
+    let x = rotate(x, rng, cfg.rotation);
     // Padding slices stay zero: jitter only the real ones.
     let x = jitter(x, rng, cfg) * stack.valid.view([1, -1, 1, 1]).to_kind(Kind::Float);
     SliceStack {
@@ -292,6 +394,82 @@ mod tests {
         let vol = volume_view(&v, &mut rng::generator(1, &[0, 5, 1]), &cfg);
         assert_eq!(vol.voxels.size(), vec![1, 4, 12, 12]);
         assert_eq!(sequence_view(&v, &cfg).voxels.size(), vec![1, 4, 12, 12]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn views_keep_their_shapes_stay_finite_and_repeat_for_the_same_coordinates(
+            d in 1i64..6, h in 8i64..30, w in 8i64..30, epoch in 0u64..3, id in 0u64..50,
+            size in 8i64..20, slices in 1i64..6, rotation in 0.0f64..30.0, blur in 0.0f64..1.0,
+            gamma in 0.0f64..1.0, crop in proptest::bool::ANY,
+        ) {
+            let volume = Tensor::randn([d, h, w], (Kind::Float, tch::Device::Cpu));
+            let cfg = ViewConfig {
+                slice_size: size, local_views: 1, local_size: 8, volume_size: size, volume_slices: slices,
+                rotation, blur, gamma,
+                depth_mode: if crop { DepthMode::CropOrPad } else { DepthMode::Resample },
+                ..Default::default()
+            };
+            for view in 0..3usize {
+                let a = slice_view(&volume, d - 1, view, &mut rng::generator(5, &[epoch, id, view as u64]), &cfg);
+                let b = slice_view(&volume, d - 1, view, &mut rng::generator(5, &[epoch, id, view as u64]), &cfg);
+                let side = if view < 2 { size } else { 8 };
+                proptest::prop_assert_eq!(a.size(), vec![1, side, side]);
+                proptest::prop_assert!(a.equal(&b));
+                proptest::prop_assert!(bool::try_from(a.isfinite().all()).unwrap());
+            }
+            let v = volume_view(&volume, &mut rng::generator(5, &[epoch, id, 1000]), &cfg);
+            let again = volume_view(&volume, &mut rng::generator(5, &[epoch, id, 1000]), &cfg);
+            proptest::prop_assert_eq!(v.voxels.size(), vec![1, slices, size, size]);
+            proptest::prop_assert_eq!(v.valid.size(), vec![slices]);
+            proptest::prop_assert!(v.voxels.equal(&again.voxels));
+            proptest::prop_assert!(bool::try_from(v.voxels.isfinite().all()).unwrap());
+            let real = i64::try_from(v.valid.sum(Kind::Int64)).unwrap();
+            proptest::prop_assert!(real >= 1 && real <= slices);
+        }
+    }
+
+    #[test]
+    fn the_swav_preset_sets_its_multi_crop() {
+        let cfg = ViewConfig {
+            preset: Some("swav".into()),
+            ..Default::default()
+        }
+        .resolved()
+        .unwrap();
+        assert_eq!(
+            (cfg.slice_views, cfg.slice_size, cfg.local_views, cfg.local_size),
+            (2, 224, 6, 96)
+        );
+        let err = ViewConfig {
+            preset: Some("dino".into()),
+            ..Default::default()
+        }
+        .resolved()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("data.views.preset") && err.contains("dino"), "{err}");
+    }
+
+    #[test]
+    fn blur_smooths_and_rotation_by_zero_is_the_identity() {
+        let x = Tensor::randn([1, 16, 16], (Kind::Float, tch::Device::Cpu));
+        let cfg = ViewConfig {
+            blur: 1.0,
+            blur_sigma: [1.5, 1.5],
+            ..Default::default()
+        };
+        let blurred = blur(x.shallow_clone(), &mut rng::generator(0, &[0]), &cfg);
+        let roughness = |t: &Tensor| {
+            (t.narrow(2, 1, 15) - t.narrow(2, 0, 15))
+                .abs()
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        assert!(roughness(&blurred) < 0.5 * roughness(&x));
+        let y = x.unsqueeze(0);
+        assert!(rotate(y.shallow_clone(), &mut rng::generator(0, &[0]), 0.0).equal(&y));
     }
 
     #[test]

@@ -9,11 +9,14 @@ use medssl_core::train::Run;
 use proptest::prelude::*;
 
 use medssl_attention_pool as _;
+use medssl_deepcluster_v2 as _;
 use medssl_mean_pool as _;
 use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
+use medssl_readers as _;
 use medssl_resnet as _;
+use medssl_swav as _;
 use medssl_vicreg as _;
 
 /// Every (role name, smoke config) pair of one role.

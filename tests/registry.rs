@@ -6,20 +6,37 @@ mod common;
 use medssl_core::registry;
 
 use medssl_attention_pool as _;
+use medssl_deepcluster_v2 as _;
 use medssl_mean_pool as _;
 use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
+use medssl_readers as _;
 use medssl_resnet as _;
+use medssl_swav as _;
 use medssl_vicreg as _;
 
 #[test]
 fn the_exact_set_of_components_is_registered() {
     assert_eq!(registry::encoders().names(), ["resnet18", "resnet34", "resnet50"]);
     assert_eq!(registry::aggregators().names(), ["attention-pool", "mean-pool"]);
-    assert_eq!(registry::objectives().names(), ["ntxent", "vicreg"]);
+    assert_eq!(
+        registry::objectives().names(),
+        ["deepcluster-v2", "ntxent", "swav", "vicreg"]
+    );
     assert!(registry::heads().names().is_empty());
-    assert_eq!(registry::datasets().names(), ["nifti", "phantom"]);
+    assert_eq!(
+        registry::datasets().names(),
+        [
+            "decathlon",
+            "dicom",
+            "image-folder",
+            "medmnist",
+            "nifti",
+            "npy",
+            "phantom"
+        ]
+    );
     registry::catalogue().expect("no duplicate names");
 }
 

@@ -5,6 +5,7 @@
 
 pub mod aggregator;
 pub mod assemble;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;

@@ -13,11 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use medssl_attention_pool as _;
+use medssl_deepcluster_v2 as _;
 use medssl_mean_pool as _;
 use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
+use medssl_readers as _;
 use medssl_resnet as _;
+use medssl_swav as _;
 use medssl_vicreg as _;
 
 #[derive(Parser)]
@@ -58,20 +61,15 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Measure throughput: the loader alone, then training steps on in-memory batches.
+    /// Benchmarks: a config's training throughput, or a fixed pipeline.
     Bench {
-        config: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Batches to time (at most one epoch).
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Stage to measure (0-based).
-        #[arg(long, default_value_t = 0)]
-        stage: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Data tools.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
     },
     /// Continue a run from its latest checkpoint.
     Resume {
@@ -88,6 +86,56 @@ enum Command {
     Example {
         /// The component's registered name, e.g. resnet50.
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// A config's stage: the loader alone, then training steps on in-memory batches.
+    Train {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Batches to time (at most one epoch).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Stage to measure (0-based).
+        #[arg(long, default_value_t = 0)]
+        stage: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode every NIfTI volume of a folder, z-score it and make two 3D views of each.
+    Loader {
+        /// A folder of NIfTI volumes, or a Decathlon folder (its imagesTr is read).
+        #[arg(long)]
+        data: PathBuf,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 32)]
+        slices: i64,
+        #[arg(long, default_value_t = 64)]
+        size: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print as JSON what a file or folder holds: format, samples, shapes, stored type,
+    /// spacing, intensity range and label values.
+    Inspect {
+        path: PathBuf,
+        /// Reader to use (default: recognised from the path).
+        #[arg(long)]
+        format: Option<String>,
+        /// Decode at most this many samples.
+        #[arg(long, default_value_t = 32)]
+        limit: usize,
     },
 }
 
@@ -168,11 +216,14 @@ fn execute(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Bench {
-            config,
-            set,
-            steps,
-            stage,
-            json,
+            command:
+                BenchCommand::Train {
+                    config,
+                    set,
+                    steps,
+                    stage,
+                    json,
+                },
         } => {
             let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;
             anyhow::ensure!(
@@ -197,6 +248,38 @@ fn execute(command: Command) -> Result<()> {
                     println!("  peak memory:     {rss:8.0} MiB");
                 }
             }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Loader {
+                    data,
+                    threads,
+                    slices,
+                    size,
+                    json,
+                },
+        } => {
+            let bench = medssl_core::bench::loader(&data, threads, slices, size)?;
+            if json {
+                println!("{}", serde_json::to_string(&bench)?);
+            } else {
+                println!(
+                    "{} volumes in {:.2} s: {:.1} volumes/s on {} threads; peak memory {:.0} MiB",
+                    bench.volumes,
+                    bench.seconds,
+                    bench.volumes_per_s,
+                    bench.threads,
+                    bench.peak_rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Data {
+            command: DataCommand::Inspect { path, format, limit },
+        } => {
+            let report = medssl_core::inspect::inspect(&path, format.as_deref(), limit)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Resume { run_dir } => {

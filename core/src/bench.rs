@@ -1,0 +1,88 @@
+//! Stand-alone benchmarks of core's pipelines (`medssl bench loader`). Training-step
+//! throughput of a config is `Run::bench`.
+
+use crate::config::Section;
+use crate::loader::{DataPipeline, LoaderConfig, Needs, OnError};
+use crate::registry;
+use crate::sources::{Source, SourceOptions, Sources};
+use crate::views::ViewConfig;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// What `medssl bench loader` measures.
+#[derive(Debug, Serialize)]
+pub struct LoaderBench {
+    pub volumes: usize,
+    pub seconds: f64,
+    pub volumes_per_s: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub threads: usize,
+}
+
+/// Decodes every NIfTI volume under `data` (a folder of volumes, or a Decathlon folder's
+/// `imagesTr`), z-scores it, and makes two 3D views of `slices x size x size`, on
+/// `threads` worker threads with the cache off: the data path of a volume-level stage.
+pub fn loader(data: &Path, threads: usize, slices: i64, size: i64) -> Result<LoaderBench> {
+    let folder = if data.join("imagesTr").is_dir() {
+        data.join("imagesTr")
+    } else {
+        data.to_path_buf()
+    };
+    let entry = registry::datasets().get("nifti")?;
+    let path = toml::Value::String(folder.display().to_string());
+    let section = Section::inline(
+        "data.sources.bench",
+        "nifti",
+        &format!("path = {path}\nnormalize = \"zscore\""),
+    )?;
+    let dataset = (entry.build)(&section).with_context(|| format!("bench loader: `{}`", folder.display()))?;
+    let volumes = dataset.len();
+    let sources = Sources::new(
+        vec![Source {
+            key: "bench".into(),
+            dataset,
+            options: SourceOptions::default(),
+        }],
+        0,
+    )?;
+    let views = ViewConfig {
+        volume_views: 2,
+        volume_slices: slices,
+        volume_size: size,
+        ..Default::default()
+    };
+    let loader = LoaderConfig {
+        batch_size: 1,
+        workers: threads.max(1),
+        prefetch: 2 * threads.max(1),
+        on_error: OnError::Fail,
+        cache_mib: 0,
+    };
+    let pipeline = DataPipeline::new(sources, views, loader, 0)?;
+    let started = Instant::now();
+    let mut seen = 0;
+    for batch in pipeline.epoch(
+        0,
+        0,
+        Needs {
+            volume_views: true,
+            ..Default::default()
+        },
+    ) {
+        seen += batch?.ids.size()[0] as usize;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        seen == volumes,
+        "bench loader: {seen} of {volumes} volumes came through"
+    );
+    Ok(LoaderBench {
+        volumes,
+        seconds,
+        volumes_per_s: volumes as f64 / seconds.max(1e-9),
+        peak_rss_mb: crate::train::peak_rss_mib(),
+        threads,
+    })
+}

@@ -1,0 +1,817 @@
+//! DeepCluster-v2 (Caron, Misra, Mairal, Goyal, Bojanowski and Joulin, "Unsupervised Learning
+//! of Visual Features by Contrasting Cluster Assignments", NeurIPS 2020, Appendix:
+//! DeepCluster-v2), the clustering objective the medssl paper uses for L_intra (2D views of
+//! slices, its Eq. 1-5) and L_inter (3D views of volumes, its Eq. 11-12).
+//!
+//! Per step, every view's embedding goes through a projection head g (Linear-BN-ReLU-Linear)
+//! and is L2-normalised: z = g(h) / ||g(h)||. For each of H prototype sets ("heads") with
+//! centroids C_h (K_h unit rows) and k-means assignments y_h, the loss is the cross-entropy
+//!
+//!   L = 1/H sum_h 1/|B| sum_{(n, v) in B} -log [ exp(z_nv . c_{h, y_h(n)} / tau)
+//!                                               / sum_k exp(z_nv . c_{h, k} / tau) ],
+//!
+//! over every view v (local ones included) of every sample n that has an assignment.
+//!
+//! Between epochs (as the reference implementation, `main_deepclusterv2.py`):
+//! - a memory bank holds, for every sample (indexed by its global id, unique across the
+//!   run's datasets), the detached z of its first `memory_views` global views, written at
+//!   every step; before the first epoch of a fresh run a no-grad pass over the data fills it
+//!   (the reference's `init_memory`);
+//! - at each epoch start, head h runs spherical k-means (cosine similarity, centroids
+//!   re-normalised after each update) on bank view `h % memory_views` (the reference cycles
+//!   through its `crops_for_assign` the same way), over the samples the bank holds: K_h
+//!   initial centroids drawn without replacement, `kmeans_iterations` update steps, then a
+//!   last assignment step. The centroids become head h's prototypes and the assignments its
+//!   targets for the epoch;
+//! - an empty cluster (the reference keeps its stale centroid) is re-seeded here with the
+//!   sample farthest from its own centroid (lowest cosine similarity) among clusters that
+//!   keep at least one other member, so no cluster is empty whenever there are at least K
+//!   samples, and the k-means objective (the sum of each sample's cosine similarity to its
+//!   centroid) never decreases;
+//! - the prototypes stay fixed during the epoch, as in the reference, whose
+//!   `freeze_prototypes_niters` defaults to 1e10 (gradients of the prototypes are dropped);
+//!   `train_prototypes = true` trains them with the rest until the next epoch start resets
+//!   them.
+//!
+//! Randomness: the initial centroids are a function of (epoch, head, sample ids) only, through
+//! medssl's seed derivation with a fixed tag, so a resumed run clusters exactly as an
+//! uninterrupted one and libtorch's generator is not touched. The bank, prototypes and
+//! assignments are non-trainable variables, saved in every checkpoint.
+
+use medssl_core::prelude::*;
+use medssl_core::rng;
+use serde::{Deserialize, Serialize};
+
+const NAME: &str = "deepcluster-v2";
+
+/// Seed of the k-means initialisation streams (ASCII "DCv2kmns"); mixed with the epoch, the
+/// head and each sample id.
+const KMEANS_SEED: u64 = 0x4443_7632_6b6d_6e73;
+
+/// At most this many elements in one block of samples x clusters, so that k-means over a
+/// large bank needs bounded memory.
+const BLOCK_ELEMENTS: i64 = 1 << 24;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeepClusterV2Config {
+    /// `slice` (2D views through the encoder) or `volume` (3D views through the aggregator).
+    pub level: ViewLevel,
+    /// Hidden width of the projection head.
+    pub hidden_dim: i64,
+    /// Output width of the projection head: the width of the bank and of the prototypes.
+    pub output_dim: i64,
+    /// Number of clusters of each prototype set (head); one k-means per entry.
+    pub prototypes: Vec<i64>,
+    /// tau, the softmax temperature.
+    pub temperature: f64,
+    /// k-means update steps at each epoch start.
+    pub kmeans_iterations: usize,
+    /// Global views per sample kept in the memory bank (the reference's `crops_for_assign =
+    /// [0, 1]`); head h clusters bank view `h % memory_views`.
+    pub memory_views: usize,
+    /// Train the prototypes during the epoch (the reference freezes them).
+    pub train_prototypes: bool,
+}
+
+impl Default for DeepClusterV2Config {
+    fn default() -> Self {
+        DeepClusterV2Config {
+            level: ViewLevel::Slice,
+            hidden_dim: 2048,
+            output_dim: 128,
+            prototypes: vec![3000, 3000, 3000],
+            temperature: 0.1,
+            kmeans_iterations: 10,
+            memory_views: 2,
+            train_prototypes: false,
+        }
+    }
+}
+
+pub struct DeepClusterV2Objective {
+    cfg: DeepClusterV2Config,
+    consumes: Consumes,
+    num_samples: i64,
+    projector: nn::SequentialT,
+    /// One `[K_h, output_dim]` per head.
+    prototypes: Vec<Tensor>,
+    /// One `[num_samples]` int64 per head: the sample's cluster, -1 where it has none.
+    assignments: Vec<Tensor>,
+    /// `[memory_views, num_samples, output_dim]`: the last projected embeddings seen.
+    memory: Tensor,
+    /// `[num_samples]` bool: whether the bank holds the sample.
+    filled: Tensor,
+}
+
+impl DeepClusterV2Objective {
+    pub fn new(p: nn::Path, cfg: DeepClusterV2Config, shape: &ObjectiveShape) -> Result<Self> {
+        let (consumes, input_dim) = cfg.level.resolve(shape, NAME)?;
+        ensure!(
+            cfg.temperature > 0.0,
+            "{NAME}: `temperature` must be positive, got {}",
+            cfg.temperature
+        );
+        ensure!(
+            cfg.hidden_dim > 0 && cfg.output_dim > 0,
+            "{NAME}: `hidden_dim` and `output_dim` must be positive, got {} and {}",
+            cfg.hidden_dim,
+            cfg.output_dim
+        );
+        ensure!(
+            !cfg.prototypes.is_empty(),
+            "{NAME}: `prototypes` lists no cluster count; give at least one, e.g. [3000]"
+        );
+        ensure!(cfg.memory_views > 0, "{NAME}: `memory_views` must be at least 1");
+        let num_samples = shape.num_samples as i64;
+        for (h, &k) in cfg.prototypes.iter().enumerate() {
+            ensure!(k > 0, "{NAME}: `prototypes[{h}]` must be positive, got {k}");
+            ensure!(
+                k <= num_samples,
+                "{NAME}: `prototypes[{h}]` asks for {k} clusters, but the run's data sources hold only {num_samples} samples; every cluster needs a sample: lower `prototypes` to at most {num_samples}"
+            );
+        }
+        let d = cfg.output_dim;
+        // The reference's projection head; the first layer has no bias, which batch norm
+        // would cancel anyway.
+        let projector = nn::seq_t()
+            .add(nn::linear(
+                &p / "projector" / "0",
+                input_dim,
+                cfg.hidden_dim,
+                nn::LinearConfig {
+                    bias: false,
+                    ..Default::default()
+                },
+            ))
+            .add(nn::batch_norm1d(
+                &p / "projector" / "1",
+                cfg.hidden_dim,
+                Default::default(),
+            ))
+            .add_fn(|x| x.relu())
+            .add(nn::linear(
+                &p / "projector" / "3",
+                cfg.hidden_dim,
+                d,
+                Default::default(),
+            ));
+        // Set by k-means before they are first used.
+        let prototypes = cfg
+            .prototypes
+            .iter()
+            .enumerate()
+            .map(|(h, &k)| {
+                let head = &p / "prototypes" / h;
+                if cfg.train_prototypes {
+                    head.zeros("weight", &[k, d])
+                } else {
+                    head.zeros_no_train("weight", &[k, d])
+                }
+            })
+            .collect();
+        let device = p.device();
+        let assignments = (0..cfg.prototypes.len())
+            .map(|h| {
+                (&p / "assignments").add(
+                    &h.to_string(),
+                    Tensor::full([num_samples], -1, (Kind::Int64, device)),
+                    false,
+                )
+            })
+            .collect();
+        let memory = p.zeros_no_train("memory_embeddings", &[cfg.memory_views as i64, num_samples, d]);
+        let filled = p.add(
+            "memory_filled",
+            Tensor::zeros([num_samples], (Kind::Bool, device)),
+            false,
+        );
+        Ok(DeepClusterV2Objective {
+            cfg,
+            consumes,
+            num_samples,
+            projector,
+            prototypes,
+            assignments,
+            memory,
+            filled,
+        })
+    }
+
+    /// The L2-normalised projections of `views`.
+    pub fn project(&self, views: &[Tensor], train: bool) -> Vec<Tensor> {
+        views
+            .iter()
+            .map(|h| normalize(&h.apply_t(&self.projector, train)))
+            .collect()
+    }
+
+    /// This step's views and how many of them are global, checked against `memory_views`.
+    fn views<'a>(&self, input: &StepInput<'a>) -> Result<&'a [Tensor]> {
+        let views = self.cfg.level.views(input, NAME)?;
+        let (global, key) = match self.cfg.level {
+            ViewLevel::Slice => (input.global_slice_views, "data.views.slice_views"),
+            ViewLevel::Volume => (views.len(), "data.views.volume_views"),
+        };
+        ensure!(
+            self.cfg.memory_views <= global,
+            "{NAME}: `memory_views` = {} but the run makes only {global} global views ({key})",
+            self.cfg.memory_views
+        );
+        Ok(views)
+    }
+
+    /// Writes the first `memory_views` projections (detached) into the bank rows of `ids`.
+    fn remember(&self, projected: &[Tensor], ids: &Tensor) -> Result<()> {
+        let ids = ids.to_device(self.memory.device()).to_kind(Kind::Int64);
+        if ids.numel() == 0 {
+            return Ok(());
+        }
+        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        ensure!(
+            lo >= 0 && hi < self.num_samples,
+            "{NAME}: sample ids {lo}..={hi} are outside the memory bank of {} samples",
+            self.num_samples
+        );
+        tch::no_grad(|| {
+            for (v, z) in projected.iter().take(self.cfg.memory_views).enumerate() {
+                let mut row = self.memory.select(0, v as i64);
+                let _ = row.index_copy_(0, &ids, &z.detach().to_kind(self.memory.kind()));
+            }
+            let mut filled = self.filled.shallow_clone();
+            let _ = filled.index_fill_(0, &ids, 1);
+        });
+        Ok(())
+    }
+
+    /// Number of samples the bank holds.
+    pub fn filled_samples(&self) -> i64 {
+        self.filled.sum(Kind::Int64).int64_value(&[])
+    }
+
+    /// Head `h`'s assignments, `[num_samples]` int64 (-1: none).
+    pub fn assignments(&self, h: usize) -> &Tensor {
+        &self.assignments[h]
+    }
+
+    /// Head `h`'s prototypes `[K_h, output_dim]`.
+    pub fn prototypes(&self, h: usize) -> &Tensor {
+        &self.prototypes[h]
+    }
+
+    /// The bank `[memory_views, num_samples, output_dim]`.
+    pub fn memory(&self) -> &Tensor {
+        &self.memory
+    }
+
+    /// k-means of every head over the bank; sets the prototypes and the assignments.
+    fn cluster(&mut self, epoch: usize) -> Result<()> {
+        let ids = self.filled.nonzero().squeeze_dim(1);
+        let n = ids.size()[0];
+        ensure!(
+            n > 0,
+            "{NAME}: the memory bank is empty at the start of epoch {epoch}: no batch reached it"
+        );
+        let id_list: Vec<i64> = Vec::try_from(&ids.to_device(Device::Cpu))?;
+        for (h, &k) in self.cfg.prototypes.iter().enumerate() {
+            ensure!(
+                k <= n,
+                "{NAME}: `prototypes[{h}]` asks for {k} clusters, but the memory bank holds only {n} samples at the start of epoch {epoch} (each epoch drops its last partial batch: lower `prototypes` or change data.loader.batch_size)"
+            );
+            let view = (h % self.cfg.memory_views) as i64;
+            let x = self.memory.select(0, view).index_select(0, &ids);
+            let init = initial_centroids(&id_list, k as usize, epoch, h);
+            let result = spherical_kmeans(&x, &init, self.cfg.kmeans_iterations)?;
+            let kind = self.prototypes[h].kind();
+            self.prototypes[h].copy_(&result.centroids.to_kind(kind));
+            let _ = self.assignments[h].fill_(-1);
+            let _ = self.assignments[h].index_copy_(0, &ids, &result.assignments);
+            tracing::debug!(
+                "{NAME}: epoch {epoch}, head {h}: {k} clusters over {n} samples, mean cosine {:.4}, {} re-seeded",
+                result.objective.last().copied().unwrap_or(0.0) / n as f64,
+                result.reseeded
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Rows scaled to unit L2 norm (zero rows stay zero).
+pub fn normalize(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+}
+
+/// The k-means initialisation of head `head` at epoch `epoch`: the positions (into `ids`) of
+/// `k` distinct samples, a seeded random choice that depends only on (epoch, head, the ids).
+pub fn initial_centroids(ids: &[i64], k: usize, epoch: usize, head: usize) -> Vec<i64> {
+    let mut keyed: Vec<(u64, usize)> = ids
+        .iter()
+        .enumerate()
+        .map(|(position, &id)| {
+            (
+                rng::derive(KMEANS_SEED, &[epoch as u64, head as u64, id as u64]),
+                position,
+            )
+        })
+        .collect();
+    keyed.sort_unstable();
+    keyed.into_iter().take(k).map(|(_, position)| position as i64).collect()
+}
+
+/// What [`spherical_kmeans`] found.
+pub struct KMeans {
+    /// `[K, D]`, unit rows (a cluster whose members sum to zero keeps a zero row).
+    pub centroids: Tensor,
+    /// `[N]` int64, each in `0..K`.
+    pub assignments: Tensor,
+    /// The objective, sum over samples of the cosine similarity to the assigned centroid,
+    /// after each assignment step (`iterations + 1` values).
+    pub objective: Vec<f64>,
+    /// Empty clusters re-seeded, over all assignment steps.
+    pub reseeded: usize,
+}
+
+/// Spherical k-means of the unit rows of `x` `[N, D]`, starting from the rows at positions
+/// `init` (K of them, `K <= N`): `iterations` times (assign every row to its most similar
+/// centroid, re-seed empty clusters, set each centroid to its members' normalised sum), then a
+/// last assignment step.
+pub fn spherical_kmeans(x: &Tensor, init: &[i64], iterations: usize) -> Result<KMeans> {
+    let (n, _) = x.size2()?;
+    let k = init.len() as i64;
+    ensure!(
+        k >= 1 && k <= n,
+        "k-means needs between 1 and {n} clusters for {n} samples, got {k}"
+    );
+    tch::no_grad(|| {
+        let device = x.device();
+        let x = x.to_kind(Kind::Float);
+        let mut centroids = x.index_select(0, &Tensor::from_slice(init).to_device(device));
+        let mut objective = Vec::with_capacity(iterations + 1);
+        let mut reseeded = 0;
+        for iteration in 0..=iterations {
+            let (similarity, nearest) = nearest_centroids(&x, &centroids);
+            let mut assignments: Vec<i64> = Vec::try_from(&nearest.to_device(Device::Cpu))?;
+            let similarity: Vec<f32> = Vec::try_from(&similarity.to_device(Device::Cpu))?;
+            let moves = reseed_empty(&mut assignments, &similarity, k as usize);
+            for &(cluster, row) in &moves {
+                centroids.get(cluster as i64).copy_(&x.get(row as i64));
+            }
+            reseeded += moves.len();
+            let assignments = Tensor::from_slice(&assignments).to_device(device);
+            objective.push(
+                (&x * centroids.index_select(0, &assignments))
+                    .sum(Kind::Double)
+                    .double_value(&[]),
+            );
+            if iteration == iterations {
+                return Ok(KMeans {
+                    centroids,
+                    assignments,
+                    objective,
+                    reseeded,
+                });
+            }
+            centroids = update_centroids(&x, &assignments, &centroids);
+        }
+        unreachable!("the loop returns at its last iteration")
+    })
+}
+
+/// Rows per block of a `[rows, k]` computation.
+fn block_rows(k: i64) -> i64 {
+    (BLOCK_ELEMENTS / k.max(1)).max(1)
+}
+
+/// For every row of `x`, the similarity to its most similar centroid and that centroid.
+fn nearest_centroids(x: &Tensor, centroids: &Tensor) -> (Tensor, Tensor) {
+    let n = x.size()[0];
+    let step = block_rows(centroids.size()[0]);
+    let transposed = centroids.tr();
+    let (mut values, mut indices) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < n {
+        let len = step.min(n - start);
+        let (v, i) = x.narrow(0, start, len).matmul(&transposed).max_dim(1, false);
+        values.push(v);
+        indices.push(i);
+        start += len;
+    }
+    (Tensor::cat(&values, 0), Tensor::cat(&indices, 0))
+}
+
+/// Each centroid becomes its members' normalised sum; a cluster without members keeps its
+/// centroid. Sums are one-hot products, block by block: deterministic on every device.
+fn update_centroids(x: &Tensor, assignments: &Tensor, centroids: &Tensor) -> Tensor {
+    let (n, d) = x.size2().expect("[N, D]");
+    let k = centroids.size()[0];
+    let device = x.device();
+    let mut sums = Tensor::zeros([k, d], (Kind::Float, device));
+    let mut counts = Tensor::zeros([k], (Kind::Float, device));
+    let step = block_rows(k);
+    let mut start = 0;
+    while start < n {
+        let len = step.min(n - start);
+        let one_hot = Tensor::zeros([len, k], (Kind::Float, device)).scatter_value(
+            1,
+            &assignments.narrow(0, start, len).unsqueeze(1),
+            1.0,
+        );
+        sums += one_hot.tr().matmul(&x.narrow(0, start, len));
+        counts += one_hot.sum_dim_intlist(0, false, Kind::Float);
+        start += len;
+    }
+    normalize(&sums).where_self(&counts.gt(0.0).unsqueeze(1), centroids)
+}
+
+/// Gives every empty cluster one member: the row least similar to its own centroid among
+/// clusters with at least two members, taken in order of similarity (ties: lower row first).
+/// Returns the (cluster, row) moves. With at least K rows no cluster stays empty.
+fn reseed_empty(assignments: &mut [i64], similarity: &[f32], k: usize) -> Vec<(usize, usize)> {
+    let mut counts = vec![0usize; k];
+    for &a in assignments.iter() {
+        counts[a as usize] += 1;
+    }
+    let empty: Vec<usize> = (0..k).filter(|&c| counts[c] == 0).collect();
+    if empty.is_empty() {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..assignments.len()).collect();
+    order.sort_by(|&i, &j| similarity[i].total_cmp(&similarity[j]).then(i.cmp(&j)));
+    // A row skipped because its cluster was down to one member stays ineligible: counts of
+    // existing clusters only fall.
+    let mut candidates = order.into_iter();
+    let mut moves = Vec::with_capacity(empty.len());
+    for cluster in empty {
+        let Some(row) = candidates.find(|&i| counts[assignments[i] as usize] >= 2) else {
+            break;
+        };
+        counts[assignments[row] as usize] -= 1;
+        assignments[row] = cluster as i64;
+        counts[cluster] = 1;
+        moves.push((cluster, row));
+    }
+    moves
+}
+
+/// Mean cross-entropy of `softmax(z . prototypes^T / temperature)` against `targets` over
+/// the rows whose target is not negative (zero when there is none). `z` `[M, D]`,
+/// `prototypes` `[K, D]`, `targets` `[M]` int64.
+pub fn cluster_loss(z: &Tensor, prototypes: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
+    let log_prob = (z.matmul(&prototypes.tr()) / temperature).log_softmax(1, Kind::Float);
+    let valid = targets.ge(0);
+    let picked = log_prob
+        .gather(1, &targets.clamp_min(0).unsqueeze(1), false)
+        .squeeze_dim(1)
+        .masked_fill(&valid.logical_not(), 0.0);
+    -picked.sum(Kind::Float) / valid.sum(Kind::Float).clamp_min(1.0)
+}
+
+impl Objective for DeepClusterV2Objective {
+    fn consumes(&self) -> Consumes {
+        self.consumes
+    }
+
+    fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
+        let views = self.views(input)?;
+        let z = self.project(views, true);
+        self.remember(&z, input.ids)?;
+        let ids = input.ids.to_device(self.memory.device()).to_kind(Kind::Int64);
+        let z = Tensor::cat(&z, 0);
+        let heads = self.prototypes.len();
+        let mut total: Option<Tensor> = None;
+        let mut terms = Vec::with_capacity(heads + 1);
+        for (h, (prototypes, assignments)) in self.prototypes.iter().zip(&self.assignments).enumerate() {
+            let targets = assignments.index_select(0, &ids).repeat([views.len() as i64]);
+            if h == 0 {
+                terms.push((
+                    "assigned".to_string(),
+                    targets.ge(0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]),
+                ));
+            }
+            let loss = cluster_loss(&z, prototypes, &targets, self.cfg.temperature);
+            terms.push((format!("head{h}"), loss.double_value(&[])));
+            total = Some(match total {
+                Some(t) => t + loss,
+                None => loss,
+            });
+        }
+        let total = total.expect("at least one head") / heads as f64;
+        Ok(Loss { total, terms })
+    }
+
+    fn needs_memory_pass(&self, _: &Progress) -> bool {
+        self.filled_samples() == 0
+    }
+
+    fn observe(&mut self, input: &StepInput, _: &Progress) -> Result<()> {
+        let views = self.views(input)?;
+        let global = &views[..self.cfg.memory_views];
+        let z = tch::no_grad(|| self.project(global, false));
+        self.remember(&z, input.ids)
+    }
+
+    fn on_epoch_start(&mut self, progress: &Progress) -> Result<()> {
+        tch::no_grad(|| self.cluster(progress.epoch))
+    }
+}
+
+fn build(section: &Section, p: nn::Path, shape: &ObjectiveShape) -> Result<Box<dyn Objective>> {
+    Ok(Box::new(DeepClusterV2Objective::new(p, section.parse()?, shape)?))
+}
+
+register!(OBJECTIVES, DEEPCLUSTER_V2: ObjectiveEntry = ObjectiveEntry {
+    name: NAME,
+    about: "DeepCluster-v2: k-means over a memory bank at each epoch start, cross-entropy to the assignments, on slice or volume views",
+    default_config: default_toml::<DeepClusterV2Config>,
+    smoke_configs: &[
+        "level = \"slice\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = [2, 2]\nkmeans_iterations = 3",
+        "level = \"volume\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = [2]\nkmeans_iterations = 3\ntrain_prototypes = true",
+    ],
+    build,
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shape(num_samples: usize) -> ObjectiveShape {
+        ObjectiveShape {
+            slice_dim: 6,
+            volume_dim: None,
+            num_samples,
+        }
+    }
+
+    fn config(prototypes: Vec<i64>) -> DeepClusterV2Config {
+        DeepClusterV2Config {
+            hidden_dim: 8,
+            output_dim: 4,
+            prototypes,
+            kmeans_iterations: 5,
+            ..Default::default()
+        }
+    }
+
+    fn input<'a>(ids: &'a Tensor, views: &'a [Tensor]) -> StepInput<'a> {
+        StepInput {
+            ids,
+            slice_views: Some(views),
+            global_slice_views: 2,
+            volume_views: None,
+            slice_sequence: None,
+        }
+    }
+
+    fn progress(epoch: usize) -> Progress {
+        Progress {
+            epoch,
+            step: 0,
+            steps_per_epoch: 1,
+        }
+    }
+
+    fn ids(values: &[i64]) -> Tensor {
+        Tensor::from_slice(values)
+    }
+
+    fn views(n: i64, seed: i64) -> Vec<Tensor> {
+        tch::manual_seed(seed);
+        (0..2)
+            .map(|_| Tensor::randn([n, 6], (Kind::Float, Device::Cpu)))
+            .collect()
+    }
+
+    #[test]
+    fn loss_matches_hand_computed_values() {
+        // Logits [[2, 0], [0, 2]] at tau = 0.5: each row pays log(1 + e^-2).
+        let z = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0]).view([2, 2]);
+        let p = z.copy();
+        let easy = (1.0 + (-2f64).exp()).ln();
+        let got = cluster_loss(&z, &p, &ids(&[0, 1]), 0.5).double_value(&[]);
+        assert!((got - easy).abs() < 1e-6, "{got} vs {easy}");
+        // Wrong targets pay log(1 + e^2); a row without an assignment does not count.
+        let hard = (1.0 + 2f64.exp()).ln();
+        let got = cluster_loss(&z, &p, &ids(&[1, -1]), 0.5).double_value(&[]);
+        assert!((got - hard).abs() < 1e-6, "{got} vs {hard}");
+        let got = cluster_loss(&z, &p, &ids(&[1, 1]), 0.5).double_value(&[]);
+        assert!((got - (easy + hard) / 2.0).abs() < 1e-6, "{got}");
+        assert_eq!(cluster_loss(&z, &p, &ids(&[-1, -1]), 0.5).double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_objective_averages_heads_and_views_over_assigned_rows() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut objective = DeepClusterV2Objective::new(vs.root(), config(vec![2, 3]), &shape(5)).unwrap();
+        let batch_ids = ids(&[4, 0, 2, 1, 3]);
+        let v = views(5, 3);
+        objective.observe(&input(&batch_ids, &v), &progress(0)).unwrap();
+        objective.on_epoch_start(&progress(0)).unwrap();
+        // Take sample 2's assignments away: its rows must not count.
+        let _ = objective.assignments[0].get(2).fill_(-1);
+        let _ = objective.assignments[1].get(2).fill_(-1);
+        let loss = objective.loss(&input(&batch_ids, &v), &progress(0)).unwrap();
+        // By hand: the same projections (train mode, same batch), row by row.
+        let z = objective.project(&v, true);
+        let mut expected = 0.0;
+        for h in 0..2 {
+            let p = objective.prototypes(h);
+            let (mut sum, mut count) = (0.0, 0.0);
+            for zv in &z {
+                for (row, &id) in [4i64, 0, 2, 1, 3].iter().enumerate() {
+                    let target = objective.assignments(h).int64_value(&[id]);
+                    if target < 0 {
+                        continue;
+                    }
+                    let logits = zv.get(row as i64).matmul(&p.tr()) / 0.1;
+                    let log_prob = logits.log_softmax(0, Kind::Double).double_value(&[target]);
+                    sum -= log_prob;
+                    count += 1.0;
+                }
+            }
+            assert_eq!(count, 8.0);
+            expected += sum / count / 2.0;
+        }
+        let got = loss.total.double_value(&[]);
+        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+        assert_eq!(loss.terms[0].0, "assigned");
+        assert!((loss.terms[0].1 - 0.8).abs() < 1e-6, "{:?}", loss.terms);
+    }
+
+    #[test]
+    fn the_bank_is_indexed_by_global_id() {
+        // Two datasets of 3 and 5 samples: global ids 0..3 and 3..8, batches out of order.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut objective = DeepClusterV2Objective::new(vs.root(), config(vec![2]), &shape(8)).unwrap();
+        assert!(objective.needs_memory_pass(&progress(0)));
+        let first = ids(&[7, 1, 4]);
+        let v = views(3, 1);
+        objective.observe(&input(&first, &v), &progress(0)).unwrap();
+        let z = tch::no_grad(|| objective.project(&v, false));
+        for (row, id) in [7i64, 1, 4].into_iter().enumerate() {
+            for (view, zv) in z.iter().enumerate() {
+                let stored = objective.memory().get(view as i64).get(id);
+                assert!(stored.equal(&zv.get(row as i64)), "id {id}, view {view}");
+            }
+        }
+        let filled: Vec<bool> = Vec::try_from(&objective.filled).unwrap();
+        assert_eq!(filled, [false, true, false, false, true, false, false, true]);
+        assert!(!objective.needs_memory_pass(&progress(0)));
+        // The training step writes the same rows with its own projections.
+        let second = ids(&[0, 5]);
+        let w = views(2, 2);
+        objective.on_epoch_start(&progress(0)).unwrap();
+        objective.loss(&input(&second, &w), &progress(0)).unwrap();
+        assert_eq!(objective.filled_samples(), 5);
+        assert!(
+            objective
+                .memory()
+                .get(0)
+                .get(3)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                == 0.0
+        );
+        let norm = objective.memory().get(1).get(5).norm().double_value(&[]);
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        // Only the three samples clustered at epoch start have assignments.
+        let assigned: Vec<i64> = Vec::try_from(objective.assignments(0)).unwrap();
+        let with: Vec<usize> = (0..8).filter(|&i| assigned[i] >= 0).collect();
+        assert_eq!(with, [1, 4, 7]);
+        // An id outside the bank is a clear error.
+        let err = objective
+            .observe(&input(&ids(&[8, 0, 1]), &v), &progress(0))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("outside the memory bank of 8 samples"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_dataset_smaller_than_a_cluster_count_is_a_config_error() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let err = DeepClusterV2Objective::new(vs.root(), config(vec![2, 5]), &shape(4))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("`prototypes[1]`") && err.contains("5 clusters") && err.contains("only 4 samples"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn too_few_global_views_for_the_bank_is_a_clear_error() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut cfg = config(vec![2]);
+        cfg.memory_views = 3;
+        let mut objective = DeepClusterV2Objective::new(vs.root(), cfg, &shape(4)).unwrap();
+        let batch = ids(&[0, 1, 2]);
+        let err = objective
+            .observe(&input(&batch, &views(3, 0)), &progress(0))
+            .unwrap_err();
+        assert!(err.to_string().contains("memory_views"), "{err}");
+    }
+
+    #[test]
+    fn restored_variables_reproduce_assignments_and_loss_exactly() {
+        let batch = ids(&[3, 0, 5, 2, 4, 1]);
+        let v = views(6, 11);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut a = DeepClusterV2Objective::new(vs.root(), config(vec![3, 2]), &shape(6)).unwrap();
+        a.observe(&input(&batch, &v), &progress(0)).unwrap();
+        a.on_epoch_start(&progress(0)).unwrap();
+        a.loss(&input(&batch, &views(6, 12)), &progress(0)).unwrap();
+        a.on_epoch_start(&progress(1)).unwrap();
+
+        tch::manual_seed(99);
+        let mut restored_vs = nn::VarStore::new(Device::Cpu);
+        let mut b = DeepClusterV2Objective::new(restored_vs.root(), config(vec![3, 2]), &shape(6)).unwrap();
+        assert!(b.needs_memory_pass(&progress(0)));
+        restored_vs.copy(&vs).unwrap();
+        b.load_state(a.state()).unwrap();
+        assert!(!b.needs_memory_pass(&progress(1)));
+        for h in 0..2 {
+            assert!(a.assignments(h).equal(b.assignments(h)));
+        }
+        let next = views(6, 13);
+        let la = a
+            .loss(&input(&batch, &next), &progress(1))
+            .unwrap()
+            .total
+            .double_value(&[]);
+        let lb = b
+            .loss(&input(&batch, &next), &progress(1))
+            .unwrap()
+            .total
+            .double_value(&[]);
+        assert_eq!(la.to_bits(), lb.to_bits());
+        // And the next epoch clusters the same way.
+        a.on_epoch_start(&progress(2)).unwrap();
+        b.on_epoch_start(&progress(2)).unwrap();
+        for h in 0..2 {
+            assert!(a.assignments(h).equal(b.assignments(h)));
+            assert!(a.prototypes(h).equal(b.prototypes(h)));
+        }
+    }
+
+    #[test]
+    fn initial_centroids_are_distinct_and_seeded_by_epoch_and_head() {
+        let ids: Vec<i64> = (100..150).collect();
+        let a = initial_centroids(&ids, 10, 3, 0);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 10);
+        assert!(a.iter().all(|&p| (0..50).contains(&p)));
+        assert_eq!(a, initial_centroids(&ids, 10, 3, 0));
+        assert_ne!(a, initial_centroids(&ids, 10, 4, 0));
+        assert_ne!(a, initial_centroids(&ids, 10, 3, 1));
+    }
+
+    #[test]
+    fn empty_clusters_are_reseeded_with_the_farthest_sample() {
+        // Four copies of one point and one other: two centroids on the copies leave one empty.
+        let x = normalize(&Tensor::from_slice(&[1f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.6, 0.8]).view([5, 2]));
+        let result = spherical_kmeans(&x, &[0, 1], 0).unwrap();
+        let assigned: Vec<i64> = Vec::try_from(&result.assignments).unwrap();
+        assert_eq!(assigned, [0, 0, 0, 0, 1]);
+        assert_eq!(result.reseeded, 1);
+        assert!(result.centroids.get(1).equal(&x.get(4)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn kmeans_never_decreases_its_objective_and_leaves_no_cluster_empty(
+            n in 2i64..40, k_pick in 0i64..1000, d in 2i64..8, seed in 0i64..10_000,
+            distinct in 1i64..40, iterations in 0usize..8,
+        ) {
+            let k = 1 + k_pick % n;
+            tch::manual_seed(seed);
+            let base = normalize(&Tensor::randn([n, d], (Kind::Float, Device::Cpu)));
+            // With few distinct points, initial centroids coincide and clusters go empty.
+            let x = base.index_select(0, &Tensor::randint(distinct.min(n), [n], (Kind::Int64, Device::Cpu)));
+            let ids: Vec<i64> = (0..n).collect();
+            let init = initial_centroids(&ids, k as usize, seed as usize, 0);
+            let result = spherical_kmeans(&x, &init, iterations).unwrap();
+            prop_assert_eq!(result.objective.len(), iterations + 1);
+            for pair in result.objective.windows(2) {
+                prop_assert!(pair[1] >= pair[0] - 1e-4, "{:?}", result.objective);
+            }
+            let assigned: Vec<i64> = Vec::try_from(&result.assignments).unwrap();
+            prop_assert_eq!(assigned.len() as i64, n);
+            let mut counts = vec![0; k as usize];
+            for &a in &assigned {
+                prop_assert!((0..k).contains(&a), "{}", a);
+                counts[a as usize] += 1;
+            }
+            prop_assert!(counts.iter().all(|&c| c > 0), "{:?}", counts);
+            let norms = result.centroids.norm_scalaropt_dim(2, [1], false);
+            let norms: Vec<f32> = Vec::try_from(&norms).unwrap();
+            prop_assert!(norms.iter().all(|&v| (v - 1.0).abs() < 1e-4 || v == 0.0), "{:?}", norms);
+        }
+    }
+}

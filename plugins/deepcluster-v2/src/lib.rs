@@ -1,0 +1,8 @@
+//! DeepCluster-v2: k-means over a memory bank of projected embeddings at every epoch start,
+//! then cross-entropy against the cluster assignments, at the slice or the volume level.
+
+mod deepcluster_v2;
+
+pub use deepcluster_v2::{
+    cluster_loss, initial_centroids, normalize, spherical_kmeans, DeepClusterV2Config, DeepClusterV2Objective, KMeans,
+};

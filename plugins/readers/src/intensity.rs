@@ -1,0 +1,197 @@
+//! Intensity handling shared by the readers of this crate: the `normalize` option (the same
+//! semantics as the `nifti` format's), the optional `window` clip, and RGB to grey.
+//!
+//! Raw intensities differ by orders of magnitude between formats and scanners (8-bit PNGs,
+//! CT in Hounsfield units, MRI up to about 1e6), so every sample is normalised on its own.
+//! The default follows nnU-Net (Isensee et al., Nature Methods 2021): clip to the 0.5 and
+//! 99.5 percentiles, then zero mean and unit variance, which keeps a few extreme voxels from
+//! squashing the contrast of the rest.
+
+use medssl_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How intensities are rescaled, per sample.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Normalization {
+    /// Clip to the 0.5 and 99.5 percentiles, then zero mean and unit variance.
+    #[serde(rename = "zscore")]
+    ZScore,
+    /// Linear map of the minimum to 0 and the maximum to 1.
+    #[serde(rename = "minmax")]
+    MinMax,
+    /// The stored values (after the format's rescale, where it has one), as float32.
+    #[serde(rename = "none")]
+    Raw,
+}
+
+/// Percentiles that `zscore` clips to.
+const CLIP_PERCENTILES: [f64; 2] = [0.005, 0.995];
+
+/// An intensity window `[low, high]` (config: a two-number array with low < high), to clip
+/// to before normalising; e.g. `[-1000, 1000]` Hounsfield units keeps air to bone in CT.
+///
+/// Parsed from a list and checked in one place, so `[1, 2, 3]` is an error rather than a
+/// window silently cut to `[1, 2]` (serde's fixed-size arrays ignore extra elements).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "Vec<f64>", into = "Vec<f64>")]
+pub struct Window {
+    pub low: f64,
+    pub high: f64,
+}
+
+impl TryFrom<Vec<f64>> for Window {
+    type Error = String;
+    fn try_from(values: Vec<f64>) -> std::result::Result<Window, String> {
+        match values[..] {
+            [low, high] if low.is_finite() && high.is_finite() && low < high => Ok(Window { low, high }),
+            _ => Err(format!(
+                "expected a window [low, high] with low < high (e.g. [-1000, 1000] HU for CT), found {values:?}"
+            )),
+        }
+    }
+}
+
+impl From<Window> for Vec<f64> {
+    fn from(window: Window) -> Vec<f64> {
+        vec![window.low, window.high]
+    }
+}
+
+/// Clips to `window` (when given), then rescales as `normalization` says, in float32.
+pub fn normalize(voxels: &Tensor, window: Option<Window>, normalization: Normalization) -> Tensor {
+    // NaN marks "no data" in some float files; one of them would turn the whole sample's
+    // statistics into NaN.
+    let mut voxels = voxels.to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0);
+    if let Some(Window { low, high }) = window {
+        voxels = voxels.clamp(low, high);
+    }
+    match normalization {
+        Normalization::Raw => voxels,
+        Normalization::MinMax => {
+            let low = voxels.min().double_value(&[]);
+            let high = voxels.max().double_value(&[]);
+            if high > low {
+                (voxels - low) / (high - low)
+            } else {
+                voxels.zeros_like()
+            }
+        }
+        Normalization::ZScore => {
+            let low = percentile(&voxels, CLIP_PERCENTILES[0]);
+            let high = percentile(&voxels, CLIP_PERCENTILES[1]);
+            let clipped = voxels.clamp(low, high);
+            // Statistics in float64: volumes of millions of voxels at values near 1e6 lose
+            // digits in a float32 sum.
+            let mean = clipped.mean(Kind::Double).double_value(&[]);
+            let std = clipped.to_kind(Kind::Double).std(false).double_value(&[]);
+            if std > 0.0 {
+                (clipped - mean) / std
+            } else {
+                clipped.zeros_like()
+            }
+        }
+    }
+}
+
+/// The `fraction` percentile of all voxels (nearest rank).
+fn percentile(voxels: &Tensor, fraction: f64) -> f64 {
+    let count = voxels.numel() as i64;
+    let rank = ((fraction * (count - 1) as f64).round() as i64 + 1).clamp(1, count.max(1));
+    voxels.flatten(0, -1).kthvalue(rank, 0, false).0.double_value(&[])
+}
+
+/// Rec. 709 luma weights of R, G and B: the ones the `image` crate and most toolkits use.
+pub const LUMA_WEIGHTS: [f32; 3] = [0.2126, 0.7152, 0.0722];
+
+/// Grey values of colour samples `[..., 3]` (channels last): the Rec. 709 weighted sum of
+/// the stored R, G and B values, in float32 and without gamma linearisation, so a grey
+/// pixel (R = G = B) keeps its value. Returns `[...]`.
+pub fn luminance(rgb: &Tensor) -> Tensor {
+    rgb.to_kind(Kind::Float).matmul(&Tensor::from_slice(&LUMA_WEIGHTS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp() -> Tensor {
+        Tensor::arange(1000, (Kind::Float, Device::Cpu)).view([10, 10, 10])
+    }
+
+    #[test]
+    fn zscore_gives_zero_mean_unit_variance_and_minmax_the_unit_range() {
+        let zscore = normalize(&ramp(), None, Normalization::ZScore);
+        assert!(zscore.mean(Kind::Double).double_value(&[]).abs() < 1e-5);
+        assert!((zscore.to_kind(Kind::Double).std(false).double_value(&[]) - 1.0).abs() < 1e-4);
+        let minmax = normalize(&ramp(), None, Normalization::MinMax);
+        assert_eq!(minmax.min().double_value(&[]), 0.0);
+        assert_eq!(minmax.max().double_value(&[]), 1.0);
+        let raw = normalize(&ramp().to_kind(Kind::Int16), None, Normalization::Raw);
+        assert_eq!(raw.kind(), Kind::Float);
+        assert_eq!(raw.double_value(&[9, 9, 9]), 999.0);
+    }
+
+    #[test]
+    fn zscore_clips_outliers_and_constant_samples_become_zero() {
+        let spiky = ramp().fmod(7.0);
+        let _ = spiky.get(3).get(3).get(3).fill_(1e6);
+        assert!(normalize(&spiky, None, Normalization::ZScore).max().double_value(&[]) < 3.0);
+        let flat = Tensor::full([2, 3, 4], 5.0, (Kind::Float, Device::Cpu));
+        for normalization in [Normalization::ZScore, Normalization::MinMax] {
+            let out = normalize(&flat, None, normalization);
+            assert_eq!(out.abs().max().double_value(&[]), 0.0);
+        }
+    }
+
+    #[test]
+    fn window_clips_before_normalising_and_nan_becomes_zero() {
+        let values = Tensor::from_slice(&[-3000.0f32, -1000.0, 0.0, 500.0, 3000.0, f32::NAN]);
+        let window = Some(Window {
+            low: -1000.0,
+            high: 1000.0,
+        });
+        let clipped = normalize(&values, window, Normalization::Raw);
+        assert_eq!(
+            Vec::<f32>::try_from(&clipped).unwrap(),
+            [-1000.0, -1000.0, 0.0, 500.0, 1000.0, 0.0]
+        );
+        let unit = normalize(&values, window, Normalization::MinMax);
+        assert_eq!(unit.double_value(&[0]), 0.0);
+        assert_eq!(unit.double_value(&[4]), 1.0);
+    }
+
+    #[test]
+    fn windows_parse_from_two_increasing_numbers_only() {
+        assert_eq!(
+            Window::try_from(vec![-1000.0, 1000.0]),
+            Ok(Window {
+                low: -1000.0,
+                high: 1000.0
+            })
+        );
+        for bad in [
+            vec![1.0, 1.0],
+            vec![5.0, -5.0],
+            vec![f64::NAN, 1.0],
+            vec![1.0, 2.0, 3.0],
+            vec![1.0],
+        ] {
+            assert!(Window::try_from(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn luminance_weights_channels_and_keeps_grey() {
+        let rgb = Tensor::from_slice(&[255.0f32, 0.0, 0.0, 0.0, 255.0, 0.0, 0.0, 0.0, 255.0, 90.0, 90.0, 90.0])
+            .view([2, 2, 3]);
+        let grey = luminance(&rgb);
+        assert_eq!(grey.size(), [2, 2]);
+        let values = Vec::<f32>::try_from(&grey.flatten(0, -1)).unwrap();
+        for (value, expected) in values
+            .iter()
+            .zip([255.0 * 0.2126, 255.0 * 0.7152, 255.0 * 0.0722, 90.0])
+        {
+            assert!((value - expected).abs() < 1e-3, "{values:?}");
+        }
+    }
+}

@@ -31,6 +31,9 @@ pub trait Aggregator {
 pub struct AggregatorShape {
     /// Width of each slice embedding it receives.
     pub input_dim: i64,
+    /// Slices in every sequence it receives (`data.views.volume_slices`), for layers
+    /// sized by the sequence length (relative position tables, strided sampling).
+    pub slices: i64,
 }
 
 pub type BuildAggregator = fn(&Section, nn::Path, &AggregatorShape) -> Result<Box<dyn Aggregator>>;

@@ -8,6 +8,7 @@ use crate::encoder::{Encoder, EncoderShape};
 use crate::loader::DataPipeline;
 use crate::objective::{Consumes, Objective, ObjectiveShape};
 use crate::registry::{self, Registered};
+use crate::slice_features::{SliceFeatureConfig, SliceFeatures, LEVELS_KEY};
 use crate::sources::{Source, SourceOptions, Sources, SOURCE_OPTION_KEYS};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -56,6 +57,8 @@ pub struct Model {
     pub vs: nn::VarStore,
     pub encoder: Box<dyn Encoder>,
     pub aggregator: Option<Box<dyn Aggregator>>,
+    /// What a slice contributes to a sequence the aggregator reads (Eq. 9).
+    pub slice_features: SliceFeatures,
     pub objectives: BTreeMap<String, Box<dyn Objective>>,
     /// Each component section as resolved (defaults filled in), for the run's config.toml.
     pub resolved: Vec<(String, toml::Value)>,
@@ -85,29 +88,51 @@ impl Model {
             section.resolved("name", &entry.default_config())?,
         ));
 
-        let aggregator = match &cfg.run.aggregator {
-            None => None,
+        let views = cfg.run.data.views.resolved()?;
+        let (aggregator, slice_features) = match &cfg.run.aggregator {
+            None => (
+                None,
+                SliceFeatures::new(&SliceFeatureConfig::default(), encoder.as_ref())?,
+            ),
             Some(_) => {
-                let section = cfg.section("aggregator", "name")?;
+                let mut section = cfg.section("aggregator", "name")?;
+                let feature_cfg: SliceFeatureConfig = section.take(&[LEVELS_KEY]).parse()?;
+                let slice_features = SliceFeatures::new(&feature_cfg, encoder.as_ref())?;
                 let entry = registry::aggregators()
                     .get(&section.name)
                     .context("config key `aggregator.name`")?;
                 let shape = AggregatorShape {
-                    input_dim: encoder.embedding_dim(),
+                    input_dim: slice_features.dim(),
+                    slices: views.volume_slices,
                 };
                 let aggregator = (entry.build)(&section, &root / "aggregator", &shape)?;
-                resolved.push((
-                    "aggregator".to_string(),
-                    section.resolved("name", &entry.default_config())?,
-                ));
-                Some(aggregator)
+                anyhow::ensure!(
+                    aggregator.input_dim() == shape.input_dim,
+                    "aggregator `{}` takes slice features of width {}, but the encoder's `aggregator.levels` give {}",
+                    section.name,
+                    aggregator.input_dim(),
+                    shape.input_dim
+                );
+                let mut table = section.resolved("name", &entry.default_config())?;
+                if let (toml::Value::Table(table), Ok(toml::Value::Table(core))) =
+                    (&mut table, toml::Value::try_from(&feature_cfg))
+                {
+                    table.extend(core);
+                }
+                resolved.push(("aggregator".to_string(), table));
+                (Some(aggregator), slice_features)
             }
         };
 
         let shape = ObjectiveShape {
             slice_dim: encoder.embedding_dim(),
             volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
+            sequence_dim: aggregator.as_ref().map(|a| a.input_dim()),
             num_samples,
+            global_slice_views: views.slice_views,
+            local_slice_views: views.local_views,
+            volume_views: views.volume_views,
+            seed: cfg.run.seed,
         };
         let mut objectives = BTreeMap::new();
         for key in cfg.run.objectives.keys() {
@@ -131,6 +156,7 @@ impl Model {
             vs,
             encoder,
             aggregator,
+            slice_features,
             objectives,
             resolved,
         })

@@ -19,6 +19,7 @@ pub mod objective;
 pub mod optim;
 pub mod registry;
 pub mod rng;
+pub mod slice_features;
 pub mod sources;
 pub mod train;
 pub mod views;

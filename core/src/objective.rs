@@ -46,6 +46,15 @@ impl ViewLevel {
         }
     }
 
+    /// How many views a sample has at this level whose embeddings are comparable targets
+    /// (SwAV's codes, a memory bank): the global 2D views, or every 3D view.
+    pub fn global_views(self, shape: &ObjectiveShape) -> usize {
+        match self {
+            ViewLevel::Slice => shape.global_slice_views,
+            ViewLevel::Volume => shape.volume_views,
+        }
+    }
+
     /// This step's views at this level.
     pub fn views<'a>(self, input: &StepInput<'a>, objective: &str) -> anyhow::Result<&'a [Tensor]> {
         let views = match self {
@@ -138,8 +147,21 @@ pub struct ObjectiveShape {
     pub slice_dim: i64,
     /// Width of the volume embeddings (aggregator output), if the run has an aggregator.
     pub volume_dim: Option<i64>,
+    /// Width of the slice features in [`StepInput::slice_sequence`] (the aggregator's input,
+    /// Eq. 9), if the run has an aggregator.
+    pub sequence_dim: Option<i64>,
     /// Number of samples in the run, for memory banks indexed by global id.
     pub num_samples: usize,
+    /// Global 2D views per sample (`data.views.slice_views`); they come first in
+    /// [`StepInput::slice_views`].
+    pub global_slice_views: usize,
+    /// Local 2D views per sample (`data.views.local_views`), after the global ones.
+    pub local_slice_views: usize,
+    /// 3D views per volume (`data.views.volume_views`).
+    pub volume_views: usize,
+    /// The run's seed, for objectives that draw their own randomness (derive from it with
+    /// [`crate::rng::derive`] so runs stay reproducible and resumable).
+    pub seed: u64,
 }
 
 pub type BuildObjective = fn(&Section, nn::Path, &ObjectiveShape) -> Result<Box<dyn Objective>>;

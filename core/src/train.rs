@@ -162,7 +162,13 @@ impl Run {
             model,
             resolved_config,
         };
+        let mut run = run;
         run.check_stages()?;
+        // A zero weight switches an objective off (ablations): it is neither computed nor
+        // optimised, and its state is left as it is.
+        for stage in &mut run.cfg.run.stages {
+            stage.objectives.retain(|_, weight| *weight != 0.0);
+        }
         Ok(run)
     }
 
@@ -174,10 +180,19 @@ impl Run {
         );
         for (i, stage) in stages.iter().enumerate() {
             let at = format!("stages[{i}] (`{}`)", stage.name);
-            anyhow::ensure!(stage.epochs > 0, "config {at}: `epochs` must be at least 1");
             anyhow::ensure!(
                 !stage.objectives.is_empty(),
                 "config {at}: `objectives` names no objective"
+            );
+            for (key, weight) in &stage.objectives {
+                anyhow::ensure!(
+                    weight.is_finite() && *weight >= 0.0,
+                    "config {at}: objective `{key}` has weight {weight}; expected a finite weight >= 0 (0 switches it off)"
+                );
+            }
+            anyhow::ensure!(
+                stage.epochs == 0 || stage.objectives.values().any(|w| *w > 0.0),
+                "config {at}: every objective has weight 0; set `epochs = 0` to skip the stage"
             );
             for key in stage.objectives.keys() {
                 if !self.model.objectives.contains_key(key) {
@@ -322,6 +337,25 @@ impl Run {
     }
 
     /// Number of stages.
+    /// A copy of every model variable (parameters and buffers such as batch-norm
+    /// statistics), by name as checkpoints store them without the `model.` prefix.
+    pub fn variables(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<(String, Tensor)> = self
+            .model
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Epochs of stage `i` (0: the stage is skipped).
+    pub fn stage_epochs(&self, i: usize) -> usize {
+        self.cfg.run.stages[i].epochs
+    }
+
     pub fn stages(&self) -> usize {
         self.cfg.run.stages.len()
     }
@@ -384,6 +418,10 @@ impl Run {
 
         for stage_index in position.stage..self.cfg.run.stages.len() {
             let stage = self.cfg.run.stages[stage_index].clone();
+            if stage.epochs == 0 {
+                tracing::info!("stage `{}` has epochs = 0: skipped", stage.name);
+                continue;
+            }
             let opt_cfg = self.stage_optimizer(stage_index)?;
             let mut optimizer = Optimizer::new(&opt_cfg, self.stage_parameters(&stage))?;
             if stage_index == position.stage && position.stage_step > 0 {
@@ -647,14 +685,16 @@ impl Run {
         let train_encoder = !observe && stage.train.iter().any(|m| m == "encoder");
         let train_aggregator = !observe && stage.train.iter().any(|m| m == "aggregator");
         let encoder = &self.model.encoder;
+        let features = &self.model.slice_features;
         // A frozen encoder runs without autograd and with batch norm in eval mode.
-        let embed = |images: &Tensor| -> Tensor {
+        let encode = |images: &Tensor| -> crate::encoder::EncoderOutput {
             if train_encoder {
-                encoder.forward(images, true).pooled
+                encoder.forward(images, true)
             } else {
-                tch::no_grad(|| encoder.forward(images, false).pooled)
+                tch::no_grad(|| encoder.forward(images, false))
             }
         };
+        // Slices of a sequence enter the aggregator as their (multi-level) features, Eq. 9.
         let embed_volume = |volume: &Tensor| -> Tensor {
             let size = volume.size();
             let (b, t) = (size[0], size[2]);
@@ -662,9 +702,13 @@ impl Run {
                 .to_device(device)
                 .transpose(1, 2)
                 .reshape([b * t, size[1], size[3], size[4]]);
-            embed(&slices).view([b, t, -1])
+            features.compute(&encode(&slices)).view([b, t, -1])
         };
-        let slice_views = batch.slice_views.iter().map(|v| embed(&v.to_device(device))).collect();
+        let slice_views = batch
+            .slice_views
+            .iter()
+            .map(|v| encode(&v.to_device(device)).pooled)
+            .collect();
         let volume_views = match &self.model.aggregator {
             Some(aggregator) => batch
                 .volume_views

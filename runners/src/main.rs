@@ -202,6 +202,10 @@ fn execute(command: Command) -> Result<()> {
         Command::Check { config, set } => {
             let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;
             for stage in 0..run.stages() {
+                if run.stage_epochs(stage) == 0 {
+                    println!("stage {stage}: epochs = 0, skipped");
+                    continue;
+                }
                 let probe = run.probe_step(stage)?;
                 println!("stage {stage}: loss {:.4}", probe.loss);
                 for g in &probe.groups {
@@ -211,6 +215,14 @@ fn execute(command: Command) -> Result<()> {
                     );
                 }
                 anyhow::ensure!(probe.loss.is_finite(), "stage {stage}: the loss is not finite");
+                for g in &probe.groups {
+                    anyhow::ensure!(
+                        g.norm.is_finite() && g.norm > 0.0,
+                        "stage {stage}: `{}` is trained but its gradient norm is {} on the first batch: nothing would learn (is the batch too small for its objectives?)",
+                        g.group,
+                        g.norm
+                    );
+                }
             }
             println!("config `{}` is valid and trains", config.display());
             Ok(())

@@ -539,6 +539,11 @@ mod tests {
         ObjectiveShape {
             slice_dim: 6,
             volume_dim: None,
+            sequence_dim: None,
+            global_slice_views: 2,
+            local_slice_views: 0,
+            volume_views: 2,
+            seed: 0,
             num_samples,
         }
     }

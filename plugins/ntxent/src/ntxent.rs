@@ -192,6 +192,11 @@ mod tests {
         let shape = ObjectiveShape {
             slice_dim: 8,
             volume_dim: None,
+            sequence_dim: None,
+            global_slice_views: 2,
+            local_slice_views: 0,
+            volume_views: 2,
+            seed: 0,
             num_samples: 4,
         };
         let err = NtXentObjective::new(vs.root(), cfg, &shape).err().unwrap().to_string();

@@ -467,6 +467,11 @@ mod tests {
         ObjectiveShape {
             slice_dim,
             volume_dim,
+            sequence_dim: None,
+            global_slice_views: 2,
+            local_slice_views: 0,
+            volume_views: 2,
+            seed: 0,
             num_samples: 16,
         }
     }

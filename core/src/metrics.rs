@@ -20,14 +20,22 @@ impl MetricsLog {
     /// reads as one uninterrupted run.
     pub fn open(path: &Path, keep_through_step: Option<usize>) -> Result<Self> {
         if let Some(last) = keep_through_step {
-            let kept: Vec<String> = read_records(path)?
-                .into_iter()
-                .filter(|r| {
-                    r.get("step")
+            // Kept lines are copied as written: a parse and re-print could change a float's
+            // last digit, and the log of a resumed run must equal an uninterrupted one.
+            let text = if path.exists() {
+                std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?
+            } else {
+                String::new()
+            };
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|line| match serde_json::from_str::<Value>(line) {
+                    Ok(record) => record
+                        .get("step")
                         .and_then(Value::as_u64)
-                        .is_some_and(|s| s as usize <= last)
+                        .is_some_and(|s| s as usize <= last),
+                    Err(_) => false,
                 })
-                .map(|r| Value::Object(r).to_string())
                 .collect();
             let mut text = kept.join("\n");
             if !text.is_empty() {
@@ -167,4 +175,24 @@ pub fn first_and_last_mean(records: &[Map<String, Value>], key: &str, window: us
     let w = window.clamp(1, values.len());
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     Some((mean(&values[..w]), mean(&values[values.len() - w..])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_keeps_earlier_lines_byte_for_byte_and_drops_later_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("metrics.jsonl");
+        let kept = "{\"step\":1,\"loss\":2.3025850929940455e0,\"lr\":0.30000000000000004}\n\
+                    {\"step\":2,\"loss\":1.0000000000000002,\"a\":1}\n";
+        std::fs::write(&path, format!("{kept}{{\"step\":3,\"loss\":0.5}}\n{{\"step\":4,\"lo")).unwrap();
+        let mut log = MetricsLog::open(&path, Some(2)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), kept);
+        let mut record = Map::new();
+        record.insert("step".into(), Value::from(3));
+        log.write(&record).unwrap();
+        assert_eq!(read_records(&path).unwrap().len(), 3);
+    }
 }

@@ -12,6 +12,8 @@ use medssl_core::train::{self, Run};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod sweep;
+
 use medssl_attention_pool as _;
 use medssl_deepcluster_v2 as _;
 use medssl_mean_pool as _;
@@ -70,6 +72,21 @@ enum Command {
     Data {
         #[command(subcommand)]
         command: DataCommand,
+    },
+    /// Run a base config once per named variant, evaluate each, and write one table
+    /// (table.md and table.json) with a row per variant.
+    Sweep {
+        /// The sweep file: `base`, `[evaluation]` and `[[variants]]` (see docs/configs.md).
+        file: PathBuf,
+        /// Override applied to every variant (repeatable), after the file's own.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Where the variants' runs and the table go (default: runs/<sweep file name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Retrain variants that already have a finished run.
+        #[arg(long)]
+        force: bool,
     },
     /// Continue a run from its latest checkpoint.
     Resume {
@@ -198,6 +215,16 @@ fn execute(command: Command) -> Result<()> {
             tracing::info!("run directory: {}", dir.display());
             report(run.train(&dir, false)?);
             Ok(())
+        }
+        Command::Sweep { file, set, out, force } => {
+            let out = out.unwrap_or_else(|| {
+                Path::new("runs").join(
+                    file.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "sweep".into()),
+                )
+            });
+            sweep::run(&file, &out, &set, force)
         }
         Command::Check { config, set } => {
             let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;

@@ -71,6 +71,8 @@ pub struct Batch {
     pub sequence: Option<(Tensor, Tensor)>,
     /// Class labels `[B]` (int64, -1 where a sample has none).
     pub labels: Tensor,
+    /// Samples of this batch left out as unreadable (`on_error = "skip"`).
+    pub skipped: usize,
 }
 
 /// Sources, views and loader settings: everything needed to produce any epoch's batches.
@@ -151,6 +153,8 @@ impl DataPipeline {
             })
             .collect();
         let mut batches = EpochBatches {
+            epoch,
+            skipped: 0,
             jobs: Some(job_tx),
             results: out_rx,
             ready: BTreeMap::new(),
@@ -168,11 +172,13 @@ impl DataPipeline {
         let b = self.batch_size();
         let (mut ids, mut labels) = (Vec::with_capacity(b), Vec::with_capacity(b));
         let (mut slices, mut volumes, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+        let mut skipped = 0;
         for &id in &order[step * b..(step + 1) * b] {
             let sample = match self.sources.load(id) {
                 Ok(sample) => sample,
                 Err(e) if self.loader.on_error == OnError::Skip => {
                     tracing::warn!("skipping sample {id}: {e:#}");
+                    skipped += 1;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -221,6 +227,7 @@ impl DataPipeline {
         };
         let slice_count = self.views.slice_views + self.views.local_views;
         Ok(Batch {
+            skipped,
             ids: Tensor::from_slice(&ids),
             labels: Tensor::from_slice(&labels),
             slice_views: per_view(slice_count, &|i, v| slices[i][v].shallow_clone(), slices.len()),
@@ -247,6 +254,9 @@ impl DataPipeline {
 /// An epoch's batches, in order. At most `prefetch` batches are issued to the workers
 /// ahead of the one being consumed, so memory stays bounded whatever the dataset size.
 pub struct EpochBatches {
+    epoch: usize,
+    /// Unreadable samples skipped in the batches handed out so far.
+    skipped: usize,
     jobs: Option<crossbeam_channel::Sender<usize>>,
     results: crossbeam_channel::Receiver<(usize, Result<Batch>)>,
     ready: BTreeMap<usize, Result<Batch>>,
@@ -292,6 +302,16 @@ impl Iterator for EpochBatches {
         }
         let batch = self.ready.remove(&self.next);
         self.next += 1;
+        if let Some(Ok(b)) = &batch {
+            self.skipped += b.skipped;
+        }
+        if self.next == self.end && self.skipped > 0 {
+            tracing::warn!(
+                "epoch {}: {} unreadable sample(s) skipped (data.loader.on_error = \"skip\"); each is named above",
+                self.epoch,
+                self.skipped
+            );
+        }
         self.issue();
         batch
     }
@@ -374,9 +394,11 @@ mod tests {
         let order = p.order(0);
         let mut batches = p.epoch(0, 0, needs);
         let mut seen = Vec::new();
+        let mut skipped = 0;
         while let Some(batch) = batches.next() {
             assert!(batches.in_flight() <= 2);
             let batch = batch.unwrap();
+            skipped += batch.skipped;
             assert_eq!(batch.slice_views.len(), 2);
             assert_eq!(batch.volume_views[0].size()[1..], [1, 2, 8, 8]);
             seen.extend(Vec::<i64>::try_from(&batch.ids).unwrap());
@@ -390,6 +412,8 @@ mod tests {
             seen, expected,
             "broken samples (local index 3 of each source) are skipped"
         );
+        assert_eq!(skipped, 2, "each skipped sample is counted");
+        assert_eq!(batches.skipped, 2, "the epoch's count, reported at its end");
     }
 
     #[test]

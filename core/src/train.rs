@@ -54,6 +54,26 @@ struct Embedded {
 }
 
 impl Embedded {
+    /// Collapse indicators (Jing et al., ICLR 2022, Sec. 3): the mean over dimensions of the
+    /// per-dimension std, across the batch, of the L2-normalised embeddings of the first
+    /// view at each level. Collapse shows as it falling towards 0; for embeddings spread
+    /// uniformly on the sphere of dimension d it is about 1/sqrt(d).
+    fn health(&self) -> Vec<(String, f64)> {
+        let std = |x: &Tensor| -> f64 {
+            let x = x.detach();
+            let x = &x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+            x.std_dim(0, true, false).mean(x.kind()).double_value(&[])
+        };
+        let mut health = Vec::new();
+        if let Some(first) = self.slice_views.first().filter(|v| v.size()[0] > 1) {
+            health.push(("slice_embedding_std".to_string(), std(first)));
+        }
+        if let Some(first) = self.volume_views.first().filter(|v| v.size()[0] > 1) {
+            health.push(("volume_embedding_std".to_string(), std(first)));
+        }
+        health
+    }
+
     fn input<'a>(&'a self, aggregator: Option<&'a dyn crate::aggregator::Aggregator>) -> StepInput<'a> {
         StepInput {
             ids: &self.ids,
@@ -253,7 +273,7 @@ impl Run {
         tch::manual_seed(rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, 0]) as i64);
         let mut optimizer = Optimizer::new(&self.stage_optimizer(stage_index)?, self.stage_parameters(&stage))?;
         optimizer.zero_grad();
-        let (loss, terms) = self.loss(&stage, &batch, &progress)?;
+        let (loss, terms, _) = self.loss(&stage, &batch, &progress)?;
         let value = loss.double_value(&[]);
         loss.backward();
         let mut grad_norms: BTreeMap<String, (f64, usize, usize)> = BTreeMap::new();
@@ -308,7 +328,7 @@ impl Run {
         let mut train_seconds = 0.0;
         for (i, batch) in batches.iter().enumerate() {
             let tick = Instant::now();
-            let (loss, _) = self.loss(&stage, batch, &progress)?;
+            let (loss, _, _) = self.loss(&stage, batch, &progress)?;
             optimizer.zero_grad();
             loss.backward();
             optimizer.step(opt_cfg.lr);
@@ -612,7 +632,7 @@ impl Run {
                     rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,
                 );
                 let lr = optim::learning_rate(opt_cfg, step, total, steps_per_epoch);
-                let (loss, terms) = self.loss(stage, &batch, &progress)?;
+                let (loss, terms, health) = self.loss(stage, &batch, &progress)?;
                 let value = loss.double_value(&[]);
                 if !value.is_finite() {
                     bail!(
@@ -646,6 +666,9 @@ impl Run {
                     record.insert("loss".into(), json!(value));
                     for (name, v) in &terms {
                         record.insert(format!("loss/{name}"), json!(v));
+                    }
+                    for (name, v) in &health {
+                        record.insert(format!("health/{name}"), json!(v));
                     }
                     record.insert("lr".into(), json!(lr));
                     record.insert("grad_norm".into(), json!(grad_norm));
@@ -735,13 +758,14 @@ impl Run {
         }
     }
 
-    /// The weighted sum of the stage's objectives over one batch, and each term.
+    /// The weighted sum of the stage's objectives over one batch, each term, and the
+    /// embeddings' health.
     fn loss(
         &mut self,
         stage: &StageConfig,
         batch: &Batch,
         progress: &Progress,
-    ) -> Result<(Tensor, Vec<(String, f64)>)> {
+    ) -> Result<(Tensor, Vec<(String, f64)>, Vec<(String, f64)>)> {
         let embedded = self.embed(stage, batch, false);
         let aggregator = self.model.aggregator.as_deref();
         let mut total: Option<Tensor> = None;
@@ -761,7 +785,11 @@ impl Run {
                 None => weighted,
             });
         }
-        Ok((total.expect("a stage has at least one objective"), terms))
+        Ok((
+            total.expect("a stage has at least one objective"),
+            terms,
+            embedded.health(),
+        ))
     }
 
     fn save(&self, store: &Checkpoints, position: &mut TrainingState, optimizer: Option<&Optimizer>) -> Result<()> {

@@ -143,6 +143,8 @@ fn zero_weights_and_zero_epochs_switch_parts_off() {
             r.get("loss/slices").is_none(),
             "a zero-weight objective is not computed: {r}"
         );
+        let std = r["health/volume_embedding_std"].as_f64().unwrap();
+        assert!(std > 0.0 && std <= 1.0, "{r}");
     }
 }
 

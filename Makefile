@@ -19,7 +19,7 @@ TORCH_ENV := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 endif
 
 MEDSSL := target/debug/medssl
-DEMO_CONFIG ?= configs/demo/contrastive.toml
+DEMO_CONFIG ?= configs/demo/joint_phantom.toml
 DEMO_RUN ?= runs/demo
 
 .PHONY: setup build demo test lint fmt clean-runs

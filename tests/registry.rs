@@ -7,22 +7,27 @@ use medssl_core::registry;
 
 use medssl_attention_pool as _;
 use medssl_deepcluster_v2 as _;
+use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
 use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
 use medssl_readers as _;
 use medssl_resnet as _;
+use medssl_slice_transformer as _;
 use medssl_swav as _;
 use medssl_vicreg as _;
 
 #[test]
 fn the_exact_set_of_components_is_registered() {
     assert_eq!(registry::encoders().names(), ["resnet18", "resnet34", "resnet50"]);
-    assert_eq!(registry::aggregators().names(), ["attention-pool", "mean-pool"]);
+    assert_eq!(
+        registry::aggregators().names(),
+        ["attention-pool", "deformable-attention", "full-attention", "mean-pool"]
+    );
     assert_eq!(
         registry::objectives().names(),
-        ["deepcluster-v2", "ntxent", "swav", "vicreg"]
+        ["deepcluster-v2", "masked-prediction", "ntxent", "swav", "vicreg"]
     );
     assert!(registry::heads().names().is_empty());
     assert_eq!(

@@ -24,6 +24,12 @@ pub trait Aggregator {
     /// Aggregates `[B, n, input_dim]`. `valid` (`[B, n]` bool), where given, marks real
     /// slices; padding slices must not change the volume embedding.
     fn forward(&self, slices: &Tensor, valid: Option<&Tensor>, train: bool) -> AggregatorOutput;
+    /// Whether each output slice depends on the other slices (attention across the
+    /// sequence). Objectives that predict a slice from its context (masked prediction) need
+    /// it; pooling aggregators that treat each slice alone do not offer it.
+    fn mixes_slices(&self) -> bool {
+        false
+    }
 }
 
 /// What the rest of the run asks of an aggregator.

@@ -1,6 +1,7 @@
 //! Builds a run's components from its config: the data pipeline, the encoder, the optional
 //! aggregator and the objectives, all under one variable store so that a checkpoint is the
-//! store plus the optimizer and objective state.
+//! store plus the optimizer and objective state. [`Backbone`] is the encoder and
+//! aggregator alone, which need no data: what evaluation rebuilds from a run's config.
 
 use crate::aggregator::{Aggregator, AggregatorShape};
 use crate::config::LoadedConfig;
@@ -52,22 +53,25 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
     Ok((pipeline, resolved))
 }
 
-/// The trainable part of a run.
-pub struct Model {
+/// The representation part of a run: the encoder (f_intra), the optional aggregator
+/// (f_inter) and what a slice contributes to the aggregator's sequence. It needs no data,
+/// so a run's representation can be rebuilt from its config alone, e.g. to evaluate a
+/// checkpoint on other data (`medssl eval`).
+pub struct Backbone {
     pub vs: nn::VarStore,
     pub encoder: Box<dyn Encoder>,
     pub aggregator: Option<Box<dyn Aggregator>>,
     /// What a slice contributes to a sequence the aggregator reads (Eq. 9).
     pub slice_features: SliceFeatures,
-    pub objectives: BTreeMap<String, Box<dyn Objective>>,
-    /// Each component section as resolved (defaults filled in), for the run's config.toml.
+    /// The encoder and aggregator sections as resolved (defaults filled in).
     pub resolved: Vec<(String, toml::Value)>,
 }
 
-impl Model {
-    /// Builds every component the config names, on `device`. `num_samples` sizes memory
-    /// banks.
-    pub fn build(cfg: &LoadedConfig, device: Device, num_samples: usize) -> Result<Model> {
+impl Backbone {
+    /// Builds the encoder and the aggregator the config names, on `device`, with their
+    /// variables under `encoder` and `aggregator`, as in [`Model`] (so checkpoint names
+    /// match).
+    pub fn build(cfg: &LoadedConfig, device: Device) -> Result<Backbone> {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let mut resolved = Vec::new();
@@ -123,6 +127,43 @@ impl Model {
                 (Some(aggregator), slice_features)
             }
         };
+        Ok(Backbone {
+            vs,
+            encoder,
+            aggregator,
+            slice_features,
+            resolved,
+        })
+    }
+}
+
+/// The trainable part of a run.
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub encoder: Box<dyn Encoder>,
+    pub aggregator: Option<Box<dyn Aggregator>>,
+    /// What a slice contributes to a sequence the aggregator reads (Eq. 9).
+    pub slice_features: SliceFeatures,
+    pub objectives: BTreeMap<String, Box<dyn Objective>>,
+    /// Each component section as resolved (defaults filled in), for the run's config.toml.
+    pub resolved: Vec<(String, toml::Value)>,
+}
+
+impl Model {
+    /// Builds every component the config names, on `device`. `num_samples` sizes memory
+    /// banks.
+    pub fn build(cfg: &LoadedConfig, device: Device, num_samples: usize) -> Result<Model> {
+        // The backbone first, then the objectives: the order variables are created in (and
+        // so what a seed initialises them to) is the same as before the split.
+        let Backbone {
+            vs,
+            encoder,
+            aggregator,
+            slice_features,
+            mut resolved,
+        } = Backbone::build(cfg, device)?;
+        let root = vs.root();
+        let views = cfg.run.data.views.resolved()?;
 
         let shape = ObjectiveShape {
             slice_dim: encoder.embedding_dim(),
@@ -148,6 +189,14 @@ impl Model {
                     "objective `{key}` ({}) consumes {:?}, which needs an aggregator; add an `[aggregator]` section",
                     section.name,
                     objective.consumes()
+                );
+            }
+            let context_free = aggregator.as_ref().is_some_and(|a| !a.mixes_slices());
+            if context_free && objective.consumes() == Consumes::SliceSequence {
+                let name = cfg.section("aggregator", "name")?.name;
+                bail!(
+                    "objective `{key}` ({}) predicts slices from their context through the aggregator, but aggregator `{name}` treats each slice alone; use one that attends across slices (e.g. deformable-attention, full-attention)",
+                    section.name
                 );
             }
             objectives.insert(key.clone(), objective);

@@ -138,6 +138,10 @@ pub struct StageConfig {
     /// slices for stage 1, volumes for stage 3.
     #[serde(default)]
     pub sources: Option<Vec<String>>,
+    /// Batch size of this stage (default: `data.loader.batch_size`), e.g. fewer volumes a
+    /// batch in the stages that run the aggregator than 2D images in stage 1.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
 }
 
 /// A loaded config: the merged layers, the typed top level and where the file was.

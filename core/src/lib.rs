@@ -1,7 +1,7 @@
 //! medssl-core: the four role traits (encoder, aggregator, objective, head) and the dataset
 //! role, their link-time registries, layered config, the data pipeline, the training loop
-//! with checkpoints and exact resume, and run metrics. No model code lives here: models are
-//! plugins that depend on this crate only.
+//! with checkpoints and exact resume, run metrics, and frozen-feature evaluation (probes).
+//! No model code lives here: models are plugins that depend on this crate only.
 
 pub mod aggregator;
 pub mod assemble;
@@ -11,12 +11,14 @@ pub mod config;
 pub mod dataset;
 pub mod device;
 pub mod encoder;
+pub mod eval;
 pub mod head;
 pub mod inspect;
 pub mod loader;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod probe;
 pub mod registry;
 pub mod rng;
 pub mod slice_features;

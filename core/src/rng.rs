@@ -31,6 +31,8 @@ pub mod domain {
     pub const STEP: u64 = 3;
     pub const INIT: u64 = 4;
     pub const SLICE: u64 = 5;
+    /// Frozen-feature evaluation: the label-fraction draw and the probe's initialisation.
+    pub const PROBE: u64 = 6;
 }
 
 #[cfg(test)]

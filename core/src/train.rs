@@ -42,6 +42,9 @@ pub struct Run {
     resolved_config: String,
 }
 
+/// Named scalars of one step (loss terms, health indicators).
+type Terms = Vec<(String, f64)>;
+
 /// A batch's embeddings, computed once per step and shared by every objective.
 struct Embedded {
     ids: Tensor,
@@ -159,9 +162,17 @@ impl Run {
         let (data, mut resolved) = assemble::data_pipeline(&cfg)?;
         let mut stage_data = Vec::new();
         for (i, stage) in cfg.run.stages.iter().enumerate() {
-            let pipeline = data
+            let mut pipeline = data
                 .restricted_to(stage.sources.as_deref())
                 .with_context(|| format!("config stages[{i}] (`{}`): `sources`", stage.name))?;
+            if let Some(batch_size) = stage.batch_size {
+                anyhow::ensure!(
+                    batch_size >= 1,
+                    "config stages[{i}] (`{}`): `batch_size` must be at least 1",
+                    stage.name
+                );
+                pipeline.loader.batch_size = batch_size;
+            }
             anyhow::ensure!(
                 pipeline.steps_per_epoch() > 0,
                 "config stages[{i}] (`{}`): its sources give {} samples an epoch: too few for one batch",
@@ -760,12 +771,7 @@ impl Run {
 
     /// The weighted sum of the stage's objectives over one batch, each term, and the
     /// embeddings' health.
-    fn loss(
-        &mut self,
-        stage: &StageConfig,
-        batch: &Batch,
-        progress: &Progress,
-    ) -> Result<(Tensor, Vec<(String, f64)>, Vec<(String, f64)>)> {
+    fn loss(&mut self, stage: &StageConfig, batch: &Batch, progress: &Progress) -> Result<(Tensor, Terms, Terms)> {
         let embedded = self.embed(stage, batch, false);
         let aggregator = self.model.aggregator.as_deref();
         let mut total: Option<Tensor> = None;

@@ -12,16 +12,21 @@ use medssl_core::train::{self, Run};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod aggregator_bench;
+mod bench_ssl;
+mod eval;
 mod sweep;
 
 use medssl_attention_pool as _;
 use medssl_deepcluster_v2 as _;
+use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
 use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
 use medssl_readers as _;
 use medssl_resnet as _;
+use medssl_slice_transformer as _;
 use medssl_swav as _;
 use medssl_vicreg as _;
 
@@ -88,6 +93,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Frozen-feature evaluation of a run: a linear or kNN probe on the encoder's (and
+    /// aggregator's) features of a labelled set, beside the same probe on a randomly
+    /// initialised backbone of the same architecture.
+    Eval {
+        #[command(subcommand)]
+        command: eval::EvalCommand,
+    },
     /// Continue a run from its latest checkpoint.
     Resume {
         /// The run directory.
@@ -108,6 +120,36 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// One forward and backward pass of an aggregator on random slice features, per slice
+    /// count (each in a fresh process): median time and memory.
+    AggregatorStep {
+        /// `deformable`, `full`, or a registered aggregator's name.
+        #[arg(long, default_value = "deformable")]
+        attention: String,
+        /// Slice counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
+        slices: Vec<i64>,
+        #[arg(long, default_value_t = 4)]
+        batch: i64,
+        /// Width of each slice's features (3904: ResNet-50's multi-level features, Eq. 9).
+        #[arg(long, default_value_t = 3904)]
+        input_dim: i64,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Override a key of the aggregator's default config: --set layers=2 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// libtorch intra-op threads (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A config's stage: the loader alone, then training steps on in-memory batches.
     Train {
         config: PathBuf,
@@ -135,6 +177,46 @@ enum BenchCommand {
         slices: i64,
         #[arg(long, default_value_t = 64)]
         size: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One SwAV training step: ResNet-50 (3 channels), projection 2048-2048-128, 3000
+    /// prototypes, crops 2 x 96 px + 4 x 48 px, SGD; median time per step and peak memory.
+    SwavStep {
+        #[arg(long, default_value_t = 16)]
+        batch: i64,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// DeepCluster-v2's clustering: spherical k-means of a bank of unit embeddings into
+    /// each prototype set.
+    Kmeans {
+        #[arg(long, default_value_t = 20000)]
+        samples: i64,
+        #[arg(long, default_value_t = 128)]
+        dim: i64,
+        /// Cluster count of each prototype set (repeatable or comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [3000, 3000, 3000])]
+        clusters: Vec<i64>,
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+        /// Times the whole clustering is repeated (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -314,6 +396,112 @@ fn execute(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench {
+            command:
+                BenchCommand::SwavStep {
+                    batch,
+                    warmup,
+                    steps,
+                    device,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(
+                batch >= 2 && steps >= 1,
+                "--batch must be at least 2 (batch norm) and --steps at least 1"
+            );
+            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let bench = bench_ssl::swav_step(&bench_ssl::SwavStep {
+                batch,
+                warmup,
+                steps,
+                device,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&bench)?);
+            } else {
+                println!(
+                    "swav step, batch {batch}: {:.1} ms median of {steps} (min {:.1}, max {:.1}); peak memory {:.0} MiB",
+                    bench.ms_per_step,
+                    bench.min_ms,
+                    bench.max_ms,
+                    bench.peak_rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Kmeans {
+                    samples,
+                    dim,
+                    clusters,
+                    iterations,
+                    repeats,
+                    device,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(
+                samples >= 1
+                    && dim >= 1
+                    && !clusters.is_empty()
+                    && clusters.iter().all(|&k| (1..=samples).contains(&k)),
+                "--samples and --dim must be positive and every --clusters value between 1 and --samples"
+            );
+            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let bench = bench_ssl::kmeans(&bench_ssl::KmeansBench {
+                samples,
+                dim,
+                clusters,
+                iterations,
+                repeats,
+                device,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&bench)?);
+            } else {
+                println!(
+                    "k-means of {samples} x {dim} into {:?}, {iterations} iterations: {:.0} ms (median of {}); peak memory {:.0} MiB",
+                    bench.clusters,
+                    bench.ms,
+                    bench.repeats,
+                    bench.peak_rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::AggregatorStep {
+                    attention,
+                    slices,
+                    batch,
+                    input_dim,
+                    steps,
+                    warmup,
+                    set,
+                    threads,
+                    json,
+                },
+        } => {
+            let report = aggregator_bench::run(&aggregator_bench::Options {
+                attention,
+                slices,
+                batch,
+                input_dim,
+                steps,
+                warmup,
+                set,
+                threads,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                aggregator_bench::print(&report);
+            }
+            Ok(())
+        }
         Command::Data {
             command: DataCommand::Inspect { path, format, limit },
         } => {
@@ -321,6 +509,7 @@ fn execute(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Eval { command } => eval::run(command),
         Command::Resume { run_dir } => {
             let config = run_dir.join(train::CONFIG_FILE);
             let cfg = LoadedConfig::load_resolved(&config)

@@ -46,11 +46,9 @@ pub struct SwavConfig {
     /// Embeddings of earlier batches kept per global view for the codes (0: no queue).
     pub queue_length: usize,
     /// First epoch of a stage at which the queue is filled and used; before it, it is empty.
+    /// The queue keeps one FIFO per global view of the run (`data.views.slice_views` at the
+    /// slice level, `data.views.volume_views` at the volume level).
     pub queue_start_epoch: usize,
-    /// Number of global views the queue keeps a FIFO for: must equal the run's global views
-    /// (`data.views.slice_views` at the slice level, `data.views.volume_views` at the volume
-    /// level), which an objective cannot see when it is built.
-    pub queue_views: usize,
 }
 
 impl Default for SwavConfig {
@@ -67,7 +65,6 @@ impl Default for SwavConfig {
             freeze_prototypes_steps: 313,
             queue_length: 0,
             queue_start_epoch: 15,
-            queue_views: 2,
         }
     }
 }
@@ -78,7 +75,9 @@ pub struct SwavObjective {
     projector: nn::SequentialT,
     /// `[K, output_dim]`, rows of unit norm.
     prototypes: Tensor,
-    /// `[queue_views, queue_length, output_dim]`, newest rows first; absent without a queue.
+    /// Global views per sample at the objective's level: the codes' views, one queue each.
+    global_views: usize,
+    /// `[global_views, queue_length, output_dim]`, newest rows first; absent without a queue.
     queue: Option<Tensor>,
     /// Filled rows of each view's queue (checkpointed through `state`).
     filled: Vec<usize>,
@@ -112,9 +111,12 @@ impl SwavObjective {
             cfg.sinkhorn_iterations > 0,
             "swav: `sinkhorn_iterations` must be at least 1"
         );
+        let global_views = cfg.level.global_views(shape);
         ensure!(
-            cfg.queue_length == 0 || cfg.queue_views > 0,
-            "swav: `queue_views` must be at least 1 when `queue_length` is set"
+            global_views > 0,
+            "swav: the run makes no global views at the {:?} level ({}): the codes need at least one",
+            cfg.level,
+            global_views_key(cfg.level)
         );
         let projector = nn::seq_t()
             .add(nn::linear(
@@ -147,17 +149,15 @@ impl SwavObjective {
         .ws;
         normalize_rows_(&prototypes);
         let (queue, filled) = if cfg.queue_length > 0 {
-            let queue = p.zeros_no_train(
-                "queue",
-                &[cfg.queue_views as i64, cfg.queue_length as i64, cfg.output_dim],
-            );
-            (Some(queue), vec![0; cfg.queue_views])
+            let queue = p.zeros_no_train("queue", &[global_views as i64, cfg.queue_length as i64, cfg.output_dim]);
+            (Some(queue), vec![0; global_views])
         } else {
             (None, Vec::new())
         };
         Ok(SwavObjective {
             cfg,
             consumes,
+            global_views,
             projector,
             prototypes,
             queue,
@@ -187,6 +187,14 @@ impl SwavObjective {
                 self.filled[i] = (self.filled[i] + z.size()[0] as usize).min(self.cfg.queue_length);
             }
         });
+    }
+}
+
+/// The config key that sets the number of global views at `level`.
+fn global_views_key(level: ViewLevel) -> &'static str {
+    match level {
+        ViewLevel::Slice => "data.views.slice_views",
+        ViewLevel::Volume => "data.views.volume_views",
     }
 }
 
@@ -294,22 +302,15 @@ impl Objective for SwavObjective {
             ViewLevel::Slice => input.global_slice_views,
             ViewLevel::Volume => views.len(),
         };
+        // The runner supplies the view counts it announced at build time; a mismatch is a
+        // bug in whatever calls the objective, reported rather than indexed past.
         ensure!(
-            (1..=views.len()).contains(&global),
-            "swav: {global} global views of {} (data.views.slice_views): codes need at least one",
+            global == self.global_views && global <= views.len(),
+            "swav: built for {} global views ({}), but this step has {global} global of {} views",
+            self.global_views,
+            global_views_key(self.cfg.level),
             views.len()
         );
-        if self.queue.is_some() {
-            ensure!(
-                global == self.cfg.queue_views,
-                "swav: `queue_views` is {} but the run has {global} global views (data.views.{}); set queue_views = {global}",
-                self.cfg.queue_views,
-                match self.cfg.level {
-                    ViewLevel::Slice => "slice_views",
-                    ViewLevel::Volume => "volume_views",
-                }
-            );
-        }
         // One pass of the head over every view, as SwAV's reference code does.
         let sizes: Vec<i64> = views.iter().map(|v| v.size()[0]).collect();
         let z = Tensor::cat(views, 0).apply_t(&self.projector, true);
@@ -400,9 +401,9 @@ impl Objective for SwavObjective {
             .transpose()?
             .context("swav: state has no `queue_filled`")?;
         ensure!(
-            filled.len() == self.cfg.queue_views && filled.iter().all(|&f| f <= self.cfg.queue_length),
+            filled.len() == self.global_views && filled.iter().all(|&f| f <= self.cfg.queue_length),
             "swav: state's queue_filled {filled:?} does not fit {} queues of {} rows",
-            self.cfg.queue_views,
+            self.global_views,
             self.cfg.queue_length
         );
         self.filled = filled;
@@ -577,6 +578,75 @@ mod tests {
                 prop_assert!((g - w).abs() < 1e-4, "{} vs {}", g, w);
             }
         }
+    }
+
+    /// The fixture that tests/fixtures/make_reference.py writes from a PyTorch implementation.
+    fn pytorch_reference() -> serde_json::Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/clustering_reference.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// A `{"shape": [..], "data": [..]}` entry as an f32 tensor.
+    fn fixture_tensor(entry: &serde_json::Value) -> Tensor {
+        let shape: Vec<i64> = serde_json::from_value(entry["shape"].clone()).unwrap();
+        let data: Vec<f64> = serde_json::from_value(entry["data"].clone()).unwrap();
+        Tensor::from_slice(&data).view(shape.as_slice()).to_kind(Kind::Float)
+    }
+
+    fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.size(), want.size(), "{what}");
+        let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-5, "{what}: off by {diff}");
+    }
+
+    #[test]
+    fn codes_and_loss_match_the_pytorch_reference() {
+        let fixture = pytorch_reference();
+        let epsilon = fixture["epsilon"].as_f64().unwrap();
+        let iterations = fixture["sinkhorn_iterations"].as_u64().unwrap() as usize;
+        let temperature = fixture["temperature"].as_f64().unwrap();
+        let swav = &fixture["swav"];
+        let scores: Vec<Tensor> = swav["scores"].as_array().unwrap().iter().map(fixture_tensor).collect();
+        let want_codes: Vec<Tensor> = swav["codes"].as_array().unwrap().iter().map(fixture_tensor).collect();
+        let global = swav["global_views"].as_u64().unwrap() as usize;
+        assert_eq!((scores.len(), want_codes.len()), (6, global));
+
+        let got_codes: Vec<Tensor> = scores[..global]
+            .iter()
+            .map(|s| codes(s, None, epsilon, iterations))
+            .collect();
+        for (i, (got, want)) in got_codes.iter().zip(&want_codes).enumerate() {
+            assert_close(got, want, &format!("codes of global view {i}"));
+            assert_close(
+                &sinkhorn_knopp(&(&scores[i] / epsilon), iterations),
+                want,
+                "sinkhorn_knopp",
+            );
+        }
+        let want_loss = swav["loss"].as_f64().unwrap();
+        // From the reference's codes (the loss alone) and from ours (codes and loss).
+        for (which, q) in [("reference codes", &want_codes), ("our codes", &got_codes)] {
+            let loss = swapped_prediction(&scores, q, temperature).double_value(&[]);
+            assert!((loss - want_loss).abs() < 1e-5, "{which}: {loss} vs {want_loss}");
+        }
+        let queued = codes(
+            &scores[0],
+            Some(&fixture_tensor(&swav["queue_scores"])),
+            epsilon,
+            iterations,
+        );
+        assert_close(
+            &queued,
+            &fixture_tensor(&swav["codes_with_queue"]),
+            "codes with a queue",
+        );
     }
 
     #[test]
@@ -822,7 +892,36 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_for_the_wrong_number_of_global_views_is_a_clear_error() {
+    fn the_queue_has_one_fifo_per_global_view_of_the_run() {
+        // 3 global 2D views and 1 local one at the slice level; 4 volume views at the volume
+        // level: the queue follows what core reports, with no key to keep in step.
+        let shape = ObjectiveShape {
+            global_slice_views: 3,
+            local_slice_views: 1,
+            volume_views: 4,
+            ..shape(7, Some(9))
+        };
+        for (level, want) in [(ViewLevel::Slice, 3), (ViewLevel::Volume, 4)] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let cfg = SwavConfig {
+                level,
+                ..queue_config()
+            };
+            let obj = SwavObjective::new(vs.root(), cfg, &shape).unwrap();
+            assert_eq!(obj.queue.as_ref().unwrap().size(), [want, 5, 6], "{level:?}");
+            assert_eq!(obj.filled, vec![0; want as usize]);
+        }
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut obj = SwavObjective::new(vs.root(), queue_config(), &shape).unwrap();
+        let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let v = views(3, 7, 4, 5);
+        let loss = obj.loss(&input(&ids, &v, 3), &progress(1, 0)).unwrap();
+        assert!(loss.total.double_value(&[]).is_finite());
+        assert_eq!(obj.filled, [3, 3, 3]);
+    }
+
+    #[test]
+    fn a_step_with_other_global_views_than_announced_is_a_clear_error() {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut obj = SwavObjective::new(vs.root(), queue_config(), &shape(7, None)).unwrap();
         let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
@@ -832,7 +931,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("queue_views") && err.contains("slice_views"), "{err}");
+        assert!(
+            err.contains("built for 2 global views") && err.contains("data.views.slice_views"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -907,19 +1009,24 @@ mod tests {
                 },
                 "output_dim",
             ),
-            (
-                SwavConfig {
-                    queue_length: 4,
-                    queue_views: 0,
-                    ..small_config()
-                },
-                "queue_views",
-            ),
         ];
         for (cfg, key) in cases {
             let err = build(cfg, Some(8));
             assert!(err.contains(key), "{err}");
         }
+        let vs = nn::VarStore::new(Device::Cpu);
+        let no_global = ObjectiveShape {
+            global_slice_views: 0,
+            ..shape(8, None)
+        };
+        let err = SwavObjective::new(vs.root(), small_config(), &no_global)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("no global views") && err.contains("data.views.slice_views"),
+            "{err}"
+        );
         let err = build(
             SwavConfig {
                 level: ViewLevel::Volume,

@@ -1,0 +1,94 @@
+//! Every config shipped under configs/ loads and builds: layered loading, every component
+//! built from its section, data sources opened, stages checked against the objectives (what
+//! `medssl check` does before its forward pass, which is left out here to stay cheap). A sweep
+//! file (a `base` config and `[[variants]]`) is checked as its base with each variant's `set`.
+//! Configs that read ../shared/data are skipped, saying so, where that folder is absent.
+
+use medssl_core::config::LoadedConfig;
+use medssl_core::train::Run;
+use std::path::{Path, PathBuf};
+
+use medssl_attention_pool as _;
+use medssl_deepcluster_v2 as _;
+use medssl_masked_prediction as _;
+use medssl_mean_pool as _;
+use medssl_nifti_reader as _;
+use medssl_ntxent as _;
+use medssl_phantom as _;
+use medssl_readers as _;
+use medssl_resnet as _;
+use medssl_slice_transformer as _;
+use medssl_swav as _;
+use medssl_vicreg as _;
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("runners/ sits in the repository")
+        .to_path_buf()
+}
+
+fn toml_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            toml_files(&path, found);
+        } else if path.extension().is_some_and(|x| x == "toml") {
+            found.push(path);
+        }
+    }
+}
+
+/// The run configs a file stands for, each with its `--set` overrides: the file itself, or a
+/// sweep's base once per variant.
+fn runs_of(file: &Path) -> Vec<(PathBuf, Vec<String>)> {
+    let text = std::fs::read_to_string(file).unwrap();
+    let table: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let Some(base) = table.get("base").and_then(|b| b.as_str()) else {
+        return vec![(file.to_path_buf(), Vec::new())];
+    };
+    let base = file.parent().unwrap().join(base);
+    let variants = table
+        .get("variants")
+        .and_then(|v| v.as_array())
+        .unwrap_or_else(|| panic!("{}: a sweep file with no [[variants]]", file.display()));
+    variants
+        .iter()
+        .map(|variant| {
+            let set = variant
+                .get("set")
+                .and_then(|s| s.as_array())
+                .map(|s| s.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default();
+            (base.clone(), set)
+        })
+        .collect()
+}
+
+#[test]
+fn every_shipped_config_loads_and_builds() {
+    let root = repository();
+    let shared_data = root.join("../shared/data").is_dir();
+    let mut files = Vec::new();
+    toml_files(&root.join("configs"), &mut files);
+    assert!(files.len() >= 3, "found only {files:?}");
+    let mut checked = 0;
+    for file in files {
+        for (config, set) in runs_of(&file) {
+            let text = std::fs::read_to_string(&config).unwrap();
+            if !shared_data && text.contains("shared/data") {
+                eprintln!("skipped {} (reads ../shared/data, absent here)", config.display());
+                continue;
+            }
+            let what = format!("{} (from {}, --set {set:?})", config.display(), file.display());
+            let loaded = LoadedConfig::load(&config, &set).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            Run::prepare(loaded).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no config was checked");
+}

@@ -1,0 +1,263 @@
+//! `medssl eval linear|knn` end to end: a tiny run pre-trained for a few steps, evaluated on
+//! small generated MedMNIST-style archives (2D and 3D), and the errors a user can cause.
+
+mod common;
+
+use common::{assert_fails_with, medssl, write, TINY};
+use medssl_core::assemble::{Backbone, Model};
+use medssl_core::config::LoadedConfig;
+use medssl_core::rng::{self, domain};
+use npyz::npz::NpzWriter;
+use npyz::WriterBuilder;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+use medssl_mean_pool as _;
+use medssl_ntxent as _;
+use medssl_phantom as _;
+use medssl_readers as _;
+use medssl_resnet as _;
+
+/// TINY trained for one epoch a stage: 4 steps.
+fn config() -> String {
+    TINY.replace("epochs = 2", "epochs = 1")
+}
+
+fn add<W: std::io::Write + std::io::Seek>(npz: &mut NpzWriter<W>, name: &str, shape: &[u64], data: &[u8]) {
+    let options = npyz::zip::write::FileOptions::default().compression_method(npyz::zip::CompressionMethod::Deflated);
+    let mut writer = npz
+        .array::<u8>(name, options)
+        .unwrap()
+        .default_dtype()
+        .shape(shape)
+        .begin_nd()
+        .unwrap();
+    for value in data {
+        writer.push(value).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+/// `n` samples of `depth` x 12 x 12 (depth 0: 2D images) and their labels: class 1 has a
+/// bright square whose place varies, class 0 only noise.
+fn samples(n: usize, depth: usize, offset: usize) -> (Vec<u8>, Vec<u8>) {
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let label = (i % 2) as u8;
+        let corner = (i + offset) % 5;
+        for _ in 0..depth.max(1) {
+            for y in 0..12 {
+                for x in 0..12 {
+                    let noise = ((i * 131 + y * 17 + x * 7 + offset) % 23) as u8;
+                    let inside = (corner..corner + 6).contains(&y) && (corner..corner + 6).contains(&x);
+                    images.push(if label == 1 && inside { 200 + noise } else { noise });
+                }
+            }
+        }
+        labels.push(label);
+    }
+    (images, labels)
+}
+
+/// A MedMNIST-style archive with `train` and `val` splits; without labels if `labelled`
+/// is false.
+fn archive(dir: &Path, name: &str, depth: usize, labelled: bool) -> PathBuf {
+    let path = dir.join(name);
+    let mut npz = NpzWriter::create(&path).unwrap();
+    for (split, n, offset) in [("train", 24, 0), ("val", 12, 3)] {
+        let (images, labels) = samples(n, depth, offset);
+        let mut shape = vec![n as u64];
+        if depth > 0 {
+            shape.push(depth as u64);
+        }
+        shape.extend([12, 12]);
+        add(&mut npz, &format!("{split}_images"), &shape, &images);
+        if labelled {
+            add(&mut npz, &format!("{split}_labels"), &[n as u64, 1], &labels);
+        }
+    }
+    path
+}
+
+fn eval(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut cmd = medssl();
+    cmd.arg("eval");
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
+fn unit(value: &Value, what: &str) -> f64 {
+    let v = value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"));
+    assert!((0.0..=1.0).contains(&v), "{what} = {v} is outside [0, 1]");
+    v
+}
+
+#[test]
+fn eval_reports_pretrained_random_init_and_raw_pixels_for_images_and_volumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = medssl()
+        .arg("run")
+        .arg(write(tmp.path(), "c.toml", &config()))
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let images = archive(tmp.path(), "images.npz", 0, true);
+    let volumes = archive(tmp.path(), "volumes.npz", 5, true);
+
+    // 2D images, linear probe, two seeds on half the labels, raw-pixel baseline.
+    let out = eval(&[
+        &"linear",
+        &run,
+        &"--train",
+        &images,
+        &"--train-split",
+        &"train",
+        &"--eval",
+        &images,
+        &"--eval-split",
+        &"val",
+        &"--label-fraction",
+        &"0.5",
+        &"--seeds",
+        &"2",
+        &"--raw-pixels",
+        &"--epochs",
+        &"50",
+        &"--device",
+        &"cpu",
+        &"--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    for row in ["pretrained", "random_init", "raw_pixels"] {
+        for key in ["acc", "auc", "acc_std", "auc_std"] {
+            unit(&report[row][key], &format!("{row}.{key}"));
+        }
+        let runs = report[row]["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2, "{row}: one entry a seed");
+        let mean = runs.iter().map(|r| unit(&r["acc"], "acc")).sum::<f64>() / 2.0;
+        assert!(
+            (mean - report[row]["acc"].as_f64().unwrap()).abs() < 1e-9,
+            "{row}: acc is the mean"
+        );
+        // Half of 12 samples a class: 6 + 6.
+        assert_eq!(runs[0]["train_labels"], 12);
+    }
+    assert_eq!(report["setup"]["step"], 4);
+    assert_eq!(report["setup"]["raw_dim"], 24 * 24, "images resized to slice_size 24");
+    assert_eq!(report["setup"]["train"]["class_counts"], serde_json::json!([12, 12]));
+
+    // Volumes through the aggregator, kNN, from the checkpoint folder; one seed: no std.
+    let checkpoint = run.join("checkpoints/step-00000004");
+    let out = eval(&[
+        &"knn",
+        &checkpoint,
+        &"--train",
+        &volumes,
+        &"--eval",
+        &volumes,
+        &"--k",
+        &"3",
+        &"--device",
+        &"cpu",
+        &"--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    for row in ["pretrained", "random_init"] {
+        unit(&report[row]["acc"], "acc");
+        unit(&report[row]["auc"], "auc");
+        assert!(report[row].get("acc_std").is_none() && report[row].get("runs").is_none());
+    }
+    assert!(report.get("raw_pixels").is_none());
+    assert!(
+        report["setup"]["embedding"].as_str().unwrap().contains("mean-pool"),
+        "{}",
+        report["setup"]
+    );
+    assert_eq!(report["setup"]["eval"]["split"], "val");
+
+    // The human-readable table names every row.
+    let out = eval(&[
+        &"knn",
+        &run,
+        &"--train",
+        &images,
+        &"--eval",
+        &images,
+        &"--device",
+        &"cpu",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let table = common::stdout(&out);
+    assert!(
+        table.contains("pretrained") && table.contains("random init") && table.contains("AUC"),
+        "{table}"
+    );
+
+    // Errors: a fraction outside (0, 1], an unlabelled set, a missing split, a checkpoint
+    // from another architecture.
+    let base: [&dyn AsRef<std::ffi::OsStr>; 6] = [&"linear", &run, &"--train", &images, &"--eval", &images];
+    let with = |extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = base.to_vec();
+        args.extend_from_slice(extra);
+        eval(&args)
+    };
+    assert_fails_with(&with(&[&"--label-fraction", &"1.5"]), &["--label-fraction", "(0, 1]"]);
+    let unlabelled = archive(tmp.path(), "unlabelled.npz", 0, false);
+    let out = eval(&[&"knn", &run, &"--train", &unlabelled, &"--eval", &images]);
+    assert_fails_with(&out, &["no class label", "--train"]);
+    assert_fails_with(
+        &with(&[&"--eval-split", &"test"]),
+        &["--eval-split test", "splits present: train, val"],
+    );
+    let other = run.join("config.toml");
+    let wider = write(
+        tmp.path(),
+        "wider.toml",
+        &std::fs::read_to_string(&other)
+            .unwrap()
+            .replace("base_width = 4", "base_width = 8"),
+    );
+    let out = with(&[&"--config", &wider]);
+    assert_fails_with(&out, &["model.encoder.", "has shape", "another architecture"]);
+    let err = common::stderr(&out);
+    assert!(err.contains("[4") && err.contains("[8"), "both shapes: {err}");
+}
+
+/// The backbone is built as the run's model builds its encoder and aggregator: same
+/// variable names, and under the run's initialisation seed the same values, so the
+/// random-init row is the run's own starting point.
+#[test]
+fn the_backbone_is_the_models_encoder_and_aggregator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = LoadedConfig::load(&write(tmp.path(), "c.toml", &config()), &[]).unwrap();
+    let seed = rng::derive(cfg.run.seed, &[domain::INIT]) as i64;
+    tch::manual_seed(seed);
+    let model = Model::build(&cfg, tch::Device::Cpu, 8).unwrap();
+    tch::manual_seed(seed);
+    let backbone = Backbone::build(&cfg, tch::Device::Cpu).unwrap();
+    let model_vars = model.vs.variables();
+    let mut names: Vec<String> = backbone.vs.variables().into_keys().collect();
+    names.sort();
+    assert!(names.iter().any(|n| n.starts_with("encoder.")));
+    for name in &names {
+        let a = &backbone.vs.variables()[name];
+        let b = model_vars
+            .get(name)
+            .unwrap_or_else(|| panic!("`{name}` is not a model variable"));
+        assert!(a.equal(b), "`{name}` differs");
+    }
+    let backbone_parts = model_vars
+        .keys()
+        .filter(|n| n.starts_with("encoder.") || n.starts_with("aggregator."))
+        .count();
+    assert_eq!(backbone_parts, names.len());
+}

@@ -241,7 +241,7 @@ fn the_backbone_is_the_models_encoder_and_aggregator() {
     let cfg = LoadedConfig::load(&write(tmp.path(), "c.toml", &config()), &[]).unwrap();
     let seed = rng::derive(cfg.run.seed, &[domain::INIT]) as i64;
     tch::manual_seed(seed);
-    let model = Model::build(&cfg, tch::Device::Cpu, 8).unwrap();
+    let model = Model::build(&cfg, Backbone::build(&cfg, tch::Device::Cpu).unwrap(), 8).unwrap();
     tch::manual_seed(seed);
     let backbone = Backbone::build(&cfg, tch::Device::Cpu).unwrap();
     let model_vars = model.vs.variables();

@@ -159,6 +159,20 @@ fn joint_config_errors_name_the_key() {
         msg.contains("aggregator.levels") && msg.contains("layer9") && msg.contains("layer4"),
         "{msg}"
     );
+    // Checked before any data is opened: a source that does not exist is not what fails.
+    let err = prepare(
+        tmp.path(),
+        JOINT,
+        &[
+            "aggregator.levels=[\"layer9\"]",
+            "data.sources.phantom.format=\"nifti\"",
+            "data.sources.phantom.path=\"/no/such/folder\"",
+        ],
+    )
+    .err()
+    .unwrap();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("layer9") && !msg.contains("/no/such/folder"), "{msg}");
     let err = prepare(tmp.path(), JOINT, &["stages.1.objectives.volumes=-1"])
         .err()
         .unwrap();

@@ -150,18 +150,16 @@ pub struct Model {
 }
 
 impl Model {
-    /// Builds every component the config names, on `device`. `num_samples` sizes memory
-    /// banks.
-    pub fn build(cfg: &LoadedConfig, device: Device, num_samples: usize) -> Result<Model> {
-        // The backbone first, then the objectives: the order variables are created in (and
-        // so what a seed initialises them to) is the same as before the split.
+    /// Builds the objectives the config names on top of `backbone`. `num_samples` sizes
+    /// memory banks.
+    pub fn build(cfg: &LoadedConfig, backbone: Backbone, num_samples: usize) -> Result<Model> {
         let Backbone {
             vs,
             encoder,
             aggregator,
             slice_features,
             mut resolved,
-        } = Backbone::build(cfg, device)?;
+        } = backbone;
         let root = vs.root();
         let views = cfg.run.data.views.resolved()?;
 

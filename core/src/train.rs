@@ -6,7 +6,7 @@
 //! (seed, epoch, sample id, view). A checkpoint records where the run is (stage, steps done
 //! in it), the variables, the optimizer buffers and each objective's state.
 
-use crate::assemble::{self, Model};
+use crate::assemble::{self, Backbone, Model};
 use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
 use crate::config::{describe_error, LoadedConfig, OptimizerConfig, StageConfig};
 use crate::loader::{Batch, DataPipeline, Needs};
@@ -159,6 +159,11 @@ impl Run {
         if cfg.run.run.threads > 0 {
             tch::set_num_threads(cfg.run.run.threads);
         }
+        // The encoder and aggregator first: their config errors (levels the encoder lacks,
+        // widths that do not fit, fewer slices than a layer needs) come before any data is
+        // opened.
+        tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
+        let backbone = Backbone::build(&cfg, device)?;
         let (data, mut resolved) = assemble::data_pipeline(&cfg)?;
         let mut stage_data = Vec::new();
         for (i, stage) in cfg.run.stages.iter().enumerate() {
@@ -181,8 +186,7 @@ impl Run {
             );
             stage_data.push(pipeline);
         }
-        tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
-        let model = Model::build(&cfg, device, data.num_samples())?;
+        let model = Model::build(&cfg, backbone, data.num_samples())?;
         resolved.extend(model.resolved.iter().cloned());
         let resolved_config = cfg.resolved_toml(&resolved)?;
         let run = Run {

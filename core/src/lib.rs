@@ -37,7 +37,7 @@ pub mod prelude {
     pub use crate::config::Section;
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
-    pub use crate::head::{Head, HeadEntry, HeadShape};
+    pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Task};
     pub use crate::objective::{
         Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
     };

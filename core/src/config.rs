@@ -250,40 +250,7 @@ impl figment::Provider for Override {
 impl LoadedConfig {
     /// Loads `path` with the environment and `--set` layers on top.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        if !path.is_file() {
-            bail!("config file `{}` does not exist or is not a file", path.display());
-        }
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read config file `{}`", path.display()))?;
-        if let Err(e) = toml::from_str::<toml::Table>(&text) {
-            bail!("config file `{}` is not valid TOML: {e}", path.display());
-        }
-        let mut figment = Figment::new()
-            .merge(Serialized::defaults(builtin_defaults()))
-            .merge(Toml::file_exact(path))
-            .merge(
-                Env::prefixed("MEDSSL_")
-                    .split("__")
-                    .map(|k| k.as_str().to_lowercase().into()),
-            );
-        for raw in overrides {
-            let (key, value) = parse_override(raw)?;
-            let dict = if key.split('.').any(|part| part.parse::<usize>().is_ok()) {
-                // An array element (`stages.0.epochs`): figment merges arrays whole, so the
-                // override carries the whole top-level value with the element replaced.
-                let top = key.split('.').next().unwrap_or_default();
-                let mut current = figment
-                    .find_value(top)
-                    .map_err(|_| anyhow!("--set `{raw}`: the config has no `{top}` to index into"))?;
-                let rest: Vec<&str> = key.split('.').skip(1).collect();
-                set_path(&mut current, &rest, value).map_err(|e| anyhow!("--set `{raw}`: {e}"))?;
-                nest(top, current)
-            } else {
-                nest(&key, value)
-            };
-            figment = figment.merge(Override { raw: raw.clone(), dict });
-        }
-        Self::from_figment(figment)
+        Self::from_figment(layered(path, builtin_defaults(), overrides)?)
     }
 
     /// Loads a config that a run directory saved (already resolved: no env, no overrides).
@@ -305,28 +272,7 @@ impl LoadedConfig {
     /// The component section at dotted `key`, whose component is picked by `selector`
     /// (`name` for models and objectives, `format` for datasets).
     pub fn section(&self, key: &str, selector: &'static str) -> Result<Section> {
-        let value = self
-            .figment
-            .find_value(key)
-            .map_err(|_| anyhow!("config: the section `[{key}]` is missing"))?;
-        let Value::Dict(tag, mut dict) = value else {
-            bail!("config: `{key}` must be a table with a `{selector}` key");
-        };
-        let name = match dict.remove(selector) {
-            Some(Value::String(_, name)) => name,
-            Some(other) => bail!(
-                "config key `{key}.{selector}` must be a string naming a component, found {}",
-                describe_value(&other)
-            ),
-            None => bail!("config section `[{key}]` has no `{selector}` key naming its component"),
-        };
-        Ok(Section {
-            key: key.to_string(),
-            name,
-            body: Value::Dict(tag, dict),
-            figment: self.figment.clone(),
-            paths: Default::default(),
-        })
+        section_of(&self.figment, key, selector)
     }
 
     /// Parses the value at dotted `key` into `T`, with errors that name the key's source.
@@ -339,25 +285,93 @@ impl LoadedConfig {
     /// The whole resolved config, with every selected component's defaults filled in, as
     /// TOML: what the run directory keeps.
     pub fn resolved_toml(&self, filled: &[(String, toml::Value)]) -> Result<String> {
-        let mut root: toml::Table = self
-            .figment
-            .extract()
-            .map_err(|e| describe_error(&self.figment, e, ""))?;
-        for (key, value) in filled {
-            let mut table = &mut root;
-            let mut parts: Vec<&str> = key.split('.').collect();
-            let last = parts.pop().unwrap_or_default();
-            for part in parts {
-                table = table
-                    .entry(part.to_string())
-                    .or_insert_with(|| toml::Value::Table(Default::default()))
-                    .as_table_mut()
-                    .ok_or_else(|| anyhow!("config key `{key}` is not a table"))?;
-            }
-            table.insert(last.to_string(), value.clone());
-        }
-        Ok(toml::to_string_pretty(&root)?)
+        resolved_toml_of(&self.figment, filled)
     }
+}
+
+/// The whole config of `figment` with `filled` (component sections with their defaults)
+/// laid in at their dotted keys, as TOML.
+pub fn resolved_toml_of(figment: &Figment, filled: &[(String, toml::Value)]) -> Result<String> {
+    let mut root: toml::Table = figment.extract().map_err(|e| describe_error(figment, e, ""))?;
+    for (key, value) in filled {
+        let mut table = &mut root;
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap_or_default();
+        for part in parts {
+            table = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or_else(|| anyhow!("config key `{key}` is not a table"))?;
+        }
+        table.insert(last.to_string(), value.clone());
+    }
+    Ok(toml::to_string_pretty(&root)?)
+}
+
+/// The layers of the config file `path`: `defaults` < the file < `MEDSSL_` environment
+/// variables (`__` separates keys) < each `--set KEY=VALUE` in `overrides`, in order.
+pub fn layered(path: &Path, defaults: Value, overrides: &[String]) -> Result<Figment> {
+    if !path.is_file() {
+        bail!("config file `{}` does not exist or is not a file", path.display());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read config file `{}`", path.display()))?;
+    if let Err(e) = toml::from_str::<toml::Table>(&text) {
+        bail!("config file `{}` is not valid TOML: {e}", path.display());
+    }
+    let mut figment = Figment::new()
+        .merge(Serialized::defaults(defaults))
+        .merge(Toml::file_exact(path))
+        .merge(
+            Env::prefixed("MEDSSL_")
+                .split("__")
+                .map(|k| k.as_str().to_lowercase().into()),
+        );
+    for raw in overrides {
+        let (key, value) = parse_override(raw)?;
+        let dict = if key.split('.').any(|part| part.parse::<usize>().is_ok()) {
+            // An array element (`stages.0.epochs`): figment merges arrays whole, so the
+            // override carries the whole top-level value with the element replaced.
+            let top = key.split('.').next().unwrap_or_default();
+            let mut current = figment
+                .find_value(top)
+                .map_err(|_| anyhow!("--set `{raw}`: the config has no `{top}` to index into"))?;
+            let rest: Vec<&str> = key.split('.').skip(1).collect();
+            set_path(&mut current, &rest, value).map_err(|e| anyhow!("--set `{raw}`: {e}"))?;
+            nest(top, current)
+        } else {
+            nest(&key, value)
+        };
+        figment = figment.merge(Override { raw: raw.clone(), dict });
+    }
+    Ok(figment)
+}
+
+/// The component section at dotted `key` of `figment`, whose component is picked by
+/// `selector` (`name` for models and objectives, `format` for datasets).
+pub fn section_of(figment: &Figment, key: &str, selector: &'static str) -> Result<Section> {
+    let value = figment
+        .find_value(key)
+        .map_err(|_| anyhow!("config: the section `[{key}]` is missing"))?;
+    let Value::Dict(tag, mut dict) = value else {
+        bail!("config: `{key}` must be a table with a `{selector}` key");
+    };
+    let name = match dict.remove(selector) {
+        Some(Value::String(_, name)) => name,
+        Some(other) => bail!(
+            "config key `{key}.{selector}` must be a string naming a component, found {}",
+            describe_value(&other)
+        ),
+        None => bail!("config section `[{key}]` has no `{selector}` key naming its component"),
+    };
+    Ok(Section {
+        key: key.to_string(),
+        name,
+        body: Value::Dict(tag, dict),
+        figment: figment.clone(),
+        paths: Default::default(),
+    })
 }
 
 /// A component section: the chosen component's name and its own keys, not yet parsed.

@@ -33,6 +33,8 @@ pub mod domain {
     pub const SLICE: u64 = 5;
     /// Frozen-feature evaluation: the label-fraction draw and the probe's initialisation.
     pub const PROBE: u64 = 6;
+    /// Fine-tuning: the label-fraction draw, the head's initialisation, data order, flips.
+    pub const FINETUNE: u64 = 7;
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 mod aggregator_bench;
 mod bench_ssl;
 mod eval;
+mod finetune;
 mod sweep;
 
 use medssl_attention_pool as _;
@@ -100,6 +101,9 @@ enum Command {
         #[command(subcommand)]
         command: eval::EvalCommand,
     },
+    /// Fine-tune a pre-trained backbone with a task head (U-Net segmentation, 3D
+    /// classification) over several seeds, beside the same protocol from scratch.
+    Finetune(finetune::FinetuneArgs),
     /// Continue a run from its latest checkpoint.
     Resume {
         /// The run directory.
@@ -510,6 +514,7 @@ fn execute(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Eval { command } => eval::run(command),
+        Command::Finetune(args) => finetune::run(args),
         Command::Resume { run_dir } => {
             let config = run_dir.join(train::CONFIG_FILE);
             let cfg = LoadedConfig::load_resolved(&config)

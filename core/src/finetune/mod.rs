@@ -1,0 +1,708 @@
+//! `medssl finetune`: the downstream protocol by which the paper judges pre-training
+//! (Nguyen et al., AAAI 2023, Sec. 4, Tables 3-7): fine-tune the pre-trained backbone with
+//! a task head on labelled data, score it on a held-out set, repeat with several seeds, and
+//! run the same protocol from a random initialisation beside it.
+//!
+//! - Segmentation (a [`Task::Segmentation`] head, e.g. `unet`): f_intra as a 2D encoder;
+//!   trained on the slices of the training volumes; every slice of an evaluation volume is
+//!   predicted, the logits are resized back to the slice's own size, and the slices merged
+//!   into the volume give per-class 3D IoU and Dice per volume, averaged over volumes
+//!   (`dice_3d` is the mean over the foreground classes), and 2D Dice over slices.
+//! - Volume classification (a [`Task::VolumeClassification`] head, e.g.
+//!   `volume-classifier`): f_intra + f_inter + the head on the volume embedding, both parts
+//!   fine-tuned; AUC and accuracy.
+//!
+//! The pre-trained and the scratch row of a repeat share everything but the backbone's
+//! weights: the network (the run's architecture, from its resolved `config.toml`), the head's
+//! initial weights, the labelled subset, the data order and the augmentations, all drawn
+//! from the repeat's seed. Nothing is selected on the evaluation set: the scores are those
+//! after the last epoch.
+
+pub mod config;
+pub mod data;
+pub mod report;
+
+use crate::assemble::Backbone;
+use crate::checkpoint;
+use crate::config::{LoadedConfig, Section};
+use crate::encoder::EncoderOutput;
+use crate::eval::{load_backbone, locate};
+use crate::head::{Head, HeadInput, HeadShape, Task};
+use crate::metrics::MetricsLog;
+use crate::optim::{self, Optimizer};
+use crate::probe::{metrics as class_metrics, split};
+use crate::registry::{self, Registered};
+use crate::rng::{self, domain};
+use crate::segmentation;
+use anyhow::{bail, ensure, Context, Result};
+use config::{FinetuneConfig, LoadedFinetune};
+use data::{stream, MaskedVolume, SequenceSet, Split};
+use rand::seq::SliceRandom;
+use report::{Curve, Report, Setup, Trial};
+use serde::Serialize;
+use serde_json::{json, Map};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Files of a fine-tuning directory.
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const REPORT_FILE: &str = "report.md";
+pub const RESULTS_FILE: &str = "results.json";
+pub const CURVES_FILE: &str = "learning_curves.png";
+pub const SEGMENTATION_FILE: &str = "segmentation.png";
+pub const WEIGHTS_DIR: &str = "weights";
+
+/// What `medssl finetune` was asked.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    pub config: PathBuf,
+    /// `--set` overrides (the command's `--train`, `--runs`, ... come first as such).
+    pub overrides: Vec<String>,
+    /// A pre-training run directory, checkpoint folder or `tensors.safetensors`.
+    pub pretrained: PathBuf,
+    /// The pre-training run's config (default: found beside the checkpoint).
+    pub run_config: Option<PathBuf>,
+    /// The fine-tuning directory.
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+/// Where a row's backbone weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    Pretrained,
+    Scratch,
+}
+
+impl Init {
+    pub fn name(self) -> &'static str {
+        match self {
+            Init::Pretrained => "pretrained",
+            Init::Scratch => "scratch",
+        }
+    }
+}
+
+/// The decoded sets of a task.
+enum Sets {
+    Segmentation {
+        train: Vec<MaskedVolume>,
+        eval: Vec<MaskedVolume>,
+        size: i64,
+    },
+    Classification {
+        train: SequenceSet,
+        eval: SequenceSet,
+    },
+}
+
+/// A backbone with a head: what one row of one repeat trains.
+struct Network {
+    backbone: Backbone,
+    head: Box<dyn Head>,
+    task: Task,
+}
+
+impl Network {
+    /// Builds the run's backbone and the configured head under one variable store
+    /// (`encoder.*`, `aggregator.*`, `head.*`), initialised from `seed`.
+    fn build(
+        run_cfg: &LoadedConfig,
+        head_section: &Section,
+        classes: i64,
+        device: Device,
+        seed: u64,
+    ) -> Result<(Network, toml::Value)> {
+        tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::INIT]) as i64);
+        let backbone =
+            Backbone::build(run_cfg, device).context("building the pre-training run's backbone from its config")?;
+        let entry = registry::heads()
+            .get(&head_section.name)
+            .context("config key `head.name`")?;
+        let shape = HeadShape {
+            levels: backbone.encoder.levels().to_vec(),
+            embedding_dim: backbone.encoder.embedding_dim(),
+            volume_dim: backbone.aggregator.as_ref().map(|a| a.output_dim()),
+            num_classes: classes,
+        };
+        let head = (entry.build)(head_section, backbone.vs.root() / "head", &shape)
+            .with_context(|| format!("building head `{}` from `[head]`", head_section.name))?;
+        let task = head.task();
+        if task.needs_aggregator() && backbone.aggregator.is_none() {
+            bail!(
+                "head `{}` classifies volume embeddings, but the pre-training run has no `[aggregator]`: fine-tune a run that trained one",
+                head_section.name
+            );
+        }
+        let resolved = head_section.resolved("name", &entry.default_config())?;
+        Ok((Network { backbone, head, task }, resolved))
+    }
+
+    /// The prefixes of the backbone's variables this task trains.
+    fn backbone_prefixes(&self) -> &'static [&'static str] {
+        match self.task {
+            Task::Segmentation => &["encoder."],
+            Task::VolumeClassification => &["encoder.", "aggregator."],
+        }
+    }
+
+    /// The parameters to optimise: the head's, and the backbone's unless it is frozen.
+    fn parameters(&self, train_backbone: bool) -> Vec<(String, Tensor)> {
+        let mut prefixes = vec!["head."];
+        if train_backbone {
+            prefixes.extend_from_slice(self.backbone_prefixes());
+        }
+        let mut params: Vec<(String, Tensor)> = self
+            .backbone
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| t.requires_grad() && prefixes.iter().any(|p| name.starts_with(p)))
+            .collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        params
+    }
+
+    /// Logits of `x`: images `[N, 1, S, S]` (segmentation) or sequences `[B, 1, T, S, S]`
+    /// with `valid` `[B, T]` (classification). `train_backbone` false runs the backbone in
+    /// eval mode without autograd.
+    fn forward(&self, x: &Tensor, valid: Option<&Tensor>, train_backbone: bool, train_head: bool) -> Tensor {
+        let size = x.size();
+        let image_size = [size[size.len() - 2], size[size.len() - 1]];
+        let features = |x: &Tensor| -> (EncoderOutput, Option<Tensor>) {
+            match valid {
+                None => (self.backbone.encoder.forward(x, train_backbone), None),
+                Some(valid) => {
+                    let (b, t) = (size[0], size[2]);
+                    let slices = x.transpose(1, 2).reshape([b * t, size[1], size[3], size[4]]);
+                    let out = self.backbone.encoder.forward(&slices, train_backbone);
+                    let sequence = self.backbone.slice_features.compute(&out).view([b, t, -1]);
+                    let aggregator = self.backbone.aggregator.as_ref().expect("checked at build");
+                    let volume = aggregator.forward(&sequence, Some(valid), train_backbone).volume;
+                    (out, Some(volume))
+                }
+            }
+        };
+        let (out, volume) = if train_backbone {
+            features(x)
+        } else {
+            tch::no_grad(|| features(x))
+        };
+        self.head.forward(
+            &HeadInput {
+                encoder: &out,
+                volume: volume.as_ref(),
+                image_size,
+            },
+            train_head,
+        )
+    }
+}
+
+/// Everything a fine-tune needs, checked before the output folder is touched.
+struct Protocol {
+    cfg: FinetuneConfig,
+    run_cfg: LoadedConfig,
+    checkpoint: Vec<(String, Tensor)>,
+    checkpoint_path: PathBuf,
+    head_section: Section,
+    sets: Sets,
+    device: Device,
+    task: Task,
+}
+
+/// Runs the protocol `options` describe and writes the fine-tuning directory.
+pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
+    let started = Instant::now();
+    let loaded = LoadedFinetune::load(&options.config, &options.overrides)?;
+    let cfg = loaded.cfg.clone();
+    let located = locate(&options.pretrained, options.run_config.as_deref()).context("--pretrained")?;
+    let run_cfg = LoadedConfig::load_resolved(&located.config)
+        .with_context(|| format!("the pre-training run's config `{}`", located.config.display()))?;
+    let device = crate::device::resolve(&cfg.device).context("config key `device`")?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+
+    // The network first: head config errors and a checkpoint from another architecture
+    // are reported before any data is read.
+    let head_section = loaded.head_section()?;
+    let (network, head_resolved) = Network::build(&run_cfg, &head_section, cfg.classes, device, cfg.seed)?;
+    let task = network.task;
+    let checkpoint = checkpoint::read_safetensors(&located.tensors)?;
+    load_backbone(&network.backbone, &checkpoint, &located.tensors)?;
+    drop(network);
+
+    let train_section = loaded.data_section("train")?;
+    let eval_section = loaded.data_section("eval")?;
+    let (train_set, train_resolved) = data::open(&train_section)?;
+    let (eval_set, eval_resolved) = data::open(&eval_section)?;
+    let views = run_cfg.run.data.views.resolved()?;
+    let workers = cfg.input.workers;
+    let sets = match task {
+        Task::Segmentation => {
+            let size = cfg.input.image_size.unwrap_or(views.slice_size);
+            let train = data::masked_volumes(train_set.as_ref(), cfg.classes, workers, Split::Train)?;
+            let eval = data::masked_volumes(eval_set.as_ref(), cfg.classes, workers, Split::Eval)?;
+            let names = |v: &[MaskedVolume]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+            data::check_disjoint(&names(&train), &names(&eval))?;
+            Sets::Segmentation { train, eval, size }
+        }
+        Task::VolumeClassification => {
+            let train = data::sequences(train_set.as_ref(), cfg.classes, &views, workers, Split::Train)?;
+            let eval = data::sequences(eval_set.as_ref(), cfg.classes, &views, workers, Split::Eval)?;
+            data::check_disjoint(&train.names, &eval.names)?;
+            let eval_classes: std::collections::BTreeSet<i64> = eval.labels.iter().copied().collect();
+            ensure!(
+                eval_classes.len() >= 2,
+                "[data.eval] holds one class only ({eval_classes:?}): AUC is undefined; evaluate on a set with at least two classes"
+            );
+            Sets::Classification { train, eval }
+        }
+    };
+
+    let protocol = Protocol {
+        cfg,
+        run_cfg,
+        checkpoint,
+        checkpoint_path: located.tensors.clone(),
+        head_section,
+        sets,
+        device,
+        task,
+    };
+    // Check the first repeat's subset before anything is written.
+    protocol.subset(0)?;
+
+    prepare_out_dir(&options.out, options.force)?;
+    let mut filled = vec![
+        ("head".to_string(), head_resolved),
+        ("data.train".to_string(), train_resolved),
+        ("data.eval".to_string(), eval_resolved),
+    ];
+    filled.push((
+        "pretrained".to_string(),
+        toml::Value::String(located.tensors.display().to_string()),
+    ));
+    let resolved = loaded.resolved_toml(&filled)?;
+    checkpoint::write_atomic(&options.out.join(CONFIG_FILE), resolved.as_bytes())?;
+    let mut log = MetricsLog::open(&options.out.join(METRICS_FILE), None)?;
+    std::fs::create_dir_all(options.out.join(WEIGHTS_DIR))
+        .with_context(|| format!("cannot create `{}`", options.out.join(WEIGHTS_DIR).display()))?;
+
+    let mut trials = Vec::new();
+    let mut predictions: BTreeMap<&'static str, Tensor> = BTreeMap::new();
+    for run in 0..protocol.cfg.runs {
+        for init in [Init::Pretrained, Init::Scratch] {
+            let (trial, prediction) = protocol.train_one(init, run, &mut log, &options.out)?;
+            if let Some(p) = prediction {
+                predictions.insert(init.name(), p);
+            }
+            trials.push(trial);
+        }
+    }
+
+    let setup = Setup {
+        task,
+        head: protocol.head_section.name.clone(),
+        pretrained: located.tensors.display().to_string(),
+        pretrained_step: located.step,
+        run_config: located.config.display().to_string(),
+        train: protocol.describe_set(Split::Train, &train_section),
+        eval: protocol.describe_set(Split::Eval, &eval_section),
+        label_fraction: protocol.cfg.label_fraction,
+        runs: protocol.cfg.runs,
+        seeds: (0..protocol.cfg.runs as u64).map(|i| protocol.cfg.seed + i).collect(),
+        epochs: protocol.cfg.train.epochs,
+        batch_size: protocol.cfg.train.batch_size,
+        optimizer: protocol.cfg.optimizer.name.clone(),
+        lr: protocol.cfg.optimizer.lr,
+        backbone_lr_scale: protocol.cfg.train.backbone_lr_scale,
+        input: protocol.describe_input(),
+        device: format!("{device:?}"),
+        seconds: started.elapsed().as_secs_f64(),
+        out: options.out.display().to_string(),
+    };
+    let report = Report::new(task, &trials, setup);
+    checkpoint::write_atomic(&options.out.join(REPORT_FILE), report.markdown().as_bytes())?;
+    checkpoint::write_atomic(
+        &options.out.join(RESULTS_FILE),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    let curves: Vec<&Curve> = trials.iter().map(|t| &t.curve).collect();
+    report::plot_curves(&curves, report.metric.as_str(), &options.out.join(CURVES_FILE))?;
+    if let Sets::Segmentation { eval, .. } = &protocol.sets {
+        if let (Some(first), false) = (eval.first(), predictions.is_empty()) {
+            report::plot_segmentation(first, &predictions, &options.out.join(SEGMENTATION_FILE))?;
+        }
+    }
+    Ok(report)
+}
+
+/// Creates the fine-tuning directory; an existing non-empty one needs `force`.
+fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() && (!dir.is_dir() || std::fs::read_dir(dir)?.next().is_some()) {
+        ensure!(
+            force,
+            "`{}` already exists; pass --force to replace it, or --out another folder",
+            dir.display()
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear `{}`", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))
+}
+
+/// One training batch: inputs, their validity masks (volumes) and targets.
+struct Batch {
+    x: Tensor,
+    valid: Option<Tensor>,
+    y: Tensor,
+}
+
+/// The training samples of one repeat.
+enum TrainingData {
+    Slices {
+        images: Tensor,
+        masks: Tensor,
+    },
+    Volumes {
+        inputs: Tensor,
+        valid: Tensor,
+        labels: Tensor,
+    },
+}
+
+impl TrainingData {
+    fn len(&self) -> usize {
+        match self {
+            TrainingData::Slices { images, .. } => images.size()[0] as usize,
+            TrainingData::Volumes { inputs, .. } => inputs.size()[0] as usize,
+        }
+    }
+
+    /// Samples `indices`, flipped as (seed, epoch, index) say, on `device`.
+    fn batch(&self, indices: &[usize], flip: f64, seed: u64, epoch: usize, device: Device) -> Batch {
+        let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        match self {
+            TrainingData::Slices { images, masks } => {
+                let (x, y) = (images.index_select(0, &index), masks.index_select(0, &index));
+                let flipped = data::flip_batch(&[&x, &y], indices, flip, seed, epoch);
+                Batch {
+                    x: flipped[0].to_device(device),
+                    valid: None,
+                    y: flipped[1].to_device(device),
+                }
+            }
+            TrainingData::Volumes { inputs, valid, labels } => {
+                let x = inputs.index_select(0, &index);
+                let flipped = data::flip_batch(&[&x], indices, flip, seed, epoch);
+                Batch {
+                    x: flipped[0].to_device(device),
+                    valid: Some(valid.index_select(0, &index).to_device(device)),
+                    y: labels.index_select(0, &index).to_device(device),
+                }
+            }
+        }
+    }
+}
+
+impl Protocol {
+    /// The seed of repeat `run`.
+    fn seed(&self, run: usize) -> u64 {
+        self.cfg.seed + run as u64
+    }
+
+    /// Indices of the training volumes (segmentation) or samples (classification) repeat
+    /// `run` trains on.
+    fn subset(&self, run: usize) -> Result<Vec<usize>> {
+        let seed = self.seed(run);
+        let fraction = self.cfg.label_fraction;
+        let subset = match &self.sets {
+            Sets::Segmentation { train, .. } => data::volume_fraction(train.len(), fraction, seed),
+            Sets::Classification { train, .. } => split::stratified_fraction(
+                &train.labels,
+                fraction,
+                rng::derive(seed, &[domain::FINETUNE, stream::FRACTION]),
+            )?,
+        };
+        ensure!(
+            !subset.is_empty(),
+            "label fraction {fraction} leaves no training sample (the training set has {})",
+            self.train_len()
+        );
+        Ok(subset)
+    }
+
+    fn train_len(&self) -> usize {
+        match &self.sets {
+            Sets::Segmentation { train, .. } => train.len(),
+            Sets::Classification { train, .. } => train.labels.len(),
+        }
+    }
+
+    fn training_data(&self, subset: &[usize]) -> Result<TrainingData> {
+        Ok(match &self.sets {
+            Sets::Segmentation { train, size, .. } => {
+                let volumes: Vec<&MaskedVolume> = subset.iter().map(|&i| &train[i]).collect();
+                let (images, masks) = data::training_slices(&volumes, *size);
+                TrainingData::Slices { images, masks }
+            }
+            Sets::Classification { train, .. } => {
+                let index = Tensor::from_slice(&subset.iter().map(|&i| i as i64).collect::<Vec<_>>());
+                let labels: Vec<i64> = subset.iter().map(|&i| train.labels[i]).collect();
+                let present: std::collections::BTreeSet<i64> = labels.iter().copied().collect();
+                ensure!(
+                    present.len() >= 2,
+                    "the training subset holds one class only ({present:?}); raise --label-fraction"
+                );
+                TrainingData::Volumes {
+                    inputs: train.inputs.index_select(0, &index),
+                    valid: train.valid.index_select(0, &index),
+                    labels: Tensor::from_slice(&labels),
+                }
+            }
+        })
+    }
+
+    /// Trains one row of repeat `run` and scores it; returns the trial and, for the first
+    /// repeat of a segmentation, its prediction of the first evaluation volume.
+    fn train_one(&self, init: Init, run: usize, log: &mut MetricsLog, out: &Path) -> Result<(Trial, Option<Tensor>)> {
+        let started = Instant::now();
+        let seed = self.seed(run);
+        let subset = self.subset(run)?;
+        let data = self.training_data(&subset)?;
+        let (network, _) = Network::build(&self.run_cfg, &self.head_section, self.cfg.classes, self.device, seed)?;
+        if init == Init::Pretrained {
+            load_backbone(&network.backbone, &self.checkpoint, &self.checkpoint_path)?;
+        }
+        let scale = self.cfg.train.backbone_lr_scale;
+        let train_backbone = scale > 0.0;
+        let mut optimizer = Optimizer::new(&self.cfg.optimizer, network.parameters(train_backbone))?;
+        for prefix in network.backbone_prefixes() {
+            optimizer.scale_lr(prefix, scale);
+        }
+
+        let n = data.len();
+        let batch_size = self.cfg.train.batch_size.min(n);
+        // A last batch of one sample is dropped: batch norm cannot train on it.
+        let steps_per_epoch = match n % batch_size {
+            1 if n > 1 => n / batch_size,
+            _ => n.div_ceil(batch_size),
+        };
+        let epochs = self.cfg.train.epochs;
+        let total_steps = steps_per_epoch * epochs;
+        let mut curve = Curve {
+            init,
+            run,
+            seed,
+            points: Vec::new(),
+        };
+        let mut step = 0;
+        let mut scores = BTreeMap::new();
+        let mut prediction = None;
+        for epoch in 0..epochs {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rng::generator(
+                seed,
+                &[domain::FINETUNE, stream::ORDER, epoch as u64],
+            ));
+            let mut losses = Vec::with_capacity(steps_per_epoch);
+            for chunk in order.chunks(batch_size).take(steps_per_epoch) {
+                tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::STEP, step as u64]) as i64);
+                let batch = data.batch(chunk, self.cfg.input.flip, seed, epoch, self.device);
+                let logits = network.forward(&batch.x, batch.valid.as_ref(), train_backbone, true);
+                let loss = network.head.loss(&logits, &batch.y);
+                let value = loss.double_value(&[]);
+                ensure!(
+                    value.is_finite(),
+                    "the {} row of repeat {run} (seed {seed}) diverged: loss {value} at epoch {epoch}, step {step}; lower `optimizer.lr` or set `optimizer.clip_grad_norm`",
+                    init.name()
+                );
+                optimizer.zero_grad();
+                loss.backward();
+                optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad_norm);
+                let lr = optim::learning_rate(&self.cfg.optimizer, step, total_steps, steps_per_epoch);
+                optimizer.step(lr);
+                losses.push(value);
+                step += 1;
+            }
+            let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+            let last = epoch + 1 == epochs;
+            let evaluated = if last || (epoch + 1) % self.cfg.train.eval_every == 0 {
+                let (s, p) = self.evaluate(&network, last && run == 0)?;
+                scores = s;
+                if p.is_some() {
+                    prediction = p;
+                }
+                Some(scores.clone())
+            } else {
+                None
+            };
+            let mut record = Map::new();
+            record.insert("init".into(), json!(init.name()));
+            record.insert("run".into(), json!(run));
+            record.insert("seed".into(), json!(seed));
+            record.insert("epoch".into(), json!(epoch + 1));
+            record.insert("step".into(), json!(step));
+            record.insert("loss".into(), json!(loss));
+            record.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+            let primary = report::primary_metric(self.task);
+            if let Some(evaluated) = &evaluated {
+                for (k, v) in evaluated {
+                    record.insert(format!("eval/{k}"), json!(v));
+                }
+            }
+            log.write(&record)?;
+            tracing::info!(
+                "{} repeat {}/{} epoch {}/{epochs}: loss {loss:.4}{}",
+                init.name(),
+                run + 1,
+                self.cfg.runs,
+                epoch + 1,
+                evaluated
+                    .as_ref()
+                    .and_then(|e| e.get(primary))
+                    .map(|v| format!(", {primary} {v:.4}"))
+                    .unwrap_or_default()
+            );
+            curve.points.push(report::CurvePoint {
+                epoch: epoch + 1,
+                loss,
+                metric: evaluated.as_ref().and_then(|e| e.get(primary)).copied(),
+            });
+        }
+        let weights: Vec<(String, Tensor)> = network.parameters(true).into_iter().chain(buffers(&network)).collect();
+        checkpoint::write_safetensors(
+            &out.join(WEIGHTS_DIR)
+                .join(format!("{}-run{run}.safetensors", init.name())),
+            &weights,
+        )?;
+        Ok((
+            Trial {
+                init,
+                run,
+                seed,
+                train_samples: n,
+                train_units: subset.len(),
+                steps: step,
+                metrics: scores,
+                seconds: started.elapsed().as_secs_f64(),
+                curve,
+            },
+            prediction,
+        ))
+    }
+
+    /// Scores `network` on the evaluation set; with `keep_first`, also returns its
+    /// prediction of the first evaluation volume (segmentation).
+    fn evaluate(&self, network: &Network, keep_first: bool) -> Result<(BTreeMap<String, f64>, Option<Tensor>)> {
+        let classes = self.cfg.classes;
+        let batch = self.cfg.train.batch_size as i64;
+        match &self.sets {
+            Sets::Segmentation { eval, size, .. } => {
+                let mut per_volume = Vec::with_capacity(eval.len());
+                let mut first = None;
+                for (i, volume) in eval.iter().enumerate() {
+                    let (d, h, w) = volume.voxels.size3()?;
+                    let x = data::resize_slices(&volume.voxels, *size);
+                    let predicted: Vec<Tensor> = (0..d)
+                        .step_by(batch as usize)
+                        .map(|start| {
+                            let x = x.narrow(0, start, batch.min(d - start)).to_device(self.device);
+                            tch::no_grad(|| {
+                                network
+                                    .forward(&x, None, false, false)
+                                    .upsample_bilinear2d([h, w], false, None, None)
+                                    .argmax(1, false)
+                                    .to_device(Device::Cpu)
+                            })
+                        })
+                        .collect();
+                    let prediction = Tensor::cat(&predicted, 0);
+                    per_volume.push(
+                        segmentation::volume_scores(&prediction, &volume.mask, classes)
+                            .with_context(|| format!("scoring {}", volume.name))?,
+                    );
+                    if keep_first && i == 0 {
+                        first = Some(prediction);
+                    }
+                }
+                Ok((report::segmentation_scores(&per_volume, classes), first))
+            }
+            Sets::Classification { eval, .. } => {
+                let n = eval.labels.len() as i64;
+                let probabilities: Vec<Tensor> = (0..n)
+                    .step_by(batch as usize)
+                    .map(|start| {
+                        let len = batch.min(n - start);
+                        let x = eval.inputs.narrow(0, start, len).to_device(self.device);
+                        let valid = eval.valid.narrow(0, start, len).to_device(self.device);
+                        tch::no_grad(|| {
+                            network
+                                .forward(&x, Some(&valid), false, false)
+                                .softmax(-1, Kind::Float)
+                                .to_device(Device::Cpu)
+                        })
+                    })
+                    .collect();
+                let probabilities: Vec<f64> =
+                    Vec::<f64>::try_from(Tensor::cat(&probabilities, 0).to_kind(Kind::Double).flatten(0, -1))?;
+                let s = class_metrics::scores(&probabilities, classes as usize, &eval.labels)?;
+                Ok((
+                    BTreeMap::from([("auc".to_string(), s.auc), ("acc".to_string(), s.acc)]),
+                    None,
+                ))
+            }
+        }
+    }
+
+    fn describe_set(&self, split: Split, section: &Section) -> report::SetInfo {
+        let (samples, units) = match (&self.sets, split) {
+            (Sets::Segmentation { train, .. }, Split::Train) => (train.len(), slices(train)),
+            (Sets::Segmentation { eval, .. }, Split::Eval) => (eval.len(), slices(eval)),
+            (Sets::Classification { train, .. }, Split::Train) => (train.labels.len(), None),
+            (Sets::Classification { eval, .. }, Split::Eval) => (eval.labels.len(), None),
+        };
+        report::SetInfo {
+            format: section.name.clone(),
+            volumes: samples,
+            slices: units,
+        }
+    }
+
+    fn describe_input(&self) -> String {
+        match &self.sets {
+            Sets::Segmentation { size, .. } => {
+                format!("slices resized to {size} x {size}; predictions resized back to each slice's size")
+            }
+            Sets::Classification { .. } => {
+                let v = self.run_cfg.run.data.views.resolved().unwrap_or_default();
+                format!(
+                    "volumes as {} x {} x {} slice sequences ({:?})",
+                    v.volume_slices, v.volume_size, v.volume_size, v.depth_mode
+                )
+            }
+        }
+    }
+}
+
+fn slices(volumes: &[MaskedVolume]) -> Option<usize> {
+    Some(volumes.iter().map(|v| v.voxels.size()[0] as usize).sum())
+}
+
+/// The network's non-trainable tensors (batch-norm statistics), for the saved weights.
+fn buffers(network: &Network) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = network
+        .backbone
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

@@ -21,6 +21,7 @@ pub mod optim;
 pub mod probe;
 pub mod registry;
 pub mod rng;
+pub mod segmentation;
 pub mod slice_features;
 pub mod sources;
 pub mod train;

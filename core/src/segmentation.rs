@@ -80,7 +80,10 @@ fn check_class_ids(tensor: &Tensor, what: &str, classes: i64) -> Result<()> {
 
 /// Checks a prediction / truth pair: equal shapes, int64 ids in `0..classes`.
 fn check_pair(prediction: &Tensor, truth: &Tensor, classes: i64) -> Result<()> {
-    ensure!(classes >= 1, "the number of classes must be at least 1, found {classes}");
+    ensure!(
+        classes >= 1,
+        "the number of classes must be at least 1, found {classes}"
+    );
     ensure!(
         prediction.size() == truth.size(),
         "the prediction has shape {:?} but the truth {:?}; they must be equal",
@@ -123,7 +126,9 @@ fn grouped_overlaps(prediction: &Tensor, truth: &Tensor, classes: i64, groups: i
 pub fn class_overlaps(prediction: &Tensor, truth: &Tensor, classes: i64) -> Result<Vec<ClassOverlap>> {
     check_pair(prediction, truth, classes)?;
     let mut groups = grouped_overlaps(prediction, truth, classes, 1)?;
-    Ok(groups.pop().unwrap_or_else(|| vec![ClassOverlap::default(); classes as usize]))
+    Ok(groups
+        .pop()
+        .unwrap_or_else(|| vec![ClassOverlap::default(); classes as usize]))
 }
 
 /// Stacks a volume's slice predictions `[H, W]` (in slice order) into the volume `[D, H, W]`.
@@ -352,7 +357,10 @@ mod tests {
         let message = class_overlaps(&a, &mask(&[0, 1, 2], &[3]), 3).unwrap_err().to_string();
         assert!(message.contains("[2, 2]") && message.contains("[3]"), "{message}");
         let message = class_overlaps(&a, &a, 2).unwrap_err().to_string();
-        assert!(message.contains("prediction") && message.contains("class id 2") && message.contains("0..2"), "{message}");
+        assert!(
+            message.contains("prediction") && message.contains("class id 2") && message.contains("0..2"),
+            "{message}"
+        );
         let negative = mask(&[0, -1, 0, 0], &[2, 2]);
         let message = class_overlaps(&a, &negative, 3).unwrap_err().to_string();
         assert!(message.contains("truth") && message.contains("-1"), "{message}");

@@ -9,6 +9,7 @@ use medssl_core::train::Run;
 use proptest::prelude::*;
 
 use medssl_attention_pool as _;
+use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
@@ -19,6 +20,7 @@ use medssl_readers as _;
 use medssl_resnet as _;
 use medssl_slice_transformer as _;
 use medssl_swav as _;
+use medssl_unet as _;
 use medssl_vicreg as _;
 
 /// Every (role name, smoke config) pair of one role.

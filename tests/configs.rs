@@ -2,13 +2,17 @@
 //! built from its section, data sources opened, stages checked against the objectives (what
 //! `medssl check` does before its forward pass, which is left out here to stay cheap). A sweep
 //! file (a `base` config and `[[variants]]`) is checked as its base with each variant's `set`.
-//! Configs that read ../shared/data are skipped, saying so, where that folder is absent.
+//! A fine-tuning config (one with a `[head]`) is checked with its head on the backbone of
+//! configs/demo/joint_swav.toml and its two sets opened. Configs that read ../shared/data
+//! are skipped, saying so, where that folder is absent.
 
 use medssl_core::config::LoadedConfig;
+use medssl_core::finetune::{self, config::LoadedFinetune};
 use medssl_core::train::Run;
 use std::path::{Path, PathBuf};
 
 use medssl_attention_pool as _;
+use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
@@ -19,6 +23,7 @@ use medssl_readers as _;
 use medssl_resnet as _;
 use medssl_slice_transformer as _;
 use medssl_swav as _;
+use medssl_unet as _;
 use medssl_vicreg as _;
 
 fn repository() -> PathBuf {
@@ -85,6 +90,14 @@ fn every_shipped_config_loads_and_builds() {
                 continue;
             }
             let what = format!("{} (from {}, --set {set:?})", config.display(), file.display());
+            if text.contains("\n[head]") {
+                // A fine-tuning config: its head on the demo pre-training's backbone.
+                let run = LoadedConfig::load(&root.join("configs/demo/joint_swav.toml"), &[]).unwrap();
+                let loaded = LoadedFinetune::load(&config, &set).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                finetune::check(&loaded, &run).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                checked += 1;
+                continue;
+            }
             let loaded = LoadedConfig::load(&config, &set).unwrap_or_else(|e| panic!("{what}: {e:#}"));
             Run::prepare(loaded).unwrap_or_else(|e| panic!("{what}: {e:#}"));
             checked += 1;

@@ -130,7 +130,7 @@ pub fn locate(path: &Path, config: Option<&Path>) -> Result<RunCheckpoint> {
 }
 
 /// Copies the checkpoint's `model.encoder.*` and `model.aggregator.*` tensors into
-/// `backbone`. Every backbone variable must be there with its shape, and every such
+/// `backbone`'s `encoder.*` and `aggregator.*` variables. Every backbone variable must be there with its shape, and every such
 /// checkpoint tensor must be a backbone variable; the first that is not is the error.
 pub fn load_backbone(backbone: &Backbone, tensors: &[(String, Tensor)], source: &Path) -> Result<()> {
     let stored: HashMap<&str, &Tensor> = tensors
@@ -140,7 +140,14 @@ pub fn load_backbone(backbone: &Backbone, tensors: &[(String, Tensor)], source: 
             (name.starts_with("encoder.") || name.starts_with("aggregator.")).then_some((name, t))
         })
         .collect();
-    let mut variables: Vec<(String, Tensor)> = backbone.vs.variables().into_iter().collect();
+    // The store may hold more than the backbone (a fine-tune's head): only the backbone's
+    // variables come from the checkpoint.
+    let mut variables: Vec<(String, Tensor)> = backbone
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("encoder.") || name.starts_with("aggregator."))
+        .collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, variable) in &variables {
         let Some(found) = stored.get(name.as_str()) else {

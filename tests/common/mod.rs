@@ -1,6 +1,8 @@
 //! Shared helpers of the workspace tests: a tiny config and a way to run the `medssl` binary.
 #![allow(dead_code)]
 
+pub mod archive;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -343,6 +343,21 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     Ok(report)
 }
 
+/// Builds the network `loaded` describes on the backbone of `run_cfg` and opens its two
+/// sets, without decoding or training: how the shipped configs are checked.
+pub fn check(loaded: &LoadedFinetune, run_cfg: &LoadedConfig) -> Result<Task> {
+    let (network, _) = Network::build(
+        run_cfg,
+        &loaded.head_section()?,
+        loaded.cfg.classes,
+        Device::Cpu,
+        loaded.cfg.seed,
+    )?;
+    data::open(&loaded.data_section("train")?)?;
+    data::open(&loaded.data_section("eval")?)?;
+    Ok(network.task)
+}
+
 /// Creates the fine-tuning directory; an existing non-empty one needs `force`.
 fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
     if dir.exists() && (!dir.is_dir() || std::fs::read_dir(dir)?.next().is_some()) {

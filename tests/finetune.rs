@@ -1,0 +1,324 @@
+//! `medssl finetune` end to end: a tiny run pre-trained for a few steps, fine-tuned for
+//! segmentation on a generated Decathlon-layout folder and for volume classification on a
+//! generated MedMNIST-style archive, and the errors a user can cause.
+
+mod common;
+
+use common::archive::archive;
+use common::{assert_fails_with, medssl, write, TINY};
+use ndarray::Array3;
+use nifti::writer::WriterOptions;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// TINY trained for one epoch a stage.
+fn pretrain(dir: &Path) -> PathBuf {
+    let run = dir.join("pretrain");
+    let out = medssl()
+        .arg("run")
+        .arg(write(dir, "pretrain.toml", &TINY.replace("epochs = 2", "epochs = 1")))
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    run
+}
+
+/// A Decathlon task folder of `n` volumes of 10 x 20 x 5 voxels (5 slices along the third
+/// axis): a bright square of class 1 and a dimmer one of class 2 whose places vary, on
+/// noise; `max_class` caps the mask's values (to write an invalid one).
+fn decathlon(dir: &Path, n: usize, max_class: u8) -> PathBuf {
+    let task = dir.join("task");
+    for folder in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(task.join(folder)).unwrap();
+    }
+    for case in 0..n {
+        let shift = case % 4;
+        let class = |x: usize, y: usize| -> u8 {
+            if (2 + shift..6 + shift).contains(&x) && (3..9).contains(&y) {
+                1
+            } else if (2..6).contains(&x) && (12 + shift..17 + shift).contains(&y) {
+                2.min(max_class)
+            } else {
+                0
+            }
+        };
+        let mask = Array3::from_shape_fn((10, 20, 5), |(x, y, _)| class(x, y));
+        let image = Array3::from_shape_fn((10, 20, 5), |(x, y, z)| {
+            let noise = ((case * 31 + x * 7 + y * 13 + z * 3) % 11) as f32;
+            noise + [0.0, 60.0, 30.0][class(x, y).min(2) as usize]
+        });
+        let name = format!("case_{:03}.nii.gz", case + 1);
+        WriterOptions::new(task.join("imagesTr").join(&name))
+            .write_nifti(&image)
+            .unwrap();
+        WriterOptions::new(task.join("labelsTr").join(&name))
+            .write_nifti(&mask)
+            .unwrap();
+    }
+    task
+}
+
+fn segmentation_config(task: &Path, train: &[usize], eval: &[usize], classes: i64) -> String {
+    let ids = |v: &[usize]| {
+        v.iter()
+            .map(|i| format!("\"case_{i:03}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"
+seed = 3
+threads = 1
+runs = 2
+classes = {classes}
+
+[data.train]
+format = "decathlon"
+path = {path:?}
+ids = [{train}]
+
+[data.eval]
+format = "decathlon"
+path = {path:?}
+ids = [{eval}]
+
+[input]
+image_size = 16
+workers = 2
+
+[head]
+name = "unet"
+channels = [8, 8, 8, 8, 8]
+
+[train]
+epochs = 2
+batch_size = 4
+eval_every = 1
+
+[optimizer]
+name = "adamw"
+lr = 0.01
+"#,
+        path = task.display().to_string(),
+        train = ids(train),
+        eval = ids(eval),
+    )
+}
+
+fn finetune(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut cmd = medssl();
+    cmd.arg("finetune");
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
+fn unit(value: &Value, what: &str) -> f64 {
+    let v = value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"));
+    assert!((0.0..=1.0).contains(&v), "{what} = {v} is outside [0, 1]");
+    v
+}
+
+/// Checks a report's rows: pretrained then scratch, `runs` repeats each, the primary
+/// metric's mean equal to the mean of its runs.
+fn check_rows(json: &Value, metric: &str, runs: usize) {
+    assert_eq!(json["metric"], metric, "{json}");
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, init) in rows.iter().zip(["pretrained", "scratch"]) {
+        assert_eq!(row["init"], init);
+        let values: Vec<f64> = row["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| unit(v, metric))
+            .collect();
+        assert_eq!(values.len(), runs, "{row}");
+        let mean = values.iter().sum::<f64>() / runs as f64;
+        assert!((unit(&row["mean"], "mean") - mean).abs() < 1e-9, "{row}");
+        assert!(row["std"].as_f64().unwrap() >= 0.0);
+        assert_eq!(row["metrics"][metric]["runs"].as_array().unwrap().len(), runs);
+    }
+}
+
+#[test]
+fn segmentation_finetune_reports_pretrained_and_scratch_and_writes_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = pretrain(tmp.path());
+    let task = decathlon(tmp.path(), 6, 2);
+    let config = write(
+        tmp.path(),
+        "seg.toml",
+        &segmentation_config(&task, &[1, 2, 3, 4], &[5, 6], 3),
+    );
+    let out_dir = tmp.path().join("ft");
+    let out = finetune(&[
+        &config,
+        &"--pretrained",
+        &run,
+        &"--out",
+        &out_dir,
+        &"--label-fraction",
+        &"0.5",
+        &"--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_rows(&json, "dice_3d", 2);
+    let pretrained = &json["rows"][0];
+    for metric in ["iou_3d", "dice_2d", "dice_3d/1", "dice_3d/2", "iou_3d/1"] {
+        assert!(pretrained["metrics"][metric].is_object(), "no {metric}: {pretrained}");
+    }
+    // Half of the four training volumes, by volume: two volumes of five slices.
+    for trial in pretrained["trials"].as_array().unwrap() {
+        assert_eq!(trial["train_units"], 2, "{trial}");
+        assert_eq!(trial["train_samples"], 10, "{trial}");
+    }
+    assert_eq!(json["setup"]["eval"]["volumes"], 2);
+    for file in [
+        "config.toml",
+        "metrics.jsonl",
+        "report.md",
+        "results.json",
+        "learning_curves.png",
+        "segmentation.png",
+        "weights/pretrained-run0.safetensors",
+        "weights/scratch-run1.safetensors",
+    ] {
+        assert!(out_dir.join(file).is_file(), "missing {file}");
+    }
+    let report = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("| pretrained |") && report.contains("| scratch |"),
+        "{report}"
+    );
+    // One line an epoch for each of the 2 x 2 trials, each with the evaluation's metrics.
+    let lines = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let records: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 2 * 2 * 2);
+    assert!(records
+        .iter()
+        .all(|r| r["eval/dice_3d"].is_number() && r["loss"].is_number()));
+
+    // The folder exists now: refused without --force.
+    let again = finetune(&[&config, &"--pretrained", &run, &"--out", &out_dir]);
+    assert_fails_with(&again, &["already exists", "--force"]);
+}
+
+#[test]
+fn volume_classification_finetune_reports_auc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = pretrain(tmp.path());
+    let volumes = archive(tmp.path(), "volumes.npz", 5, true);
+    let config = write(
+        tmp.path(),
+        "cls.toml",
+        &format!(
+            r#"
+threads = 1
+runs = 2
+classes = 2
+[data.train]
+format = "medmnist"
+path = {path:?}
+split = "train"
+[data.eval]
+format = "medmnist"
+path = {path:?}
+split = "val"
+[head]
+name = "volume-classifier"
+hidden_dim = 16
+[train]
+epochs = 2
+batch_size = 6
+eval_every = 2
+"#,
+            path = volumes.display().to_string()
+        ),
+    );
+    let out_dir = tmp.path().join("ft");
+    let out = finetune(&[&config, &"--pretrained", &run, &"--out", &out_dir, &"--json"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_rows(&json, "auc", 2);
+    assert!(json["rows"][1]["metrics"]["acc"].is_object());
+    assert_eq!(json["setup"]["train"]["volumes"], 24);
+    assert!(out_dir.join("learning_curves.png").is_file());
+    assert!(!out_dir.join("segmentation.png").exists());
+}
+
+#[test]
+fn finetune_errors_name_what_is_wrong_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = pretrain(tmp.path());
+    let task = decathlon(tmp.path(), 4, 2);
+    let out_dir = tmp.path().join("ft");
+    let attempt = |config: &str| {
+        let path = write(tmp.path(), "bad.toml", config);
+        finetune(&[&path, &"--pretrained", &run, &"--out", &out_dir])
+    };
+
+    // Mask values outside the configured classes: the file and the values are named.
+    let out = attempt(&segmentation_config(&task, &[1, 2], &[3, 4], 2));
+    assert_fails_with(&out, &["case_001", "mask values [0, 1, 2]", "`classes` = 2"]);
+    assert!(!out_dir.exists(), "nothing is written before the checks pass");
+
+    // A volume in both sets.
+    let out = attempt(&segmentation_config(&task, &[1, 2, 3], &[3, 4], 3));
+    assert_fails_with(&out, &["in both [data.train] and [data.eval]", "case_003"]);
+
+    // A head the backbone cannot feed, and an unknown head.
+    let volume_head = segmentation_config(&task, &[1, 2], &[3, 4], 3).replace("name = \"unet\"", "name = \"nonesuch\"");
+    assert_fails_with(&attempt(&volume_head), &["unknown head `nonesuch`", "unet"]);
+
+    // A checkpoint from another architecture: the first mismatching tensor is named.
+    let wider = write(
+        tmp.path(),
+        "wider.toml",
+        &std::fs::read_to_string(run.join("config.toml"))
+            .unwrap()
+            .replace("base_width = 4", "base_width = 8"),
+    );
+    let config = write(tmp.path(), "ok.toml", &segmentation_config(&task, &[1, 2], &[3, 4], 3));
+    let out = finetune(&[
+        &config,
+        &"--pretrained",
+        &run,
+        &"--run-config",
+        &wider,
+        &"--out",
+        &out_dir,
+    ]);
+    assert_fails_with(&out, &["checkpoint tensor", "has shape", "another architecture"]);
+
+    // Config values.
+    let out = finetune(&[
+        &config,
+        &"--pretrained",
+        &run,
+        &"--out",
+        &out_dir,
+        &"--label-fraction",
+        &"0",
+    ]);
+    assert_fails_with(&out, &["label_fraction", "(0, 1]"]);
+    let out = finetune(&[
+        &config,
+        &"--pretrained",
+        &run,
+        &"--out",
+        &out_dir,
+        &"--set",
+        &"train.epochs=zero",
+    ]);
+    assert_fails_with(&out, &["train.epochs", "--set train.epochs=zero"]);
+    let out = finetune(&[&config, &"--pretrained", &tmp.path().join("absent"), &"--out", &out_dir]);
+    assert_fails_with(&out, &["--pretrained", "does not exist"]);
+    assert!(!out_dir.exists());
+}

@@ -10,8 +10,13 @@
 //! (`(1, 1, 1, 1)` for the RPN, `(10, 10, 5, 5)` for the box head, as in torchvision).
 //! Decoding clamps `t_w / w_w` and `t_h / w_h` from above at `log(1000 / 16)`, so an untrained
 //! head cannot overflow `exp`.
+//!
+//! The regression loss on those deltas is Fast R-CNN's smooth L1 (Girshick, ICCV 2015, Eq. 3)
+//! with torchvision's transition point `beta` (1/9: quadratic only for errors below 1/9), or
+//! plain L1.
 
-use tch::{Kind, Tensor};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Reduction, Tensor};
 
 /// The largest log-size change the decoder applies (torchvision's `bbox_xform_clip`).
 pub const DEFAULT_LOG_SIZE_CLAMP: f64 = 4.135166556742356; // ln(1000 / 16)
@@ -133,27 +138,49 @@ fn centre_size(boxes: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
 }
 
 /// The objects of one training image: corner boxes `[G, 4]` (float32, input pixels) and
-/// their class labels `[G]` (int64, 1..=C; 0 is background and never a target). An image
-/// without objects has `G = 0` and trains as background only.
+/// their class labels `[G]` (int64 in `1..num_classes`, where `num_classes` counts the
+/// background: with C object categories, labels are 1..=C and `num_classes = C + 1`; 0 is
+/// background and never a target). An image without objects has `G = 0` and trains as
+/// background only.
 #[derive(Debug)]
-pub struct Target {
+pub struct ImageTargets {
     pub boxes: Tensor,
     pub labels: Tensor,
 }
 
-impl Target {
-    pub fn new(boxes: &[[f64; 4]], labels: &[i64]) -> Target {
-        Target {
+impl ImageTargets {
+    pub fn new(boxes: &[[f64; 4]], labels: &[i64]) -> ImageTargets {
+        ImageTargets {
             boxes: tensor_of(boxes),
             labels: Tensor::from_slice(labels),
         }
     }
 
-    pub fn to_device(&self, device: tch::Device) -> Target {
-        Target {
+    pub fn to_device(&self, device: tch::Device) -> ImageTargets {
+        ImageTargets {
             boxes: self.boxes.to_device(device),
             labels: self.labels.to_device(device),
         }
+    }
+}
+
+/// The box regression loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxLoss {
+    /// Fast R-CNN's smooth L1 with transition point `beta`.
+    SmoothL1,
+    /// `|x|`.
+    L1,
+}
+
+/// Summed regression loss of `predicted` against `target` deltas (same shape); callers divide
+/// by their sample count, as torchvision does (by all sampled candidates, not the positives
+/// alone, so an image with few positives does not weigh them up).
+pub fn box_loss(predicted: &Tensor, target: &Tensor, loss: BoxLoss, beta: f64) -> Tensor {
+    match loss {
+        BoxLoss::SmoothL1 if beta > 0.0 => predicted.smooth_l1_loss(target, Reduction::Sum, beta),
+        _ => (predicted - target).abs().sum(predicted.kind()),
     }
 }
 
@@ -302,6 +329,27 @@ mod tests {
                 prop_assert!(clipped[0] >= 0.0 && clipped[2] <= 60.0 && clipped[0] <= clipped[2]);
                 prop_assert!(clipped[1] >= 0.0 && clipped[3] <= 40.0 && clipped[1] <= clipped[3]);
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn smooth_l1_is_quadratic_below_beta_and_linear_above(
+            errors in prop::collection::vec(-3.0..3.0f64, 1..12),
+            beta in 0.01..1.0f64,
+        ) {
+            let predicted = Tensor::from_slice(&errors);
+            let target = predicted.zeros_like();
+            let want: f64 = errors
+                .iter()
+                .map(|e| if e.abs() < beta { 0.5 * e * e / beta } else { e.abs() - 0.5 * beta })
+                .sum();
+            let got = box_loss(&predicted, &target, BoxLoss::SmoothL1, beta).double_value(&[]);
+            prop_assert!((got - want).abs() < 1e-9 * (1.0 + want), "{got} vs {want}");
+            let l1 = box_loss(&predicted, &target, BoxLoss::L1, beta).double_value(&[]);
+            prop_assert!((l1 - errors.iter().map(|e| e.abs()).sum::<f64>()).abs() < 1e-6);
         }
     }
 

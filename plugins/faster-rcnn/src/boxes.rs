@@ -112,7 +112,10 @@ impl BoxCoder {
     /// and reference boxes `[N, 4]`; returns `[N, 4 k]`.
     pub fn decode(&self, deltas: &Tensor, references: &Tensor) -> Tensor {
         let n = deltas.size()[0];
-        let deltas = deltas.view([n, -1, 4]).to_kind(references.kind());
+        // The per-reference box count from the width, not `-1`: with no references (an
+        // image without proposals) `-1` cannot be inferred from zero elements.
+        let per_reference = deltas.size().get(1).copied().unwrap_or(4) / 4;
+        let deltas = deltas.view([n, per_reference, 4]).to_kind(references.kind());
         let (rx, ry, rw, rh) = centre_size(references);
         let (rx, ry, rw, rh) = (rx.unsqueeze(1), ry.unsqueeze(1), rw.unsqueeze(1), rh.unsqueeze(1));
         let [wx, wy, ww, wh] = self.weights;
@@ -124,7 +127,7 @@ impl BoxCoder {
         let cy = dy * &rh + ry;
         let half_w = dw.exp() * rw * 0.5;
         let half_h = dh.exp() * rh * 0.5;
-        Tensor::stack(&[&cx - &half_w, &cy - &half_h, cx + half_w, cy + half_h], 2).view([n, -1])
+        Tensor::stack(&[&cx - &half_w, &cy - &half_h, cx + half_w, cy + half_h], 2).view([n, 4 * per_reference])
     }
 }
 

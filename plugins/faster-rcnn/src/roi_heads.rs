@@ -481,6 +481,14 @@ mod tests {
         assert!(losses.box_regression.double_value(&[]).is_finite());
         let detections = roi.detect(&features(), &proposals, [64, 64]);
         assert_eq!(detections.len(), 2);
+        // An image without proposals has no detections.
+        let none = [
+            proposals[0].shallow_clone(),
+            Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
+        ];
+        let found = roi.detect(&features(), &none, [64, 64]);
+        assert_eq!(found[1].boxes.size(), vec![0, 4]);
+        assert_eq!(found[1].labels.size(), vec![0]);
         for d in &detections {
             let k = d.boxes.size()[0];
             assert!(k <= 5);
@@ -505,6 +513,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("head.roi.pool_level"), "{error}");
+        // A fixed level pools every region from that map alone: zeroing the other level
+        // changes nothing.
+        let single = RoiHeads::new(
+            &RoiHeadsConfig {
+                pool_level: Some(1),
+                representation_size: 8,
+                ..Default::default()
+            },
+            vs.root() / "single",
+            4,
+            &[4, 8],
+            3,
+        )
+        .unwrap();
+        let rois = crate::roi_align::rois_of(
+            &[tensor_of(&[[2.0, 2.0, 10.0, 12.0], [0.0, 0.0, 60.0, 60.0]])],
+            Device::Cpu,
+        );
+        let maps = features();
+        let (logits, deltas) = single.forward(&maps, &rois);
+        assert_eq!((logits.size(), deltas.size()), (vec![2, 3], vec![2, 12]));
+        let blank = [maps[0].zeros_like(), maps[1].shallow_clone()];
+        let (again, _) = single.forward(&blank, &rois);
+        assert!(logits.allclose(&again, 1e-6, 1e-6, false));
         let error = RoiHeads::new(&RoiHeadsConfig::default(), vs.root(), 4, &[4, 8], 1)
             .unwrap_err()
             .to_string();

@@ -10,8 +10,13 @@
 //! (`(1, 1, 1, 1)` for the RPN, `(10, 10, 5, 5)` for the box head, as in torchvision).
 //! Decoding clamps `t_w / w_w` and `t_h / w_h` from above at `log(1000 / 16)`, so an untrained
 //! head cannot overflow `exp`.
+//!
+//! The regression loss on those deltas is Fast R-CNN's smooth L1 (Girshick, ICCV 2015, Eq. 3)
+//! with torchvision's transition point `beta` (1/9: quadratic only for errors below 1/9), or
+//! plain L1.
 
-use tch::{Kind, Tensor};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Reduction, Tensor};
 
 /// The largest log-size change the decoder applies (torchvision's `bbox_xform_clip`).
 pub const DEFAULT_LOG_SIZE_CLAMP: f64 = 4.135166556742356; // ln(1000 / 16)
@@ -107,7 +112,10 @@ impl BoxCoder {
     /// and reference boxes `[N, 4]`; returns `[N, 4 k]`.
     pub fn decode(&self, deltas: &Tensor, references: &Tensor) -> Tensor {
         let n = deltas.size()[0];
-        let deltas = deltas.view([n, -1, 4]).to_kind(references.kind());
+        // The per-reference box count from the width, not `-1`: with no references (an
+        // image without proposals) `-1` cannot be inferred from zero elements.
+        let per_reference = deltas.size().get(1).copied().unwrap_or(4) / 4;
+        let deltas = deltas.view([n, per_reference, 4]).to_kind(references.kind());
         let (rx, ry, rw, rh) = centre_size(references);
         let (rx, ry, rw, rh) = (rx.unsqueeze(1), ry.unsqueeze(1), rw.unsqueeze(1), rh.unsqueeze(1));
         let [wx, wy, ww, wh] = self.weights;
@@ -119,7 +127,7 @@ impl BoxCoder {
         let cy = dy * &rh + ry;
         let half_w = dw.exp() * rw * 0.5;
         let half_h = dh.exp() * rh * 0.5;
-        Tensor::stack(&[&cx - &half_w, &cy - &half_h, cx + half_w, cy + half_h], 2).view([n, -1])
+        Tensor::stack(&[&cx - &half_w, &cy - &half_h, cx + half_w, cy + half_h], 2).view([n, 4 * per_reference])
     }
 }
 
@@ -133,27 +141,49 @@ fn centre_size(boxes: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
 }
 
 /// The objects of one training image: corner boxes `[G, 4]` (float32, input pixels) and
-/// their class labels `[G]` (int64, 1..=C; 0 is background and never a target). An image
-/// without objects has `G = 0` and trains as background only.
+/// their class labels `[G]` (int64 in `1..num_classes`, where `num_classes` counts the
+/// background: with C object categories, labels are 1..=C and `num_classes = C + 1`; 0 is
+/// background and never a target). An image without objects has `G = 0` and trains as
+/// background only.
 #[derive(Debug)]
-pub struct Target {
+pub struct ImageTargets {
     pub boxes: Tensor,
     pub labels: Tensor,
 }
 
-impl Target {
-    pub fn new(boxes: &[[f64; 4]], labels: &[i64]) -> Target {
-        Target {
+impl ImageTargets {
+    pub fn new(boxes: &[[f64; 4]], labels: &[i64]) -> ImageTargets {
+        ImageTargets {
             boxes: tensor_of(boxes),
             labels: Tensor::from_slice(labels),
         }
     }
 
-    pub fn to_device(&self, device: tch::Device) -> Target {
-        Target {
+    pub fn to_device(&self, device: tch::Device) -> ImageTargets {
+        ImageTargets {
             boxes: self.boxes.to_device(device),
             labels: self.labels.to_device(device),
         }
+    }
+}
+
+/// The box regression loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxLoss {
+    /// Fast R-CNN's smooth L1 with transition point `beta`.
+    SmoothL1,
+    /// `|x|`.
+    L1,
+}
+
+/// Summed regression loss of `predicted` against `target` deltas (same shape); callers divide
+/// by their sample count, as torchvision does (by all sampled candidates, not the positives
+/// alone, so an image with few positives does not weigh them up).
+pub fn box_loss(predicted: &Tensor, target: &Tensor, loss: BoxLoss, beta: f64) -> Tensor {
+    match loss {
+        BoxLoss::SmoothL1 if beta > 0.0 => predicted.smooth_l1_loss(target, Reduction::Sum, beta),
+        _ => (predicted - target).abs().sum(predicted.kind()),
     }
 }
 
@@ -190,6 +220,12 @@ mod tests {
         (0.0..60.0f64, 0.0..60.0f64, 0.5..40.0f64, 0.5..40.0f64).prop_map(|(x, y, w, h)| boxed(x, y, w, h))
     }
 
+    /// A box whose sides lie in 1..40, so two of them differ in size by less than the
+    /// decoder's clamp (62.5x): `positive_box` pairs reach 80x, which the decoder clamps.
+    fn unclamped_box() -> impl Strategy<Value = [f64; 4]> {
+        (0.0..60.0f64, 0.0..60.0f64, 1.0..40.0f64, 1.0..40.0f64).prop_map(|(x, y, w, h)| boxed(x, y, w, h))
+    }
+
     fn integer_box() -> impl Strategy<Value = [f64; 4]> {
         (0..12i32, 0..12i32, 0..8i32, 0..8i32).prop_map(|(x, y, w, h)| boxed(x as f64, y as f64, w as f64, h as f64))
     }
@@ -220,7 +256,7 @@ mod tests {
 
         #[test]
         fn encoding_then_decoding_returns_the_boxes(
-            pairs in prop::collection::vec((positive_box(), positive_box()), 1..8),
+            pairs in prop::collection::vec((unclamped_box(), unclamped_box()), 1..8),
             weights in prop::array::uniform4(0.5..10.0f64),
         ) {
             let targets: Vec<[f64; 4]> = pairs.iter().map(|p| p.0).collect();
@@ -231,7 +267,8 @@ mod tests {
             let back = boxes_of(&coder.decode(&coder.encode(&t, &r), &r));
             for (got, want) in back.iter().zip(&targets) {
                 for k in 0..4 {
-                    // Sizes differ by at most 80x, well inside the clamp of 62.5x.
+                    // Sizes differ by at most 40x, inside the clamp of 62.5x (larger changes
+                    // are clamped by design: `decoding_clamps_huge_log_size_deltas`).
                     prop_assert!((got[k] - want[k] as f32 as f64).abs() < 1e-6, "{got:?} vs {want:?}");
                 }
             }
@@ -302,6 +339,27 @@ mod tests {
                 prop_assert!(clipped[0] >= 0.0 && clipped[2] <= 60.0 && clipped[0] <= clipped[2]);
                 prop_assert!(clipped[1] >= 0.0 && clipped[3] <= 40.0 && clipped[1] <= clipped[3]);
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn smooth_l1_is_quadratic_below_beta_and_linear_above(
+            errors in prop::collection::vec(-3.0..3.0f64, 1..12),
+            beta in 0.01..1.0f64,
+        ) {
+            let predicted = Tensor::from_slice(&errors);
+            let target = predicted.zeros_like();
+            let want: f64 = errors
+                .iter()
+                .map(|e| if e.abs() < beta { 0.5 * e * e / beta } else { e.abs() - 0.5 * beta })
+                .sum();
+            let got = box_loss(&predicted, &target, BoxLoss::SmoothL1, beta).double_value(&[]);
+            prop_assert!((got - want).abs() < 1e-9 * (1.0 + want), "{got} vs {want}");
+            let l1 = box_loss(&predicted, &target, BoxLoss::L1, beta).double_value(&[]);
+            prop_assert!((l1 - errors.iter().map(|e| e.abs()).sum::<f64>()).abs() < 1e-6);
         }
     }
 

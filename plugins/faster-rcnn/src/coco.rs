@@ -17,7 +17,7 @@
 //! which ignores detections on them, and are left out of training targets.
 
 use crate::ap::GroundTruth;
-use crate::boxes::Target;
+use crate::boxes::ImageTargets;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -108,7 +108,7 @@ impl DetectionSet {
     }
 
     /// The training target of image `index`: its non-crowd objects.
-    pub fn target(&self, index: usize) -> Target {
+    pub fn target(&self, index: usize) -> ImageTargets {
         let objects = &self.images[index];
         let (mut boxes, mut labels) = (Vec::new(), Vec::new());
         for k in 0..objects.boxes.len() {
@@ -117,7 +117,7 @@ impl DetectionSet {
                 labels.push(self.label_of(objects.category_ids[k]).unwrap_or(0));
             }
         }
-        Target::new(&boxes, &labels)
+        ImageTargets::new(&boxes, &labels)
     }
 
     /// Every object as AP ground truth.

@@ -6,6 +6,7 @@ mod common;
 use medssl_core::registry;
 
 use medssl_attention_pool as _;
+use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
@@ -16,6 +17,7 @@ use medssl_readers as _;
 use medssl_resnet as _;
 use medssl_slice_transformer as _;
 use medssl_swav as _;
+use medssl_unet as _;
 use medssl_vicreg as _;
 
 #[test]
@@ -29,7 +31,7 @@ fn the_exact_set_of_components_is_registered() {
         registry::objectives().names(),
         ["deepcluster-v2", "masked-prediction", "ntxent", "swav", "vicreg"]
     );
-    assert!(registry::heads().names().is_empty());
+    assert_eq!(registry::heads().names(), ["unet", "volume-classifier"]);
     assert_eq!(
         registry::datasets().names(),
         [

@@ -18,6 +18,7 @@ mod eval;
 mod sweep;
 
 use medssl_attention_pool as _;
+use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
@@ -28,6 +29,7 @@ use medssl_readers as _;
 use medssl_resnet as _;
 use medssl_slice_transformer as _;
 use medssl_swav as _;
+use medssl_unet as _;
 use medssl_vicreg as _;
 
 #[derive(Parser)]

@@ -1,12 +1,18 @@
 //! Component swapping: any registered encoder, aggregator and objective (each in every small
 //! variant it declares) compose and train one step with a finite loss and a non-zero
-//! gradient on every trainable tensor. New plugins join this test by registering; nothing
-//! here names them.
+//! gradient on every trainable tensor; and any registered head composes with every encoder
+//! (and, for heads of volume tasks, every aggregator) the same way. New plugins join this
+//! test by registering; nothing here names them.
 
-use medssl_core::config::LoadedConfig;
+use medssl_core::aggregator::AggregatorShape;
+use medssl_core::config::{LoadedConfig, Section};
+use medssl_core::encoder::EncoderShape;
+use medssl_core::head::{HeadInput, HeadShape};
 use medssl_core::registry;
+use medssl_core::slice_features::{SliceFeatureConfig, SliceFeatures};
 use medssl_core::train::Run;
 use proptest::prelude::*;
+use tch::{nn, Device, Kind, Tensor};
 
 use medssl_attention_pool as _;
 use medssl_classifier as _;
@@ -142,4 +148,159 @@ proptest! {
         let result = probe(&combos[pick % combos.len()], seed, batch, slices);
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
     }
+}
+
+/// A head composition: encoder, aggregator (where the head's task reads volumes) and head,
+/// each a (name, smoke config) pair.
+type HeadCombo = [Option<(&'static str, &'static str)>; 3];
+
+/// Every encoder variant with every head variant, and with no aggregator or each aggregator
+/// variant; [`head_probe`] keeps those whose aggregator matches the head's task.
+fn head_combinations() -> Vec<HeadCombo> {
+    let encoders = variants(&registry::encoders(), |e| e.smoke_configs);
+    let aggregators = variants(&registry::aggregators(), |e| e.smoke_configs);
+    let heads = variants(&registry::heads(), |e| e.smoke_configs);
+    let mut all = Vec::new();
+    for &e in &encoders {
+        for &h in &heads {
+            for a in std::iter::once(None).chain(aggregators.iter().copied().map(Some)) {
+                all.push([Some(e), a, Some(h)]);
+            }
+        }
+    }
+    all
+}
+
+/// Classes of the probe tasks (background included for segmentation).
+const HEAD_CLASSES: i64 = 3;
+
+/// Builds the composition, runs it on `volumes` volumes of `slices` slices of an odd size
+/// and checks the loss and the gradients. `Ok(false)` where the head's task does not match
+/// the presence of an aggregator (nothing to test); the message names the combination.
+fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{combo:?}: {e:#}");
+    let [Some((encoder, e)), aggregator, Some((head, h))] = *combo else {
+        return Err(format!("{combo:?}: not a head composition"));
+    };
+    // Seeded, so that a failure reproduces.
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let section = Section::inline("encoder", encoder, e).map_err(|e| fail(&e))?;
+    let entry = registry::encoders().get(encoder).map_err(|e| fail(&e))?;
+    let encoder =
+        (entry.build)(&section, vs.root() / "encoder", &EncoderShape { in_channels: 1 }).map_err(|e| fail(&e))?;
+    let features = SliceFeatures::new(&SliceFeatureConfig::default(), encoder.as_ref()).map_err(|e| fail(&e))?;
+    let aggregator = match aggregator {
+        Some((name, body)) => {
+            let section = Section::inline("aggregator", name, body).map_err(|e| fail(&e))?;
+            let entry = registry::aggregators().get(name).map_err(|e| fail(&e))?;
+            let shape = AggregatorShape {
+                input_dim: features.dim(),
+                slices,
+            };
+            Some((entry.build)(&section, vs.root() / "aggregator", &shape).map_err(|e| fail(&e))?)
+        }
+        None => None,
+    };
+    let shape = HeadShape {
+        levels: encoder.levels().to_vec(),
+        embedding_dim: encoder.embedding_dim(),
+        volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
+        num_classes: HEAD_CLASSES,
+    };
+    let section = Section::inline("head", head, h).map_err(|e| fail(&e))?;
+    let entry = registry::heads().get(head).map_err(|e| fail(&e))?;
+    let head = match (entry.build)(&section, vs.root() / "head", &shape) {
+        Ok(head) => head,
+        // A volume head without an aggregator is a declared config error, not a failure to
+        // compose.
+        Err(e) if aggregator.is_none() && format!("{e:#}").contains("needs an aggregator") => return Ok(false),
+        Err(e) => return Err(fail(&e)),
+    };
+    if head.task().needs_aggregator() != aggregator.is_some() {
+        return Ok(false);
+    }
+
+    let [height, width] = [17, 15];
+    let images = Tensor::randn([volumes * slices, 1, height, width], (Kind::Float, Device::Cpu));
+    let out = encoder.forward(&images, true);
+    let volume = aggregator.as_ref().map(|a| {
+        let sequence = features.compute(&out).reshape([volumes, slices, -1]);
+        a.forward(&sequence, None, true).volume
+    });
+    let input = HeadInput {
+        encoder: &out,
+        volume: volume.as_ref(),
+        image_size: [height, width],
+    };
+    let logits = head.forward(&input, true);
+    let targets = if head.task().needs_aggregator() {
+        Tensor::arange(volumes, (Kind::Int64, Device::Cpu)).remainder(HEAD_CLASSES)
+    } else {
+        Tensor::randint(
+            HEAD_CLASSES,
+            [volumes * slices, height, width],
+            (Kind::Int64, Device::Cpu),
+        )
+    };
+    let loss = head.loss(&logits, &targets);
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        return Err(format!("{combo:?}: loss {value}"));
+    }
+    loss.backward();
+    // (squared norm, tensors, tensors with a non-zero gradient) by group.
+    let mut groups: std::collections::BTreeMap<String, (f64, usize, usize)> = Default::default();
+    for (name, var) in vs.variables() {
+        if !var.requires_grad() {
+            continue;
+        }
+        let group = name.split('.').next().unwrap_or_default().to_string();
+        let grad = var.grad();
+        let norm = if grad.defined() {
+            grad.norm().double_value(&[])
+        } else {
+            0.0
+        };
+        let entry = groups.entry(group).or_insert((0.0, 0, 0));
+        entry.0 += norm * norm;
+        entry.1 += 1;
+        entry.2 += usize::from(norm > 0.0);
+    }
+    for group in ["encoder", "head"] {
+        if !groups.contains_key(group) {
+            return Err(format!("{combo:?}: no {group} parameter is trained"));
+        }
+    }
+    for (group, (squares, parameters, with_gradient)) in &groups {
+        let norm = squares.sqrt();
+        if !(norm > 0.0 && norm.is_finite()) || with_gradient != parameters {
+            return Err(format!(
+                "{combo:?}: {group} has gradient norm {norm} with {with_gradient} of {parameters} tensors reached"
+            ));
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn every_head_composition_trains_one_step() {
+    let mut ran = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    for combo in head_combinations() {
+        match head_probe(&combo, 2, 3) {
+            Ok(true) => {
+                ran.insert((combo[0], combo[2]));
+            }
+            Ok(false) => {}
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Every head variant ran on every encoder variant (with an aggregator or without, as
+    // its task asks).
+    let encoders = variants(&registry::encoders(), |e| e.smoke_configs).len();
+    let heads = variants(&registry::heads(), |e| e.smoke_configs).len();
+    assert!(heads >= 2, "{heads} head variants");
+    assert_eq!(ran.len(), encoders * heads, "{ran:?}");
 }

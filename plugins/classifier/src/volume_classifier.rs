@@ -110,7 +110,8 @@ register!(HEADS, VOLUME_CLASSIFIER: HeadEntry = HeadEntry {
     name: "volume-classifier",
     about: "Two FC layers (Linear, ReLU, dropout, Linear) on the aggregator's volume embedding, cross-entropy",
     default_config: default_toml::<VolumeClassifierConfig>,
-    smoke_configs: &["hidden_dim = 8", "hidden_dim = 4\ndropout = 0.5"],
+    // Wide enough that dropout with ReLU cannot silence every hidden unit of a tiny batch.
+    smoke_configs: &["hidden_dim = 8", "hidden_dim = 16\ndropout = 0.2"],
     build,
 });
 

@@ -322,3 +322,54 @@ fn finetune_errors_name_what_is_wrong_before_training() {
     assert_fails_with(&out, &["--pretrained", "does not exist"]);
     assert!(!out_dir.exists());
 }
+
+#[test]
+fn a_sweep_judges_each_variant_by_a_finetune() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", &TINY.replace("epochs = 2", "epochs = 1"));
+    let task = decathlon(tmp.path(), 4, 2);
+    write(
+        tmp.path(),
+        "seg.toml",
+        &segmentation_config(&task, &[1, 2], &[3, 4], 3).replace("epochs = 2", "epochs = 1"),
+    );
+    let sweep = write(
+        tmp.path(),
+        "sweep.toml",
+        r#"
+base = "base.toml"
+[evaluation]
+protocol = "finetune"
+config = "seg.toml"
+seeds = 1
+[[variants]]
+name = "full"
+[[variants]]
+name = "lower lr"
+set = ["optimizer.lr=0.01"]
+"#,
+    );
+    let out_dir = tmp.path().join("sweep");
+    let out = medssl()
+        .arg("sweep")
+        .arg(&sweep)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("table.json")).unwrap()).unwrap();
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(row["metric"], "dice_3d");
+        unit(&row["pretrained"]["value"], "pretrained dice");
+        unit(&row["scratch"]["value"], "scratch dice");
+    }
+    assert!(out_dir.join("lower-lr/finetune/report.md").is_file());
+    let md = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    assert!(
+        md.contains("dice_3d (pre-trained)") && md.contains("| lower lr | `optimizer.lr=0.01` |"),
+        "{md}"
+    );
+}

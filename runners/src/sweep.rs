@@ -25,30 +25,45 @@ pub struct SweepFile {
     pub variants: Vec<Variant>,
 }
 
-/// How each variant's pre-training is judged: a frozen-feature probe (`medssl eval`).
+/// How each variant's pre-training is judged: a frozen-feature probe (`medssl eval linear`
+/// or `knn`), or a fine-tune (`medssl finetune`: 3D Dice of a U-Net, AUC of a 3D
+/// classifier, ...) beside the same network from scratch.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Evaluation {
-    /// `linear` or `knn`.
+    /// `linear`, `knn` or `finetune`.
     pub protocol: String,
-    /// Labelled training set of the probe (relative to the sweep file).
-    pub train: PathBuf,
+    /// Labelled training set (relative to the sweep file); required by the probes, and for
+    /// `finetune` it replaces the config's `data.train.path`.
+    #[serde(default)]
+    pub train: Option<PathBuf>,
     #[serde(default = "train_split")]
     pub train_split: String,
-    /// Labelled evaluation set (relative to the sweep file).
-    pub eval: PathBuf,
+    /// Labelled evaluation set, as `train`.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
     #[serde(default = "eval_split")]
     pub eval_split: String,
-    /// Reader of both sets (`medmnist`, ...); default: recognised from the path.
+    /// Reader of both sets of a probe (`medmnist`, ...); default: recognised from the path.
     #[serde(default)]
     pub format: Option<String>,
+    /// The fine-tuning config of `finetune` (relative to the sweep file).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
     #[serde(default = "one")]
     pub label_fraction: f64,
+    /// Probe seeds, or fine-tuning repeats.
     #[serde(default = "one_seed")]
     pub seeds: usize,
-    /// Further flags for `medssl eval`, e.g. `["--k", "10"]`.
+    /// Further flags for `medssl eval` or `medssl finetune`, e.g. `["--k", "10"]`.
     #[serde(default)]
     pub args: Vec<String>,
+}
+
+impl Evaluation {
+    fn is_finetune(&self) -> bool {
+        self.protocol == "finetune"
+    }
 }
 
 fn train_split() -> String {
@@ -87,14 +102,30 @@ impl SweepFile {
             toml::from_str(&text).with_context(|| format!("sweep file `{}` is not a valid sweep", path.display()))?;
         let folder = path.parent().unwrap_or(Path::new("."));
         sweep.base = folder.join(&sweep.base);
-        sweep.evaluation.train = folder.join(&sweep.evaluation.train);
-        sweep.evaluation.eval = folder.join(&sweep.evaluation.eval);
+        let e = &mut sweep.evaluation;
+        for p in [&mut e.train, &mut e.eval, &mut e.config].into_iter().flatten() {
+            *p = folder.join(&*p);
+        }
         ensure!(
-            matches!(sweep.evaluation.protocol.as_str(), "linear" | "knn"),
-            "sweep file `{}`: `evaluation.protocol` is `{}`; expected `linear` or `knn`",
+            matches!(e.protocol.as_str(), "linear" | "knn" | "finetune"),
+            "sweep file `{}`: `evaluation.protocol` is `{}`; expected `linear`, `knn` or `finetune`",
             path.display(),
-            sweep.evaluation.protocol
+            e.protocol
         );
+        if e.is_finetune() {
+            ensure!(
+                e.config.as_ref().is_some_and(|c| c.is_file()),
+                "sweep file `{}`: `evaluation.protocol = \"finetune\"` needs `evaluation.config`, an existing fine-tuning config (e.g. configs/downstream/hippocampus_unet.toml)",
+                path.display()
+            );
+        } else {
+            ensure!(
+                e.train.is_some() && e.eval.is_some(),
+                "sweep file `{}`: the `{}` probe needs `evaluation.train` and `evaluation.eval`",
+                path.display(),
+                e.protocol
+            );
+        }
         ensure!(
             !sweep.variants.is_empty(),
             "sweep file `{}` has no `[[variants]]`",
@@ -171,22 +202,38 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
         } else {
             tracing::info!("variant `{}` already trained: evaluating it", variant.name);
         }
-        let result = evaluate(&exe, &sweep.evaluation, &dir)
-            .with_context(|| format!("variant `{}`: evaluation", variant.name))?;
+        let evaluated = if sweep.evaluation.is_finetune() {
+            finetune(&exe, &sweep.evaluation, &dir)
+        } else {
+            evaluate(&exe, &sweep.evaluation, &dir)
+        };
+        let result = evaluated.with_context(|| format!("variant `{}`: evaluation", variant.name))?;
         medssl_core::checkpoint::write_atomic(&dir.join(EVAL_JSON), serde_json::to_string_pretty(&result)?.as_bytes())?;
-        rows.push(json!({
-            "variant": variant.name,
-            "set": variant.set,
-            "run_dir": dir,
-            "pretrained": result["pretrained"],
-            "random_init": result["random_init"],
-        }));
+        rows.push(if sweep.evaluation.is_finetune() {
+            json!({
+                "variant": variant.name,
+                "set": variant.set,
+                "run_dir": dir,
+                "metric": result["metric"],
+                "pretrained": summary(&result["rows"][0]),
+                "scratch": summary(&result["rows"][1]),
+            })
+        } else {
+            json!({
+                "variant": variant.name,
+                "set": variant.set,
+                "run_dir": dir,
+                "pretrained": result["pretrained"],
+                "random_init": result["random_init"],
+            })
+        });
     }
     let table = json!({
         "sweep": file,
         "base": sweep.base,
         "evaluation": {
             "protocol": sweep.evaluation.protocol,
+            "config": sweep.evaluation.config,
             "train": sweep.evaluation.train,
             "train_split": sweep.evaluation.train_split,
             "eval": sweep.evaluation.eval,
@@ -211,11 +258,11 @@ fn evaluate(exe: &Path, evaluation: &Evaluation, run_dir: &Path) -> Result<Value
         .arg(&evaluation.protocol)
         .arg(run_dir)
         .arg("--train")
-        .arg(&evaluation.train)
+        .args(&evaluation.train)
         .arg("--train-split")
         .arg(&evaluation.train_split)
         .arg("--eval")
-        .arg(&evaluation.eval)
+        .args(&evaluation.eval)
         .arg("--eval-split")
         .arg(&evaluation.eval_split)
         .arg("--label-fraction")
@@ -244,16 +291,86 @@ fn evaluate(exe: &Path, evaluation: &Evaluation, run_dir: &Path) -> Result<Value
     Ok(value)
 }
 
+/// `medssl finetune CONFIG --pretrained RUN_DIR ... --json`, parsed; the fine-tune's own
+/// folder is `RUN_DIR/finetune`.
+fn finetune(exe: &Path, evaluation: &Evaluation, run_dir: &Path) -> Result<Value> {
+    let mut command = Command::new(exe);
+    command
+        .arg("finetune")
+        .args(&evaluation.config)
+        .arg("--pretrained")
+        .arg(run_dir)
+        .arg("--out")
+        .arg(run_dir.join("finetune"))
+        .arg("--force")
+        .arg("--label-fraction")
+        .arg(evaluation.label_fraction.to_string())
+        .arg("--runs")
+        .arg(evaluation.seeds.to_string())
+        .arg("--json");
+    if let Some(train) = &evaluation.train {
+        command.arg("--train").arg(train);
+    }
+    if let Some(eval) = &evaluation.eval {
+        command.arg("--eval").arg(eval);
+    }
+    command.args(&evaluation.args);
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot start `medssl finetune`")?;
+    if !output.status.success() {
+        bail!("`medssl finetune` failed ({}); its log is above", output.status);
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value: Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("`medssl finetune --json` printed something that is not JSON: {text}"))?;
+    ensure!(
+        value["rows"].as_array().is_some_and(|rows| rows.len() == 2),
+        "`medssl finetune --json` gave no pretrained/scratch rows: {value}"
+    );
+    Ok(value)
+}
+
+/// A fine-tune row's primary metric in the probes' shape: `value` and `value_std`.
+fn summary(row: &Value) -> Value {
+    json!({ "value": row["mean"], "value_std": row["std"], "runs": row["runs"] })
+}
+
 /// One row a variant: the pre-trained probe's ACC and AUC (mean ± std over seeds) beside
 /// the random-init encoder of the same architecture.
 fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
     let e = &sweep.evaluation;
+    if e.is_finetune() {
+        let metric_name = rows
+            .first()
+            .and_then(|r| r["metric"].as_str())
+            .unwrap_or("metric")
+            .to_string();
+        let mut md = format!(
+            "Fine-tune: `{}`, {} of the training volumes, {} repeat(s), pre-trained beside scratch; base config `{}`.\n\n| variant | overrides | {metric_name} (pre-trained) | {metric_name} (scratch) |\n|---|---|---|---|\n",
+            e.config.as_deref().unwrap_or(Path::new("")).display(),
+            e.label_fraction,
+            e.seeds,
+            sweep.base.display()
+        );
+        for row in rows {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                row["variant"].as_str().unwrap_or_default(),
+                overrides(row),
+                metric(&row["pretrained"], "value"),
+                metric(&row["scratch"], "value"),
+            ));
+        }
+        return md;
+    }
     let mut md = format!(
         "Probe: {} on `{}` ({}) -> `{}` ({}), {} of the training labels, {} seed(s); base config `{}`.\n\n",
         e.protocol,
-        e.train.display(),
+        e.train.as_deref().unwrap_or(Path::new("")).display(),
         e.train_split,
-        e.eval.display(),
+        e.eval.as_deref().unwrap_or(Path::new("")).display(),
         e.eval_split,
         e.label_fraction,
         e.seeds,
@@ -261,18 +378,10 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
     );
     md.push_str("| variant | overrides | ACC | AUC | random-init ACC | random-init AUC |\n|---|---|---|---|---|---|\n");
     for row in rows {
-        let set: Vec<String> = row["set"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(|s| format!("`{s}`"))).collect())
-            .unwrap_or_default();
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             row["variant"].as_str().unwrap_or_default(),
-            if set.is_empty() {
-                "—".to_string()
-            } else {
-                set.join(" ")
-            },
+            overrides(row),
             metric(&row["pretrained"], "acc"),
             metric(&row["pretrained"], "auc"),
             metric(&row["random_init"], "acc"),
@@ -280,6 +389,19 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
         ));
     }
     md
+}
+
+/// A row's overrides as inline code, or a dash.
+fn overrides(row: &Value) -> String {
+    let set: Vec<String> = row["set"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(|s| format!("`{s}`"))).collect())
+        .unwrap_or_default();
+    if set.is_empty() {
+        "—".to_string()
+    } else {
+        set.join(" ")
+    }
 }
 
 /// `mean ± std` where the evaluation gave a std, else the value.
@@ -333,6 +455,7 @@ mod tests {
         let sweep = SweepFile::load(&path).unwrap();
         assert_eq!(sweep.base, tmp.path().join("base.toml"));
         assert_eq!(sweep.evaluation.train_split, "train");
+        assert_eq!(sweep.evaluation.train, Some(tmp.path().join("data.npz")));
         assert_eq!(sweep.variants[1].set, ["stages.1.epochs=0"]);
 
         std::fs::write(&path, text.replace("w/o mask", "FULL")).unwrap();
@@ -341,5 +464,17 @@ mod tests {
         std::fs::write(&path, text.replace("\"linear\"", "\"ridge\"")).unwrap();
         let err = format!("{:#}", SweepFile::load(&path).err().unwrap());
         assert!(err.contains("evaluation.protocol"), "{err}");
+        std::fs::write(&path, text.replace("\"linear\"", "\"finetune\"")).unwrap();
+        let err = format!("{:#}", SweepFile::load(&path).err().unwrap());
+        assert!(err.contains("needs `evaluation.config`"), "{err}");
+        std::fs::write(tmp.path().join("seg.toml"), "classes = 3\n").unwrap();
+        let finetune = text
+            .replace("\"linear\"", "\"finetune\"\nconfig = \"seg.toml\"")
+            .replace("train = \"data.npz\"\n", "")
+            .replace("eval = \"data.npz\"\n", "");
+        std::fs::write(&path, finetune).unwrap();
+        let sweep = SweepFile::load(&path).unwrap();
+        assert_eq!(sweep.evaluation.config, Some(tmp.path().join("seg.toml")));
+        assert_eq!(sweep.evaluation.train, None);
     }
 }

@@ -28,21 +28,16 @@ pub fn soft_dice_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
     let probabilities = logits.softmax(1, Kind::Float);
     let truth = targets.one_hot(classes).permute([0, 3, 1, 2]).to_kind(Kind::Float);
     let predicted = logits.argmax(1, false).one_hot(classes).permute([0, 3, 1, 2]);
-    let over_pixels = [0i64, 2, 3];
-    let intersection = (&probabilities * &truth).sum_dim_intlist(over_pixels.as_slice(), false, Kind::Float);
-    let denominator = probabilities.sum_dim_intlist(over_pixels.as_slice(), false, Kind::Float)
-        + truth.sum_dim_intlist(over_pixels.as_slice(), false, Kind::Float);
-    let dice = intersection * 2.0 / denominator.clamp_min(EPSILON);
-    let present = (truth
-        .sum_dim_intlist(over_pixels.as_slice(), false, Kind::Float)
+    // Per-class sums over every pixel of every image: [K].
+    let per_class = |t: &Tensor, kind: Kind| t.sum_dim_intlist([0i64, 2, 3].as_slice(), false, kind);
+    let intersection = per_class(&(&probabilities * &truth), Kind::Float);
+    let truth_total = per_class(&truth, Kind::Float);
+    let dice = intersection * 2.0 / (per_class(&probabilities, Kind::Float) + &truth_total).clamp_min(EPSILON);
+    let present = truth_total
         .gt(0.0)
-        .logical_or(
-            &predicted
-                .sum_dim_intlist(over_pixels.as_slice(), false, Kind::Int64)
-                .gt(0),
-        ))
-    .to_kind(Kind::Float)
-    .narrow(0, 1, classes - 1);
+        .logical_or(&per_class(&predicted, Kind::Int64).gt(0))
+        .to_kind(Kind::Float)
+        .narrow(0, 1, classes - 1);
     let foreground = dice.narrow(0, 1, classes - 1);
     let count = present.sum(Kind::Float);
     // (1 - dice) summed over C, over |C|; 0 when C is empty.

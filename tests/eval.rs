@@ -4,7 +4,7 @@
 mod common;
 
 use common::archive::archive;
-use common::{assert_fails_with, medssl, write, TINY};
+use common::{assert_fails_with, medssl, unit, write, TINY};
 use medssl_core::assemble::{Backbone, Model};
 use medssl_core::config::LoadedConfig;
 use medssl_core::rng::{self, domain};
@@ -28,14 +28,6 @@ fn eval(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
         cmd.arg(a);
     }
     cmd.output().unwrap()
-}
-
-fn unit(value: &Value, what: &str) -> f64 {
-    let v = value
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is not a number: {value}"));
-    assert!((0.0..=1.0).contains(&v), "{what} = {v} is outside [0, 1]");
-    v
 }
 
 #[test]

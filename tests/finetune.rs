@@ -5,7 +5,7 @@
 mod common;
 
 use common::archive::archive;
-use common::{assert_fails_with, medssl, write, TINY};
+use common::{assert_fails_with, medssl, unit, write, TINY};
 use ndarray::Array3;
 use nifti::writer::WriterOptions;
 use serde_json::Value;
@@ -114,14 +114,6 @@ fn finetune(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
         cmd.arg(a);
     }
     cmd.output().unwrap()
-}
-
-fn unit(value: &Value, what: &str) -> f64 {
-    let v = value
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is not a number: {value}"));
-    assert!((0.0..=1.0).contains(&v), "{what} = {v} is outside [0, 1]");
-    v
 }
 
 /// Checks a report's rows: pretrained then scratch, `runs` repeats each, the primary

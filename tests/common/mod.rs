@@ -121,3 +121,12 @@ pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
         })
         .collect()
 }
+
+/// The number `value` (a score), asserted to lie in [0, 1].
+pub fn unit(value: &serde_json::Value, what: &str) -> f64 {
+    let v = value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"));
+    assert!((0.0..=1.0).contains(&v), "{what} = {v} is outside [0, 1]");
+    v
+}

@@ -344,6 +344,8 @@ pub fn plot_curves(curves: &[&Curve], metric: &str, out: &Path) -> Result<()> {
                 .filter_map(|p| pick(p).map(|v| (p.epoch as f64, v)))
                 .filter(|p| p.1.is_finite())
                 .collect();
+            // Markers too: an evaluation every few epochs can leave a single point.
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
             let drawn = chart.draw_series(LineSeries::new(points, c.stroke_width(2)))?;
             if with_text && curve.run == 0 {
                 drawn

@@ -33,7 +33,8 @@ pub fn segmentation_scores(per_volume: &[VolumeScores], classes: i64) -> BTreeMa
         let v: Vec<f64> = values.into_iter().flatten().collect();
         (!v.is_empty()).then(|| mean(&v))
     };
-    let fields: [(&str, fn(&VolumeScores) -> &Vec<Option<f64>>); 3] = [
+    type Field = fn(&VolumeScores) -> &Vec<Option<f64>>;
+    let fields: [(&str, Field); 3] = [
         ("dice_3d", |s| &s.dice),
         ("iou_3d", |s| &s.iou),
         ("dice_2d", |s| &s.dice_2d),

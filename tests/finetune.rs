@@ -5,9 +5,8 @@
 mod common;
 
 use common::archive::archive;
+use common::decathlon::decathlon;
 use common::{assert_fails_with, medssl, unit, write, TINY};
-use ndarray::Array3;
-use nifti::writer::WriterOptions;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -23,41 +22,6 @@ fn pretrain(dir: &Path) -> PathBuf {
         .unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     run
-}
-
-/// A Decathlon task folder of `n` volumes of 10 x 20 x 5 voxels (5 slices along the third
-/// axis): a bright square of class 1 and a dimmer one of class 2 whose places vary, on
-/// noise; `max_class` caps the mask's values (to write an invalid one).
-fn decathlon(dir: &Path, n: usize, max_class: u8) -> PathBuf {
-    let task = dir.join("task");
-    for folder in ["imagesTr", "labelsTr"] {
-        std::fs::create_dir_all(task.join(folder)).unwrap();
-    }
-    for case in 0..n {
-        let shift = case % 4;
-        let class = |x: usize, y: usize| -> u8 {
-            if (2 + shift..6 + shift).contains(&x) && (3..9).contains(&y) {
-                1
-            } else if (2..6).contains(&x) && (12 + shift..17 + shift).contains(&y) {
-                2.min(max_class)
-            } else {
-                0
-            }
-        };
-        let mask = Array3::from_shape_fn((10, 20, 5), |(x, y, _)| class(x, y));
-        let image = Array3::from_shape_fn((10, 20, 5), |(x, y, z)| {
-            let noise = ((case * 31 + x * 7 + y * 13 + z * 3) % 11) as f32;
-            noise + [0.0, 60.0, 30.0][class(x, y).min(2) as usize]
-        });
-        let name = format!("case_{:03}.nii.gz", case + 1);
-        WriterOptions::new(task.join("imagesTr").join(&name))
-            .write_nifti(&image)
-            .unwrap();
-        WriterOptions::new(task.join("labelsTr").join(&name))
-            .write_nifti(&mask)
-            .unwrap();
-    }
-    task
 }
 
 fn segmentation_config(task: &Path, train: &[usize], eval: &[usize], classes: i64) -> String {
@@ -364,4 +328,39 @@ set = ["optimizer.lr=0.01"]
         md.contains("dice_3d (pre-trained)") && md.contains("| lower lr | `optimizer.lr=0.01` |"),
         "{md}"
     );
+}
+
+#[test]
+fn boxes_from_masks_writes_a_coco_file_of_every_slice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let task = decathlon(tmp.path(), 2, 2);
+    let out_file = tmp.path().join("boxes.json");
+    let out = medssl()
+        .args(["data", "boxes-from-masks"])
+        .arg(&task)
+        .args(["--axis", "2", "--classes", "1=anterior,2=posterior", "--out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let coco: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    // 2 volumes x 5 slices, each slice with one box of each class.
+    assert_eq!(coco["images"].as_array().unwrap().len(), 10);
+    assert_eq!(coco["annotations"].as_array().unwrap().len(), 20);
+    assert_eq!(coco["categories"][1]["name"], "posterior");
+    assert_eq!(coco["images"][0]["file_name"], "imagesTr/case_001.nii.gz");
+    // case_001 (shift 0): class 1 covers NIfTI x 2..6 (the slice's rows) and y 3..9 (its
+    // columns): COCO [x, y, width, height] = [3, 2, 6, 4].
+    let first = &coco["annotations"][0];
+    assert_eq!(first["category_id"], 1);
+    assert_eq!(first["bbox"], serde_json::json!([3.0, 2.0, 6.0, 4.0]));
+
+    let out = medssl()
+        .args(["data", "boxes-from-masks"])
+        .arg(&task)
+        .args(["--classes", "one", "--out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["--classes `one`", "VALUE=NAME"]);
 }

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 mod aggregator_bench;
 mod bench_ssl;
+mod boxes;
 mod eval;
 mod finetune;
 mod sweep;
@@ -242,6 +243,9 @@ enum DataCommand {
         #[arg(long, default_value_t = 32)]
         limit: usize,
     },
+    /// Per-slice boxes of the connected components of a Decathlon task's masks, as COCO
+    /// JSON (a 2D detection set for Faster R-CNN).
+    BoxesFromMasks(boxes::BoxesArgs),
 }
 
 fn main() -> ExitCode {
@@ -515,6 +519,9 @@ fn execute(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Data {
+            command: DataCommand::BoxesFromMasks(args),
+        } => boxes::run(args),
         Command::Eval { command } => eval::run(command),
         Command::Finetune(args) => finetune::run(args),
         Command::Resume { run_dir } => {

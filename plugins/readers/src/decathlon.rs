@@ -149,6 +149,7 @@ impl Dataset for Decathlon {
             intensity::normalize(&image.voxels, self.window, self.normalize),
             image.spacing,
         );
+        volume.dtype = Some(image.dtype);
         if let Some(label) = &pair.label {
             let mask = decode_mask(label, self.slice_axis, &image.voxels.size()).with_context(|| {
                 format!(
@@ -265,6 +266,8 @@ struct Decoded {
     /// float32 `[D, H, W]`, the file's values after slope and intercept.
     voxels: Tensor,
     spacing: Option<[f64; 3]>,
+    /// The stored NIfTI data type, e.g. `int16`.
+    dtype: String,
 }
 
 /// Reads a NIfTI file as float32 in its own axis order `[X, Y, Z, ...]` (row-major), with
@@ -323,7 +326,8 @@ fn decode(path: &Path, slice_axis: usize, channel: usize) -> Result<Decoded> {
     let [a, b] = other_axes(slice_axis);
     let voxels = voxels.permute([slice_axis as i64, a, b]).contiguous();
     let spacing = spacing_mm(&header).map(|mm| [mm[slice_axis], mm[a as usize], mm[b as usize]]);
-    Ok(Decoded { voxels, spacing })
+    let dtype = format!("{:?}", header.data_type()?).to_lowercase();
+    Ok(Decoded { voxels, spacing, dtype })
 }
 
 /// Reads a mask as int64 class ids laid out like its image, whose `[D, H, W]` is `shape`.
@@ -455,6 +459,7 @@ mod tests {
         // voxels[z, x, y] = 100x + 10y + z
         assert_eq!(volume.voxels.double_value(&[3, 2, 1]), 213.0);
         assert_eq!(volume.spacing, Some([1.0, 1.0, 1.0]));
+        assert_eq!(volume.dtype.as_deref(), Some("float32"));
         let mask = volume.mask.expect("a mask");
         assert_eq!(mask.kind(), Kind::Int64);
         assert_eq!(mask.size(), [6, 4, 5]);
@@ -530,6 +535,19 @@ mod tests {
         assert_eq!(kept.len(), 3);
         assert!(kept.load(1)?.mask.is_none());
         assert!(kept.load(2)?.mask.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn dtype_is_the_image_files_data_type_not_the_masks() -> Result<()> {
+        let folder = task(&[], &[1, 2])?;
+        let images = folder.path().join(IMAGES);
+        WriterOptions::new(images.join("case_001.nii.gz")).write_nifti(&image().mapv(|v| v as i16))?;
+        WriterOptions::new(images.join("case_002.nii.gz")).write_nifti(&image().mapv(|v| v as u16))?;
+        let dataset = reader(&config_for(folder.path(), ""))?;
+        // The masks are uint8.
+        assert_eq!(dataset.load(0)?.dtype.as_deref(), Some("int16"));
+        assert_eq!(dataset.load(1)?.dtype.as_deref(), Some("uint16"));
         Ok(())
     }
 
@@ -643,6 +661,9 @@ mod tests {
             assert_eq!(mask.size(), size);
             let classes = Vec::<i64>::try_from(&mask.flatten(0, -1).unique_dim(0, true, false, false).0)?;
             assert_eq!(classes, [0, 1, 2]);
+            // The task's images are float32 or uint8, file by file.
+            let dtype = volume.dtype.as_deref();
+            assert!(matches!(dtype, Some("float32" | "uint8")), "{dtype:?}");
             let spacing = volume.spacing.expect("NIfTI records spacing");
             assert!(spacing.iter().all(|s| (s - 1.0).abs() < 1e-3), "{spacing:?}");
         }

@@ -24,7 +24,6 @@ use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
-use medssl_nifti_reader as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
 use medssl_readers as _;

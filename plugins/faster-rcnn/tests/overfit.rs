@@ -11,7 +11,8 @@ use medssl_faster_rcnn::ap::{average_precision, Detection, GroundTruth};
 use medssl_faster_rcnn::boxes::boxes_of;
 use medssl_faster_rcnn::boxes_from_masks::{BoxesFromMasks, CocoBuilder, Connectivity};
 use medssl_faster_rcnn::{FasterRcnn, FasterRcnnConfig, ImageTargets};
-use medssl_nifti_reader::nifti_reader::{NiftiConfig, NiftiReader, Normalization};
+use medssl_readers::intensity::Normalization;
+use medssl_readers::nifti_folder::{NiftiConfig, NiftiReader};
 use tch::nn::OptimizerConfig;
 // Linking the plugin registers resnet18.
 use medssl_resnet as _;

@@ -13,15 +13,15 @@
 //! without a mask, for self-supervised pre-training on every image). Masks without an image
 //! are ignored.
 //!
-//! Decoding uses the `nifti` crate, whose ndarray conversion applies `scl_slope` and
-//! `scl_inter`. Multi-modal tasks store 4D images (BrainTumour: FLAIR, T1w, T1gd, T2w;
+//! Decoding is [`crate::nifti_file`] (the `nifti` crate; `scl_slope` and `scl_inter`
+//! applied), shared with the `nifti` format. Multi-modal tasks store 4D images (BrainTumour: FLAIR, T1w, T1gd, T2w;
 //! Prostate: T2, ADC); `channel` picks the modality. Masks must hold whole numbers and the
 //! image's spatial shape, else loading fails naming both files.
 
 use crate::files;
 use crate::intensity::{self, Normalization, Window};
+use crate::nifti_file::{self, nifti_stem};
 use medssl_core::prelude::*;
-use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, NiftiType, NiftiVolume, ReaderOptions, Unit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -143,12 +143,13 @@ impl Dataset for Decathlon {
                 self.pairs.len()
             );
         };
-        let image = decode(&pair.image, self.slice_axis, self.channel)
+        let image = nifti_file::decode(&pair.image, self.slice_axis, Some(self.channel))
             .with_context(|| format!("cannot decode NIfTI image `{}`", pair.image.display()))?;
         let mut volume = Volume::new(
             intensity::normalize(&image.voxels, self.window, self.normalize),
             image.spacing,
         );
+        volume.dtype = Some(image.dtype);
         if let Some(label) = &pair.label {
             let mask = decode_mask(label, self.slice_axis, &image.voxels.size()).with_context(|| {
                 format!(
@@ -163,12 +164,6 @@ impl Dataset for Decathlon {
     }
 }
 
-/// The file stem of a NIfTI name (`NAME.nii.gz` or `NAME.nii`), if it is one.
-fn nifti_stem(path: &Path) -> Option<&str> {
-    let name = path.file_name()?.to_str()?;
-    name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii"))
-}
-
 /// The images of `task/imagesTr` with their masks from `task/labelsTr`.
 fn list_pairs(task: &Path, unlabelled: Unlabelled) -> Result<Vec<Pair>> {
     files::ensure_folder(
@@ -181,7 +176,7 @@ fn list_pairs(task: &Path, unlabelled: Unlabelled) -> Result<Vec<Pair>> {
         "`{}` has no {IMAGES}/ folder; expected a Decathlon task folder ({IMAGES}/ and {LABELS}/)",
         task.display()
     );
-    let images = files::files_in(&images_folder, |p| nifti_stem(p).is_some())?;
+    let images = files::files_in(&images_folder, nifti_file::is_nifti_name)?;
     ensure!(
         !images.is_empty(),
         "folder `{}` holds no .nii or .nii.gz file",
@@ -189,7 +184,7 @@ fn list_pairs(task: &Path, unlabelled: Unlabelled) -> Result<Vec<Pair>> {
     );
     let labels_folder = task.join(LABELS);
     let labels: BTreeSet<String> = if labels_folder.is_dir() {
-        files::files_in(&labels_folder, |p| nifti_stem(p).is_some())?
+        files::files_in(&labels_folder, nifti_file::is_nifti_name)?
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
             .collect()
@@ -260,78 +255,9 @@ fn select(pairs: Vec<Pair>, ids: &[String]) -> Result<Vec<Pair>> {
         .collect())
 }
 
-/// A decoded image before normalisation.
-struct Decoded {
-    /// float32 `[D, H, W]`, the file's values after slope and intercept.
-    voxels: Tensor,
-    spacing: Option<[f64; 3]>,
-}
-
-/// Reads a NIfTI file as float32 in its own axis order `[X, Y, Z, ...]` (row-major), with
-/// its header.
-fn read_nifti(path: &Path) -> Result<(Tensor, NiftiHeader)> {
-    let object = ReaderOptions::new().read_file(path)?;
-    let header = object.header().clone();
-    check_scalar_volume(&header, object.volume())?;
-    let array = object.into_volume().into_ndarray::<f32>()?;
-    let shape: Vec<i64> = array.shape().iter().map(|&n| n as i64).collect();
-    // The array is in NIfTI's column-major order, so its transpose is row-major: borrow its
-    // buffer as a tensor of the reversed shape, then reverse the axes back.
-    let transposed = array.t();
-    let row_major = transposed.as_standard_layout();
-    let values = row_major.as_slice().context("the decoded volume is not contiguous")?;
-    let reversed_shape: Vec<i64> = shape.iter().rev().copied().collect();
-    let reversed_axes: Vec<i64> = (0..shape.len() as i64).rev().collect();
-    let tensor = Tensor::from_slice(values)
-        .view(reversed_shape.as_slice())
-        .permute(reversed_axes.as_slice());
-    Ok((tensor, header))
-}
-
-/// The three spatial axes of `tensor`, picking `channel` of a 4D multi-modal volume (and
-/// dropping trailing axes of size 1).
-fn spatial(tensor: Tensor, channel: usize) -> Result<Tensor> {
-    let shape = tensor.size();
-    match shape.len() {
-        2 => Ok(tensor.unsqueeze(2)),
-        3 => Ok(tensor),
-        4 => {
-            ensure!(
-                (channel as i64) < shape[3],
-                "the image has shape {shape:?}: no channel {channel} along its fourth axis (config key `channel`)"
-            );
-            Ok(tensor.select(3, channel as i64))
-        }
-        5.. if shape[4..].iter().all(|&n| n == 1) => spatial(tensor.reshape(&shape[..4]), channel),
-        _ => bail!("the image has shape {shape:?}; expected a 3D volume or a 4D multi-modal one"),
-    }
-}
-
-/// The two axes other than `slice_axis`, in their order.
-fn other_axes(slice_axis: usize) -> [i64; 2] {
-    match slice_axis {
-        0 => [1, 2],
-        1 => [0, 2],
-        _ => [0, 1],
-    }
-}
-
-/// Reads an image and lays its axes out as `[slice_axis, other, other]`.
-fn decode(path: &Path, slice_axis: usize, channel: usize) -> Result<Decoded> {
-    let (tensor, header) = read_nifti(path)?;
-    let voxels = spatial(tensor, channel)?;
-    let [a, b] = other_axes(slice_axis);
-    let voxels = voxels.permute([slice_axis as i64, a, b]).contiguous();
-    let spacing = spacing_mm(&header).map(|mm| [mm[slice_axis], mm[a as usize], mm[b as usize]]);
-    Ok(Decoded { voxels, spacing })
-}
-
 /// Reads a mask as int64 class ids laid out like its image, whose `[D, H, W]` is `shape`.
 fn decode_mask(path: &Path, slice_axis: usize, shape: &[i64]) -> Result<Tensor> {
-    let (tensor, _) = read_nifti(path)?;
-    let tensor = spatial(tensor, 0)?;
-    let [a, b] = other_axes(slice_axis);
-    let mask = tensor.permute([slice_axis as i64, a, b]).contiguous();
+    let mask = nifti_file::decode(path, slice_axis, Some(0))?.voxels;
     ensure!(
         mask.size() == shape,
         "the mask has shape {:?} but its image {shape:?} (after moving slice_axis first)",
@@ -344,43 +270,6 @@ fn decode_mask(path: &Path, slice_axis: usize, shape: &[i64]) -> Result<Tensor> 
         "the mask holds values that are not whole numbers (off by up to {off}); expected class ids"
     );
     Ok(rounded.to_kind(Kind::Int64))
-}
-
-/// Rejects what the `nifti` crate's ndarray conversion would panic on rather than report:
-/// non-scalar data types, and a `bitpix` that disagrees with `datatype`.
-fn check_scalar_volume(header: &NiftiHeader, volume: &InMemNiftiVolume) -> Result<()> {
-    use NiftiType::*;
-    let datatype = header.data_type()?;
-    ensure!(
-        matches!(
-            datatype,
-            Uint8 | Int8 | Uint16 | Int16 | Uint32 | Int32 | Uint64 | Int64 | Float32 | Float64
-        ),
-        "data type {datatype:?} is not supported; expected integer or real voxels"
-    );
-    let voxels = volume
-        .dim()
-        .iter()
-        .try_fold(1usize, |count, &n| count.checked_mul(usize::from(n)));
-    ensure!(
-        voxels.and_then(|n| n.checked_mul(datatype.size_of())) == Some(volume.raw_data().len()),
-        "inconsistent header: `bitpix` = {} but data type {datatype:?} has {} bits per voxel",
-        header.bitpix,
-        datatype.size_of() * 8
-    );
-    Ok(())
-}
-
-/// Voxel size along the three NIfTI axes in mm, when the header gives a usable one.
-fn spacing_mm(header: &NiftiHeader) -> Option<[f64; 3]> {
-    let to_mm = match header.xyzt_to_space().ok()? {
-        Unit::Meter => 1000.0,
-        Unit::Micron => 0.001,
-        // Unknown units are millimetres in practice: that is what every scanner writes.
-        _ => 1.0,
-    };
-    let spacing = [1, 2, 3].map(|i| f64::from(header.pixdim[i]).abs() * to_mm);
-    spacing.iter().all(|s| s.is_finite() && *s > 0.0).then_some(spacing)
 }
 
 fn build(section: &Section) -> Result<Box<dyn Dataset>> {
@@ -455,6 +344,7 @@ mod tests {
         // voxels[z, x, y] = 100x + 10y + z
         assert_eq!(volume.voxels.double_value(&[3, 2, 1]), 213.0);
         assert_eq!(volume.spacing, Some([1.0, 1.0, 1.0]));
+        assert_eq!(volume.dtype.as_deref(), Some("float32"));
         let mask = volume.mask.expect("a mask");
         assert_eq!(mask.kind(), Kind::Int64);
         assert_eq!(mask.size(), [6, 4, 5]);
@@ -530,6 +420,19 @@ mod tests {
         assert_eq!(kept.len(), 3);
         assert!(kept.load(1)?.mask.is_none());
         assert!(kept.load(2)?.mask.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn dtype_is_the_image_files_data_type_not_the_masks() -> Result<()> {
+        let folder = task(&[], &[1, 2])?;
+        let images = folder.path().join(IMAGES);
+        WriterOptions::new(images.join("case_001.nii.gz")).write_nifti(&image().mapv(|v| v as i16))?;
+        WriterOptions::new(images.join("case_002.nii.gz")).write_nifti(&image().mapv(|v| v as u16))?;
+        let dataset = reader(&config_for(folder.path(), ""))?;
+        // The masks are uint8.
+        assert_eq!(dataset.load(0)?.dtype.as_deref(), Some("int16"));
+        assert_eq!(dataset.load(1)?.dtype.as_deref(), Some("uint16"));
         Ok(())
     }
 
@@ -643,6 +546,9 @@ mod tests {
             assert_eq!(mask.size(), size);
             let classes = Vec::<i64>::try_from(&mask.flatten(0, -1).unique_dim(0, true, false, false).0)?;
             assert_eq!(classes, [0, 1, 2]);
+            // The task's images are float32 or uint8, file by file.
+            let dtype = volume.dtype.as_deref();
+            assert!(matches!(dtype, Some("float32" | "uint8")), "{dtype:?}");
             let spacing = volume.spacing.expect("NIfTI records spacing");
             assert!(spacing.iter().all(|s| (s - 1.0).abs() < 1e-3), "{spacing:?}");
         }

@@ -23,6 +23,10 @@
 //! SpacingBetweenSlices, else SliceThickness. A series of one multi-frame file gives its
 //! frames as slices, in stored order.
 //!
+//! `Volume::dtype` is the stored sample type before the modality LUT, from BitsAllocated and
+//! PixelRepresentation (`int16` for most CT, `uint16` for most MRI); where the slices of a
+//! series disagree, the first slice's (in slice order) is reported.
+//!
 //! A folder whose files belong to several SeriesInstanceUIDs, two slices at one position,
 //! slices of different sizes and colour images are errors naming the files: each is a
 //! volume that would silently come out wrong.
@@ -31,7 +35,7 @@ use crate::files;
 use crate::intensity::{self, Normalization, Window};
 use dicom_dictionary_std::tags;
 use dicom_object::{open_file, DefaultDicomObject, Tag};
-use dicom_pixeldata::PixelDecoder;
+use dicom_pixeldata::{PixelDecoder, PixelRepresentation};
 use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -118,12 +122,11 @@ impl Dataset for DicomSeries {
                 self.series.len()
             );
         };
-        let (voxels, spacing) = read_series(&series.files)
+        let (voxels, spacing, dtype) = read_series(&series.files)
             .with_context(|| format!("cannot read DICOM series `{}`", series.folder.display()))?;
-        Ok(Volume::new(
-            intensity::normalize(&voxels, self.window, self.normalize),
-            spacing,
-        ))
+        let mut volume = Volume::new(intensity::normalize(&voxels, self.window, self.normalize), spacing);
+        volume.dtype = dtype;
+        Ok(volume)
     }
 }
 
@@ -184,6 +187,19 @@ struct Slice {
     /// SpacingBetweenSlices, else SliceThickness.
     slice_gap: Option<f64>,
     series_uid: Option<String>,
+    /// The stored sample type, before the modality LUT.
+    dtype: Option<String>,
+}
+
+/// The `Volume::dtype` name of samples of `bits_allocated` bits: BitsAllocated 1 is a
+/// bitmap (segmentations), 8 to 64 integers of the given signedness.
+fn sample_type(bits_allocated: u16, representation: PixelRepresentation) -> Option<String> {
+    match (bits_allocated, representation) {
+        (1, _) => Some("bool".into()),
+        (8 | 16 | 32 | 64, PixelRepresentation::Unsigned) => Some(format!("uint{bits_allocated}")),
+        (8 | 16 | 32 | 64, PixelRepresentation::Signed) => Some(format!("int{bits_allocated}")),
+        _ => None,
+    }
 }
 
 /// A numeric attribute with `N` values, if present and well-formed.
@@ -235,6 +251,7 @@ fn decode_slice(path: &Path) -> Result<Slice> {
         pixel_spacing: floats(&object, tags::PIXEL_SPACING).filter(|s| s.iter().all(|v| *v > 0.0)),
         slice_gap,
         series_uid,
+        dtype: sample_type(decoded.bits_allocated(), decoded.pixel_representation()),
     })
 }
 
@@ -246,9 +263,9 @@ fn slice_normal(orientation: &[f64; 6]) -> Option<[f64; 3]> {
     (norm > 1e-6).then(|| normal.map(|v| v / norm))
 }
 
-/// Decodes a series' files and stacks them in slice order: float32 `[D, H, W]` and the
-/// spacing in mm, where the files give it.
-fn read_series(paths: &[PathBuf]) -> Result<(Tensor, Option<[f64; 3]>)> {
+/// Decodes a series' files and stacks them in slice order: float32 `[D, H, W]`, the
+/// spacing in mm, where the files give it, and the first slice's stored sample type.
+fn read_series(paths: &[PathBuf]) -> Result<(Tensor, Option<[f64; 3]>, Option<String>)> {
     let mut slices = paths
         .iter()
         .map(|path| decode_slice(path).with_context(|| format!("cannot decode DICOM file `{}`", path.display())))
@@ -325,8 +342,9 @@ fn read_series(paths: &[PathBuf]) -> Result<(Tensor, Option<[f64; 3]>)> {
         (Some(distance), Some([rows, columns])) => Some([distance, rows, columns]),
         _ => None,
     };
+    let dtype = slices[0].dtype.clone();
     let frames: Vec<Tensor> = slices.into_iter().map(|s| s.pixels).collect();
-    Ok((Tensor::cat(&frames, 0), spacing))
+    Ok((Tensor::cat(&frames, 0), spacing, dtype))
 }
 
 fn build(section: &Section) -> Result<Box<dyn Dataset>> {
@@ -371,6 +389,8 @@ mod tests {
         orientation: Option<[f64; 6]>,
         instance: Option<i32>,
         series: &'static str,
+        /// PixelRepresentation 1: the stored values are int16 (the same bits as `base + i`).
+        signed: bool,
     }
 
     impl SliceSpec {
@@ -383,6 +403,7 @@ mod tests {
                 orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
                 instance: Some(instance),
                 series: "1.2.3.4",
+                signed: false,
             }
         }
     }
@@ -391,10 +412,17 @@ mod tests {
         PrimitiveValue::Strs(values.iter().map(|v| format!("{v}")).collect())
     }
 
-    /// Writes an MR slice: uint16 pixels, rescale 2x - 1000, pixel spacing 0.5 x 0.75 mm.
+    /// Writes an MR slice: uint16 pixels (int16 if `signed`), rescale 2x - 1000, pixel
+    /// spacing 0.5 x 0.75 mm.
     fn write_slice(path: &Path, spec: &SliceSpec) -> Result<()> {
         let count = usize::from(spec.rows) * usize::from(spec.columns);
         let pixels: Vec<u16> = (0..count as u16).map(|i| spec.base + i).collect();
+        let pixel_data = if spec.signed {
+            // Two's complement: the same bytes, read as signed.
+            PrimitiveValue::I16(pixels.iter().map(|&v| v as i16).collect())
+        } else {
+            PrimitiveValue::U16(pixels.into())
+        };
         let instance_uid = format!("1.2.3.4.{}", spec.base);
         let mut object = InMemDicomObject::from_element_iter([
             DataElement::new(
@@ -416,10 +444,14 @@ mod tests {
             DataElement::new(tags::BITS_ALLOCATED, VR::US, dicom_value!(U16, 16)),
             DataElement::new(tags::BITS_STORED, VR::US, dicom_value!(U16, 16)),
             DataElement::new(tags::HIGH_BIT, VR::US, dicom_value!(U16, 15)),
-            DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, dicom_value!(U16, 0)),
+            DataElement::new(
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                dicom_value!(U16, u16::from(spec.signed)),
+            ),
             DataElement::new(tags::RESCALE_SLOPE, VR::DS, decimal_strings(&[2.0])),
             DataElement::new(tags::RESCALE_INTERCEPT, VR::DS, decimal_strings(&[-1000.0])),
-            DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())),
+            DataElement::new(tags::PIXEL_DATA, VR::OW, pixel_data),
         ]);
         if let Some(position) = spec.position {
             object.put(DataElement::new(
@@ -471,6 +503,27 @@ mod tests {
             );
         }
         assert_eq!(volume.spacing, Some([2.5, 0.5, 0.75]));
+        assert_eq!(volume.dtype.as_deref(), Some("uint16"));
+        Ok(())
+    }
+
+    #[test]
+    fn dtype_is_the_stored_sample_type_before_rescale() -> Result<()> {
+        let folder = tempfile::tempdir()?;
+        for (i, z) in [0.0, 1.0].into_iter().enumerate() {
+            let spec = SliceSpec {
+                signed: true,
+                ..SliceSpec::axial(z, i as i32, 65526 + i as u16)
+            };
+            write_slice(&folder.path().join(format!("{i}.dcm")), &spec)?;
+        }
+        let volume = reader(&config_for(folder.path(), "normalize = \"none\""))?.load(0)?;
+        assert_eq!(volume.dtype.as_deref(), Some("int16"));
+        // Stored 65526 as int16 is -10; rescaled 2 * -10 - 1000.
+        assert_eq!(volume.voxels.double_value(&[0, 0, 0]), -1020.0);
+        assert_eq!(sample_type(8, PixelRepresentation::Unsigned).as_deref(), Some("uint8"));
+        assert_eq!(sample_type(32, PixelRepresentation::Signed).as_deref(), Some("int32"));
+        assert_eq!(sample_type(12, PixelRepresentation::Unsigned), None);
         Ok(())
     }
 

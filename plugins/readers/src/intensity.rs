@@ -1,5 +1,5 @@
-//! Intensity handling shared by the readers of this crate: the `normalize` option (the same
-//! semantics as the `nifti` format's), the optional `window` clip, and RGB to grey.
+//! Intensity handling shared by the readers of this crate: the `normalize` option, the
+//! optional `window` clip, and RGB to grey.
 //!
 //! Raw intensities differ by orders of magnitude between formats and scanners (8-bit PNGs,
 //! CT in Hounsfield units, MRI up to about 1e6), so every sample is normalised on its own.

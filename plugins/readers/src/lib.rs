@@ -7,16 +7,20 @@
 //! | `npy` | [`npy_volumes`] | `.npy` volumes H x W x C, slices last (`npyz`) |
 //! | `dicom` | [`dicom_series`] | DICOM series, one folder a series (`dicom-object`, `dicom-pixeldata`) |
 //! | `medmnist` | [`medmnist`] | MedMNIST `.npz` archives with labels (`npyz`, `zip`) |
+//! | `nifti` | [`nifti_folder`] | NIfTI-1 volumes `.nii` / `.nii.gz`, a folder or one file (`nifti`) |
 //! | `decathlon` | [`decathlon`] | Medical Segmentation Decathlon `imagesTr/` + `labelsTr/` (`nifti`) |
 //!
 //! The readers share [`intensity`] (the `normalize` and `window` options, RGB to grey),
-//! [`numpy`] (NumPy arrays of any numeric dtype to tensors) and [`files`] (listing).
+//! [`numpy`] (NumPy arrays of any numeric dtype to tensors), [`nifti_file`] (one NIfTI file
+//! to a `[D, H, W]` tensor) and [`files`] (listing).
 
 pub mod decathlon;
 pub mod dicom_series;
 pub mod files;
 pub mod intensity;
 pub mod medmnist;
+pub mod nifti_file;
+pub mod nifti_folder;
 pub mod npy_volumes;
 pub mod numpy;
 pub mod png_folder;

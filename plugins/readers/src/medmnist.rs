@@ -78,6 +78,8 @@ pub struct MedMnist {
     item_shape: Vec<i64>,
     layout: Layout,
     labels: Option<Vec<i64>>,
+    /// The image array's stored dtype (`uint8` in MedMNIST).
+    dtype: Option<String>,
     normalize: Normalization,
     /// The split's images, inflated by the first `load` (an error message if that failed).
     images: OnceLock<std::result::Result<Images, String>>,
@@ -103,6 +105,7 @@ impl MedMnist {
             item_shape,
             layout,
             labels,
+            dtype,
         } = read_index(&path, &split, key).with_context(|| format!("MedMNIST archive `{}`", path.display()))?;
         Ok(MedMnist {
             path,
@@ -111,6 +114,7 @@ impl MedMnist {
             item_shape,
             layout,
             labels,
+            dtype,
             normalize: config.normalize,
             images: OnceLock::new(),
         })
@@ -159,6 +163,7 @@ impl Dataset for MedMnist {
         };
         let mut volume = Volume::new(intensity::normalize(&voxels, None, self.normalize), None);
         volume.label = self.label(index);
+        volume.dtype = self.dtype.clone();
         Ok(volume)
     }
 }
@@ -187,15 +192,16 @@ fn read_array(archive: &mut Archive, name: &str) -> Result<Option<Tensor>> {
     Ok(Some(tensor))
 }
 
-/// What listing learns of a split: its size, sample shape, layout and labels.
+/// What listing learns of a split: its size, sample shape, layout, labels and stored dtype.
 struct Index {
     count: usize,
     item_shape: Vec<i64>,
     layout: Layout,
     labels: Option<Vec<i64>>,
+    dtype: Option<String>,
 }
 
-/// The split's sample count, sample shape, layout and labels.
+/// The split's sample count, sample shape, layout, labels and stored dtype.
 fn read_index(path: &Path, split: &str, key: &str) -> Result<Index> {
     let mut archive =
         NpzArchive::open(path).with_context(|| format!("config key `{key}.path`: not a readable .npz archive"))?;
@@ -218,6 +224,7 @@ fn read_index(path: &Path, split: &str, key: &str) -> Result<Index> {
     let images = NpyFile::new(&mut reader).with_context(|| format!("cannot read the header of `{images_name}`"))?;
     let shape: Vec<i64> = images.shape().iter().map(|&n| n as i64).collect();
     let header = numpy::describe_header(&images);
+    let dtype = numpy::dtype_name(&images);
     drop(images);
     drop(reader);
     let layout = match shape.as_slice() {
@@ -263,6 +270,7 @@ fn read_index(path: &Path, split: &str, key: &str) -> Result<Index> {
         item_shape,
         layout,
         labels,
+        dtype,
     })
 }
 
@@ -358,6 +366,7 @@ mod tests {
         assert_eq!(sample.voxels.kind(), Kind::Float);
         assert_eq!(sample.voxels.double_value(&[0, 1, 3]), 27.0);
         assert_eq!(sample.spacing, None);
+        assert_eq!(sample.dtype.as_deref(), Some("uint8"));
 
         let val = reader(&config_for(&path, "split = \"val\""))?;
         assert_eq!(val.len(), 1);
@@ -397,6 +406,7 @@ mod tests {
         let sample = volumes.load(1)?;
         assert_eq!(sample.voxels.size(), [3, 4, 5]);
         assert_eq!(sample.voxels.double_value(&[2, 3, 4]), 119.0);
+        assert_eq!(sample.dtype.as_deref(), Some("uint8"));
         // Multi-label arrays give no single class.
         assert_eq!(sample.label, None);
         Ok(())
@@ -517,6 +527,7 @@ mod tests {
         assert_eq!(train.len(), 4708);
         let sample = train.load(0)?;
         assert_eq!(sample.voxels.size(), [1, 28, 28]);
+        assert_eq!(sample.dtype.as_deref(), Some("uint8"));
         assert!(sample.voxels.mean(Kind::Double).double_value(&[]).abs() < 1e-4);
         assert_eq!(count_labels(train.as_ref())?, [1214, 3494]);
         assert_eq!(reader(&config_for(&pneumonia, "split = \"val\""))?.len(), 524);

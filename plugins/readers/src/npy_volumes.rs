@@ -100,12 +100,11 @@ impl Dataset for NpyVolumes {
                 self.files.len()
             );
         };
-        let voxels =
+        let (voxels, dtype) =
             decode(path, self.slice_axis).with_context(|| format!("cannot decode NPY file `{}`", path.display()))?;
-        Ok(Volume::new(
-            intensity::normalize(&voxels, self.window, self.normalize),
-            None,
-        ))
+        let mut volume = Volume::new(intensity::normalize(&voxels, self.window, self.normalize), None);
+        volume.dtype = dtype;
+        Ok(volume)
     }
 }
 
@@ -125,32 +124,35 @@ fn list_arrays(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(arrays)
 }
 
-/// Reads `path` and lays its axes out as `[slice_axis, other, other]`.
-fn decode(path: &Path, slice_axis: usize) -> Result<Tensor> {
+/// Reads `path` and lays its axes out as `[slice_axis, other, other]`; also gives the stored
+/// dtype's name.
+fn decode(path: &Path, slice_axis: usize) -> Result<(Tensor, Option<String>)> {
     let file = std::io::BufReader::new(std::fs::File::open(path)?);
     let npy = npyz::NpyFile::new(file)?;
     let header = numpy::describe_header(&npy);
+    let dtype = numpy::dtype_name(&npy);
     let array = numpy::read_tensor(npy)?;
     // Trailing axes of one element (a channel axis of 1) are dropped.
     let mut shape = array.size();
     while shape.len() > 3 && shape.last() == Some(&1) {
         shape.pop();
     }
-    match shape.len() {
-        2 => Ok(array.reshape([1, shape[0], shape[1]])),
+    let voxels = match shape.len() {
+        2 => array.reshape([1, shape[0], shape[1]]),
         3 => {
             let [a, b] = match slice_axis {
                 0 => [1, 2],
                 1 => [0, 2],
                 _ => [0, 1],
             };
-            Ok(array
+            array
                 .reshape(shape.as_slice())
                 .permute([slice_axis as i64, a, b])
-                .contiguous())
+                .contiguous()
         }
         _ => bail!("the array has {header}; expected 2 or 3 axes (H x W x C volumes)"),
-    }
+    };
+    Ok((voxels, dtype))
 }
 
 fn build(section: &Section) -> Result<Box<dyn Dataset>> {
@@ -202,6 +204,7 @@ mod tests {
         assert_eq!(volume.voxels.size(), [6, 4, 5]);
         assert_eq!(volume.voxels.kind(), Kind::Float);
         assert_eq!(volume.spacing, None);
+        assert_eq!(volume.dtype.as_deref(), Some("int16"));
         // voxels[c, h, w] = 100h + 10w + c
         assert_eq!(volume.voxels.double_value(&[3, 2, 1]), 213.0);
 
@@ -226,10 +229,15 @@ mod tests {
         let words: Vec<u16> = (0..12).map(|v| 65000 + v).collect();
         write_npy(&folder.path().join("b.npy"), &[3, 4], &words)?;
         let dataset = reader(&config_for(folder.path(), "normalize = \"none\""))?;
-        let a = dataset.load(0)?.voxels;
+        let a = dataset.load(0)?;
+        assert_eq!(a.dtype.as_deref(), Some("float64"));
+        let a = a.voxels;
         assert_eq!(a.size(), [4, 2, 3]);
         assert_eq!(a.double_value(&[3, 1, 2]), 11.5);
-        let b = dataset.load(1)?.voxels;
+        let b = dataset.load(1)?;
+        // Read through an int32 tensor, reported as stored.
+        assert_eq!(b.dtype.as_deref(), Some("uint16"));
+        let b = b.voxels;
         assert_eq!(b.size(), [1, 3, 4]);
         assert_eq!(b.double_value(&[0, 2, 3]), 65011.0);
         Ok(())
@@ -336,7 +344,9 @@ mod tests {
         }
         let raw = reader(&config_for(folder, "normalize = \"none\""))?;
         assert_eq!(raw.len(), 1);
-        let hu = raw.load(0)?.voxels;
+        let volume = raw.load(0)?;
+        assert_eq!(volume.dtype.as_deref(), Some("int16"));
+        let hu = volume.voxels;
         assert_eq!(hu.size(), [108, 256, 256]);
         // Air is about -1000 HU and bone well above 1000.
         assert!(hu.min().double_value(&[]) <= -900.0, "{}", hu.min().double_value(&[]));

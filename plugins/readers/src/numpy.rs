@@ -16,6 +16,22 @@ pub fn describe_header<R: Read>(npy: &NpyFile<R>) -> String {
     format!("shape {:?}, dtype {}", npy.shape(), npy.dtype().descr())
 }
 
+/// The array's stored element type in the vocabulary of `Volume::dtype` (`uint8`, `int16`,
+/// `float32`, `bool`, ...), whatever its byte order; `None` for dtypes `read_tensor` rejects.
+pub fn dtype_name<R: Read>(npy: &NpyFile<R>) -> Option<String> {
+    let DType::Plain(type_str) = npy.dtype() else {
+        return None;
+    };
+    let bits = type_str.size_field() * 8;
+    match (type_str.type_char(), bits) {
+        (TypeChar::Bool, 8) => Some("bool".into()),
+        (TypeChar::Int, 8 | 16 | 32 | 64) => Some(format!("int{bits}")),
+        (TypeChar::Uint, 8 | 16 | 32 | 64) => Some(format!("uint{bits}")),
+        (TypeChar::Float, 16 | 32 | 64) => Some(format!("float{bits}")),
+        _ => None,
+    }
+}
+
 /// Reads the whole array into a CPU tensor of its shape (C order), in the kind that holds
 /// its dtype exactly (see the module's doc).
 pub fn read_tensor<R: Read>(npy: NpyFile<R>) -> Result<Tensor> {
@@ -130,6 +146,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dtype_names_follow_the_stored_type_not_the_tensor_kind() -> Result<()> {
+        let folder = tempfile::tempdir()?;
+        let name_of = |file: &str| -> Result<Option<String>> {
+            Ok(dtype_name(&NpyFile::new(std::fs::File::open(
+                folder.path().join(file),
+            )?)?))
+        };
+        write_npy(&folder.path().join("u8.npy"), &[2], &[0u8, 1])?;
+        write_npy(&folder.path().join("i16.npy"), &[2], &[0i16, 1])?;
+        // uint16 reads into an int32 tensor; its name must still be the stored one.
+        write_npy(&folder.path().join("u16.npy"), &[2], &[0u16, 1])?;
+        write_npy(&folder.path().join("f64.npy"), &[2], &[0f64, 1.])?;
+        write_npy(&folder.path().join("b.npy"), &[2], &[false, true])?;
+        for (file, expected) in [
+            ("u8.npy", "uint8"),
+            ("i16.npy", "int16"),
+            ("u16.npy", "uint16"),
+            ("f64.npy", "float64"),
+            ("b.npy", "bool"),
+        ] {
+            assert_eq!(name_of(file)?.as_deref(), Some(expected), "{file}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn fortran_order_and_big_endian_arrays_read_in_logical_order() -> Result<()> {
         let folder = tempfile::tempdir()?;
         let path = folder.path().join("f.npy");
@@ -143,7 +185,9 @@ pub(crate) mod tests {
             .begin_nd()?;
         writer.extend([0i16, 3, 1, 4, 2, 5])?;
         writer.finish()?;
-        let tensor = read_tensor(NpyFile::new(std::fs::File::open(&path)?)?)?;
+        let npy = NpyFile::new(std::fs::File::open(&path)?)?;
+        assert_eq!(dtype_name(&npy).as_deref(), Some("int16"));
+        let tensor = read_tensor(npy)?;
         assert_eq!(tensor.size(), [2, 3]);
         assert_eq!(tensor.int64_value(&[0, 1]), 1);
         assert_eq!(tensor.int64_value(&[1, 0]), 3);

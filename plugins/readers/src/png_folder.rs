@@ -103,11 +103,10 @@ impl Dataset for ImageFolder {
                 self.files.len()
             );
         };
-        let grey = decode(path).with_context(|| format!("cannot decode image `{}`", path.display()))?;
-        Ok(Volume::new(
-            intensity::normalize(&grey.unsqueeze(0), None, self.normalize),
-            None,
-        ))
+        let (grey, dtype) = decode(path).with_context(|| format!("cannot decode image `{}`", path.display()))?;
+        let mut volume = Volume::new(intensity::normalize(&grey.unsqueeze(0), None, self.normalize), None);
+        volume.dtype = Some(dtype.to_string());
+        Ok(volume)
     }
 }
 
@@ -144,50 +143,56 @@ fn list_images(folder: &Path) -> Result<Vec<PathBuf>> {
     Ok(images)
 }
 
-/// Decodes an image into float32 `[H, W]` grey values (see the module's doc).
-fn decode(path: &Path) -> Result<Tensor> {
+/// Decodes an image into float32 `[H, W]` grey values (see the module's doc), with the name
+/// of its stored sample type: `uint8`, `uint16` or `float32`, whether grey or colour (the
+/// `Volume::dtype` vocabulary has element types only, and the sample is grey either way).
+fn decode(path: &Path) -> Result<(Tensor, &'static str)> {
     // The format comes from the content, not the extension: a `.png` that holds a JPEG
     // still decodes.
     let image = image::io::Reader::open(path)?.with_guessed_format()?.decode()?;
     let (width, height) = (i64::from(image.width()), i64::from(image.height()));
     let colour = image.color().has_color();
-    let values = match &image {
+    let (values, dtype) = match &image {
         DynamicImage::ImageLuma8(_)
         | DynamicImage::ImageLumaA8(_)
         | DynamicImage::ImageRgb8(_)
         | DynamicImage::ImageRgba8(_) => {
-            if colour {
+            let values = if colour {
                 Tensor::from_slice(image.to_rgb8().as_raw())
             } else {
                 Tensor::from_slice(image.to_luma8().as_raw())
-            }
+            };
+            (values, "uint8")
         }
         DynamicImage::ImageLuma16(_)
         | DynamicImage::ImageLumaA16(_)
         | DynamicImage::ImageRgb16(_)
         | DynamicImage::ImageRgba16(_) => {
             let widen = |values: &[u16]| values.iter().map(|&v| i32::from(v)).collect::<Vec<_>>();
-            if colour {
+            let values = if colour {
                 Tensor::from_slice(&widen(image.to_rgb16().as_raw()))
             } else {
                 Tensor::from_slice(&widen(image.to_luma16().as_raw()))
-            }
+            };
+            (values, "uint16")
         }
         // Float images (not produced by PNG or JPEG, but the decoder's type allows them).
         _ => {
-            if colour {
+            let values = if colour {
                 Tensor::from_slice(image.to_rgb32f().as_raw())
             } else {
                 Tensor::from_slice(image.to_luma32f().as_raw())
-            }
+            };
+            (values, "float32")
         }
     };
     let values = values.to_kind(Kind::Float);
-    Ok(if colour {
+    let grey = if colour {
         intensity::luminance(&values.view([height, width, 3]))
     } else {
         values.view([height, width])
-    })
+    };
+    Ok((grey, dtype))
 }
 
 fn build(section: &Section) -> Result<Box<dyn Dataset>> {
@@ -237,6 +242,12 @@ mod tests {
         let dataset = reader(&config_for(folder.path(), "normalize = \"none\""))?;
         assert_eq!(dataset.len(), 4);
 
+        let dtypes: Vec<Option<String>> = (0..4)
+            .map(|i| dataset.load(i).map(|v| v.dtype))
+            .collect::<Result<_>>()?;
+        let expected = ["uint8", "uint16", "uint8", "uint16"].map(|t| Some(t.to_string()));
+        assert_eq!(dtypes, expected);
+
         let grey = dataset.load(0)?.voxels;
         assert_eq!(grey.size(), [1, 3, 5]);
         assert_eq!(grey.kind(), Kind::Float);
@@ -265,7 +276,9 @@ mod tests {
         grey8(16, 16).save_with_format(&path, image::ImageFormat::Jpeg)?;
         let dataset = reader(&config_for(folder.path(), ""))?;
         assert_eq!(dataset.describe(0), path.display().to_string());
-        let voxels = dataset.load(0)?.voxels;
+        let volume = dataset.load(0)?;
+        assert_eq!(volume.dtype.as_deref(), Some("uint8"));
+        let voxels = volume.voxels;
         assert_eq!(voxels.size(), [1, 16, 16]);
         assert!(voxels.mean(Kind::Double).double_value(&[]).abs() < 1e-5);
         let minmax = reader(&config_for(folder.path(), "normalize = \"minmax\""))?
@@ -381,7 +394,9 @@ mod tests {
         let valid = reader(&config_for(&root.join("valid/pneumoniamnist"), ""))?;
         assert_eq!(valid.len(), 120);
         for index in [0, 599] {
-            let voxels = train.load(index)?.voxels;
+            let volume = train.load(index)?;
+            assert_eq!(volume.dtype.as_deref(), Some("uint8"));
+            let voxels = volume.voxels;
             assert_eq!(voxels.size(), [1, 28, 28]);
             assert!(voxels.mean(Kind::Double).double_value(&[]).abs() < 1e-4);
         }

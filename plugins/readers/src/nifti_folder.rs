@@ -1,36 +1,22 @@
-//! Dataset format `nifti`: a folder of NIfTI-1 volumes (`.nii`, `.nii.gz`) or one such file.
+//! Dataset format `nifti`: a folder of NIfTI-1 volumes (`.nii`, `.nii.gz`) or one such file,
+//! each one sample.
 //!
-//! Decoding uses the `nifti` crate (DESIGN.md, "Data": the field's crates, no hand-written
-//! parsers), whose ndarray conversion applies the header's `scl_slope` / `scl_inter`, so
-//! integer files stored with a rescale come back in their real units.
-//!
-//! Raw intensities vary by orders of magnitude between files (the Decathlon hippocampus MRIs
-//! reach about 1.7e6, CTs are in Hounsfield units), so every volume is normalised on its own.
-//! The default is the nnU-Net recipe (Isensee et al., Nature Methods 2021): clip to the 0.5
-//! and 99.5 percentiles, then zero mean and unit variance, which keeps a few extreme voxels
-//! from squashing the contrast of the rest.
+//! Decoding is [`crate::nifti_file`] (the `nifti` crate; `scl_slope` / `scl_inter` applied),
+//! shared with the `decathlon` format; normalisation is [`crate::intensity`]'s, shared with
+//! every reader of this crate. Raw intensities vary by orders of magnitude between files
+//! (the Decathlon hippocampus MRIs reach about 1.7e6, CTs are in Hounsfield units), so every
+//! volume is normalised on its own, by default the nnU-Net way (clip to the 0.5 and 99.5
+//! percentiles, then zero mean and unit variance).
 //!
 //! Files are listed when the source is built (a wrong path fails before training starts)
 //! and decoded in `load`, on the loader threads.
 
+use crate::files;
+use crate::intensity::{self, Normalization};
+use crate::nifti_file;
 use medssl_core::prelude::*;
-use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, NiftiType, NiftiVolume, ReaderOptions, Unit};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// How intensities are rescaled, per volume.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub enum Normalization {
-    /// Clip to the 0.5 and 99.5 percentiles, then zero mean and unit variance.
-    #[serde(rename = "zscore")]
-    ZScore,
-    /// Linear map of the minimum to 0 and the maximum to 1.
-    #[serde(rename = "minmax")]
-    MinMax,
-    /// The file's values (after its slope and intercept), as float32.
-    #[serde(rename = "none")]
-    Raw,
-}
 
 /// Keys of a `[data.sources.NAME]` section with `format = "nifti"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -57,9 +43,6 @@ impl Default for NiftiConfig {
         }
     }
 }
-
-/// Percentiles that `zscore` clips to.
-const CLIP_PERCENTILES: [f64; 2] = [0.005, 0.995];
 
 /// The NIfTI reader: the listed files and how to turn each into a volume.
 pub struct NiftiReader {
@@ -114,195 +97,35 @@ impl Dataset for NiftiReader {
                 self.files.len()
             );
         };
-        let decoded =
-            decode(path, self.slice_axis).with_context(|| format!("cannot decode NIfTI file `{}`", path.display()))?;
-        let mut volume = Volume::new(normalize(&decoded.voxels, self.normalize), decoded.spacing);
+        let decoded = nifti_file::decode(path, self.slice_axis, None)
+            .with_context(|| format!("cannot decode NIfTI file `{}`", path.display()))?;
+        let mut volume = Volume::new(
+            intensity::normalize(&decoded.voxels, None, self.normalize),
+            decoded.spacing,
+        );
         volume.dtype = Some(decoded.dtype);
         Ok(volume)
     }
-}
-
-/// Whether `path` is named like a NIfTI-1 single file. The suffixes are matched exactly, as
-/// the `nifti` crate picks gzip decoding by the exact `.gz` suffix. Hidden files are
-/// skipped: macOS leaves `._name.nii.gz` resource forks beside copied data.
-fn is_nifti_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    !name.starts_with('.') && (name.ends_with(".nii") || name.ends_with(".nii.gz"))
 }
 
 /// The NIfTI files at `path`: the file itself, or the folder's files sorted by name.
 fn list_volumes(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         ensure!(
-            is_nifti_name(path),
+            nifti_file::is_nifti_name(path),
             "`{}` is not a .nii or .nii.gz file",
             path.display()
         );
         return Ok(vec![path.to_path_buf()]);
     }
+    files::ensure_folder(path, "a folder of .nii / .nii.gz files or one such file")?;
+    let volumes = files::files_in(path, nifti_file::is_nifti_name)?;
     ensure!(
-        path.is_dir(),
-        "`{}` does not exist; expected a folder of .nii / .nii.gz files or one such file",
-        path.display()
-    );
-    let entries = std::fs::read_dir(path).with_context(|| format!("cannot list folder `{}`", path.display()))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot list folder `{}`", path.display()))?;
-        let file = entry.path();
-        if file.is_file() && is_nifti_name(&file) {
-            files.push(file);
-        }
-    }
-    ensure!(
-        !files.is_empty(),
+        !volumes.is_empty(),
         "folder `{}` holds no .nii or .nii.gz file",
         path.display()
     );
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    Ok(files)
-}
-
-/// A decoded volume before normalisation.
-struct Decoded {
-    /// float32 `[D, H, W]`, the file's values after slope and intercept.
-    voxels: Tensor,
-    spacing: Option<[f64; 3]>,
-    /// The stored data type, e.g. `int16`.
-    dtype: String,
-}
-
-/// Reads `path` and lays its axes out as `[slice_axis, other, other]`.
-fn decode(path: &Path, slice_axis: usize) -> Result<Decoded> {
-    let object = ReaderOptions::new().read_file(path)?;
-    let header = object.header().clone();
-    check_scalar_volume(&header, object.volume())?;
-    let array = object.into_volume().into_ndarray::<f32>()?;
-    let shape = array.shape().to_vec();
-    let volume_shape = volume_shape(&shape)?;
-
-    // The array is in NIfTI's column-major order, so its transpose is row-major: borrow its
-    // buffer as a tensor of the reversed shape, then reverse the axes back.
-    let transposed = array.t();
-    let row_major = transposed.as_standard_layout();
-    let values = row_major.as_slice().context("the decoded volume is not contiguous")?;
-    let reversed_shape: Vec<i64> = shape.iter().rev().map(|&n| n as i64).collect();
-    let reversed_axes: Vec<i64> = (0..shape.len() as i64).rev().collect();
-    let voxels = Tensor::from_slice(values)
-        .view(reversed_shape.as_slice())
-        .permute(reversed_axes.as_slice())
-        .reshape(volume_shape);
-
-    let [a, b] = other_axes(slice_axis);
-    let voxels = voxels.permute([slice_axis as i64, a as i64, b as i64]).contiguous();
-    let spacing = spacing_mm(&header).map(|mm| [mm[slice_axis], mm[a], mm[b]]);
-    let dtype = format!("{:?}", header.data_type()?).to_lowercase();
-    Ok(Decoded { voxels, spacing, dtype })
-}
-
-/// Rejects what the `nifti` crate's ndarray conversion would panic on rather than report:
-/// non-scalar data types, and a `bitpix` that disagrees with `datatype` (it reads `bitpix`
-/// bytes per voxel but converts by the size of `datatype`).
-fn check_scalar_volume(header: &NiftiHeader, volume: &InMemNiftiVolume) -> Result<()> {
-    use NiftiType::*;
-    let datatype = header.data_type()?;
-    ensure!(
-        matches!(
-            datatype,
-            Uint8 | Int8 | Uint16 | Int16 | Uint32 | Int32 | Uint64 | Int64 | Float32 | Float64
-        ),
-        "data type {datatype:?} is not supported; expected integer or real voxels"
-    );
-    let voxels = volume
-        .dim()
-        .iter()
-        .try_fold(1usize, |count, &n| count.checked_mul(usize::from(n)));
-    ensure!(
-        voxels.and_then(|n| n.checked_mul(datatype.size_of())) == Some(volume.raw_data().len()),
-        "inconsistent header: `bitpix` = {} but data type {datatype:?} has {} bits per voxel",
-        header.bitpix,
-        datatype.size_of() * 8
-    );
-    Ok(())
-}
-
-/// The three spatial extents of an array of `shape`: a 2D image gets a third axis of one
-/// voxel, and trailing axes of size 1 (a 4D file with one time point) are dropped.
-fn volume_shape(shape: &[usize]) -> Result<[i64; 3]> {
-    ensure!(
-        shape.len() >= 2,
-        "the volume has {} dimension(s) {shape:?}; expected 2 or 3",
-        shape.len()
-    );
-    let extra = shape.get(3..).unwrap_or_default();
-    ensure!(
-        extra.iter().all(|&n| n == 1),
-        "the volume has shape {shape:?}: more than one time point or component; expected a 3D volume"
-    );
-    Ok([shape[0] as i64, shape[1] as i64, shape.get(2).map_or(1, |&n| n as i64)])
-}
-
-/// The two axes other than `slice_axis`, in their order.
-fn other_axes(slice_axis: usize) -> [usize; 2] {
-    match slice_axis {
-        0 => [1, 2],
-        1 => [0, 2],
-        _ => [0, 1],
-    }
-}
-
-/// Voxel size along the three NIfTI axes in mm, when the header gives a usable one.
-fn spacing_mm(header: &NiftiHeader) -> Option<[f64; 3]> {
-    let to_mm = match header.xyzt_to_space().ok()? {
-        Unit::Meter => 1000.0,
-        Unit::Micron => 0.001,
-        // Unknown units are millimetres in practice: that is what every scanner writes.
-        _ => 1.0,
-    };
-    let spacing = [1, 2, 3].map(|i| f64::from(header.pixdim[i]).abs() * to_mm);
-    spacing.iter().all(|s| s.is_finite() && *s > 0.0).then_some(spacing)
-}
-
-/// Rescales a volume's intensities as configured, in float32.
-fn normalize(voxels: &Tensor, normalization: Normalization) -> Tensor {
-    // NaN marks "no data" outside the brain in some float files; one of them would turn the
-    // whole volume's statistics into NaN.
-    let voxels = voxels.nan_to_num(0.0, 0.0, 0.0);
-    match normalization {
-        Normalization::Raw => voxels,
-        Normalization::MinMax => {
-            let low = voxels.min().double_value(&[]);
-            let high = voxels.max().double_value(&[]);
-            if high > low {
-                (voxels - low) / (high - low)
-            } else {
-                voxels.zeros_like()
-            }
-        }
-        Normalization::ZScore => {
-            let low = percentile(&voxels, CLIP_PERCENTILES[0]);
-            let high = percentile(&voxels, CLIP_PERCENTILES[1]);
-            let clipped = voxels.clamp(low, high);
-            // Statistics in float64: volumes of millions of voxels at values near 1e6
-            // lose digits in a float32 sum.
-            let mean = clipped.mean(Kind::Double).double_value(&[]);
-            let std = clipped.to_kind(Kind::Double).std(false).double_value(&[]);
-            if std > 0.0 {
-                (clipped - mean) / std
-            } else {
-                clipped.zeros_like()
-            }
-        }
-    }
-}
-
-/// The `fraction` percentile of all voxels (nearest rank).
-fn percentile(voxels: &Tensor, fraction: f64) -> f64 {
-    let count = voxels.numel() as i64;
-    let rank = ((fraction * (count - 1) as f64).round() as i64 + 1).clamp(1, count.max(1));
-    voxels.flatten(0, -1).kthvalue(rank, 0, false).0.double_value(&[])
+    Ok(volumes)
 }
 
 fn build(section: &Section) -> Result<Box<dyn Dataset>> {
@@ -355,6 +178,7 @@ mod tests {
         // voxels[z, x, y] = 100x + 10y + z
         assert_eq!(volume.voxels.double_value(&[3, 2, 1]), 213.0);
         assert_eq!(volume.spacing, Some([1.0, 1.0, 1.0]));
+        assert_eq!(volume.dtype.as_deref(), Some("float32"));
 
         let sagittal = reader(&config_for(&path, "normalize = \"none\"\nslice_axis = 0"))?.load(0)?;
         assert_eq!(sagittal.voxels.size(), [4, 5, 6]);
@@ -383,19 +207,6 @@ mod tests {
     }
 
     #[test]
-    fn zscore_clips_outliers_before_standardising() -> Result<()> {
-        let folder = tempfile::tempdir()?;
-        let path = folder.path().join("spike.nii");
-        let mut volume = Array3::from_shape_fn((20, 20, 10), |(x, y, z)| ((x + y + z) % 7) as f32);
-        volume[[3, 3, 3]] = 1e6;
-        WriterOptions::new(&path).write_nifti(&volume)?;
-        let voxels = reader(&config_for(&path, ""))?.load(0)?.voxels;
-        // Unclipped, the spike would sit near 63 standard deviations and flatten the rest.
-        assert!(voxels.max().double_value(&[]) < 3.0);
-        Ok(())
-    }
-
-    #[test]
     fn scale_slope_and_intercept_are_applied() -> Result<()> {
         let folder = tempfile::tempdir()?;
         let path = folder.path().join("scaled.nii");
@@ -409,9 +220,11 @@ mod tests {
         bytes[116..120].copy_from_slice(&(-10f32).to_le_bytes());
         std::fs::write(&path, bytes)?;
 
-        let voxels = reader(&config_for(&path, "normalize = \"none\""))?.load(0)?.voxels;
+        let volume = reader(&config_for(&path, "normalize = \"none\""))?.load(0)?;
+        // The stored type, before the rescale.
+        assert_eq!(volume.dtype.as_deref(), Some("uint8"));
         // voxels[z, x, y]; the stored value at (x=1, y=2, z=0) is 7.
-        assert_eq!(voxels.double_value(&[0, 1, 2]), 7.0 * 2.5 - 10.0);
+        assert_eq!(volume.voxels.double_value(&[0, 1, 2]), 7.0 * 2.5 - 10.0);
         Ok(())
     }
 
@@ -530,6 +343,11 @@ mod tests {
         let dataset = reader(&config_for(folder, ""))?;
         assert_eq!(dataset.len(), 208);
         let volume = dataset.load(0)?;
+        assert!(
+            matches!(volume.dtype.as_deref(), Some("float32" | "uint8")),
+            "{:?}",
+            volume.dtype
+        );
         assert_eq!(volume.voxels.dim(), 3);
         assert!(volume.voxels.size().iter().all(|&n| n > 1));
         assert!(bool::try_from(volume.voxels.isfinite().all())?);

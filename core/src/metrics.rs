@@ -78,8 +78,8 @@ pub fn read_records(path: &Path) -> Result<Vec<Map<String, Value>>> {
 }
 
 /// The font for plot labels: DejaVu Sans where the system has it. Without one the plot is
-/// drawn without text.
-pub(crate) fn register_font() -> bool {
+/// drawn without text. Plugins that plot (e.g. a precision-recall curve) use it too.
+pub fn register_font() -> bool {
     const CANDIDATES: [&str; 3] = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/TTF/DejaVuSans.ttf",

@@ -180,7 +180,7 @@ fn area_under_envelope(curve: &[(f64, f64)]) -> f64 {
 
 /// Draws every class's precision-recall curve (precision envelope) into `out` (PNG).
 pub fn plot_precision_recall(report: &ApReport, out: &Path) -> Result<()> {
-    let with_text = register_font();
+    let with_text = medssl_core::metrics::register_font();
     let root = BitMapBackend::new(out, (720, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);
@@ -234,25 +234,6 @@ pub fn plot_precision_recall(report: &ApReport, out: &Path) -> Result<()> {
     root.present()
         .with_context(|| format!("cannot write `{}`", out.display()))?;
     Ok(())
-}
-
-/// The font for plot labels, as core's loss plot finds it (DejaVu Sans where the system has
-/// it); without one the plot has no text.
-fn register_font() -> bool {
-    const CANDIDATES: [&str; 3] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/System/Library/Fonts/Supplemental/Arial.ttf",
-    ];
-    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *REGISTERED.get_or_init(|| {
-        CANDIDATES.iter().any(|path| {
-            std::fs::read(path).ok().is_some_and(|bytes| {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-            })
-        })
-    })
 }
 
 #[cfg(test)]

@@ -130,8 +130,9 @@ pub fn locate(path: &Path, config: Option<&Path>) -> Result<RunCheckpoint> {
 }
 
 /// Copies the checkpoint's `model.encoder.*` and `model.aggregator.*` tensors into
-/// `backbone`'s `encoder.*` and `aggregator.*` variables. Every backbone variable must be there with its shape, and every such
-/// checkpoint tensor must be a backbone variable; the first that is not is the error.
+/// `backbone`'s `encoder.*` and `aggregator.*` variables. Every backbone variable must be
+/// there with its shape, and every such checkpoint tensor must be a backbone variable; the
+/// first that is not is the error.
 pub fn load_backbone(backbone: &Backbone, tensors: &[(String, Tensor)], source: &Path) -> Result<()> {
     let stored: HashMap<&str, &Tensor> = tensors
         .iter()

@@ -150,21 +150,35 @@ impl Network {
         }
     }
 
+    /// Every variable (parameters and batch-norm statistics) of the parts this task uses:
+    /// the head and the backbone's used prefixes, sorted by name. What a trial saves.
+    fn weights(&self) -> Vec<(String, Tensor)> {
+        self.variables(true)
+    }
+
     /// The parameters to optimise: the head's, and the backbone's unless it is frozen.
     fn parameters(&self, train_backbone: bool) -> Vec<(String, Tensor)> {
+        self.variables(train_backbone)
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+
+    /// The head's variables, with the backbone's (of this task) if `with_backbone`.
+    fn variables(&self, with_backbone: bool) -> Vec<(String, Tensor)> {
         let mut prefixes = vec!["head."];
-        if train_backbone {
+        if with_backbone {
             prefixes.extend_from_slice(self.backbone_prefixes());
         }
-        let mut params: Vec<(String, Tensor)> = self
+        let mut variables: Vec<(String, Tensor)> = self
             .backbone
             .vs
             .variables()
             .into_iter()
-            .filter(|(name, t)| t.requires_grad() && prefixes.iter().any(|p| name.starts_with(p)))
+            .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
             .collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        params
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        variables
     }
 
     /// Logits of `x`: images `[N, 1, S, S]` (segmentation) or sequences `[B, 1, T, S, S]`
@@ -279,15 +293,15 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     protocol.subset(0)?;
 
     prepare_out_dir(&options.out, options.force)?;
-    let mut filled = vec![
+    let filled = [
         ("head".to_string(), head_resolved),
         ("data.train".to_string(), train_resolved),
         ("data.eval".to_string(), eval_resolved),
+        (
+            "pretrained".to_string(),
+            toml::Value::String(located.tensors.display().to_string()),
+        ),
     ];
-    filled.push((
-        "pretrained".to_string(),
-        toml::Value::String(located.tensors.display().to_string()),
-    ));
     let resolved = loaded.resolved_toml(&filled)?;
     checkpoint::write_atomic(&options.out.join(CONFIG_FILE), resolved.as_bytes())?;
     let mut log = MetricsLog::open(&options.out.join(METRICS_FILE), None)?;
@@ -297,8 +311,11 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     let mut trials = Vec::new();
     let mut predictions: BTreeMap<&'static str, Tensor> = BTreeMap::new();
     for run in 0..protocol.cfg.runs {
+        // Both rows of a repeat train on the same subset, prepared once.
+        let subset = protocol.subset(run)?;
+        let data = protocol.training_data(&subset)?;
         for init in [Init::Pretrained, Init::Scratch] {
-            let (trial, prediction) = protocol.train_one(init, run, &mut log, &options.out)?;
+            let (trial, prediction) = protocol.train_one(init, run, &subset, &data, &mut log, &options.out)?;
             if let Some(p) = prediction {
                 predictions.insert(init.name(), p);
             }
@@ -485,11 +502,17 @@ impl Protocol {
 
     /// Trains one row of repeat `run` and scores it; returns the trial and, for the first
     /// repeat of a segmentation, its prediction of the first evaluation volume.
-    fn train_one(&self, init: Init, run: usize, log: &mut MetricsLog, out: &Path) -> Result<(Trial, Option<Tensor>)> {
+    fn train_one(
+        &self,
+        init: Init,
+        run: usize,
+        subset: &[usize],
+        data: &TrainingData,
+        log: &mut MetricsLog,
+        out: &Path,
+    ) -> Result<(Trial, Option<Tensor>)> {
         let started = Instant::now();
         let seed = self.seed(run);
-        let subset = self.subset(run)?;
-        let data = self.training_data(&subset)?;
         let (network, _) = Network::build(&self.run_cfg, &self.head_section, self.cfg.classes, self.device, seed)?;
         if init == Init::Pretrained {
             load_backbone(&network.backbone, &self.checkpoint, &self.checkpoint_path)?;
@@ -519,6 +542,7 @@ impl Protocol {
         let mut step = 0;
         let mut scores = BTreeMap::new();
         let mut prediction = None;
+        let primary = report::primary_metric(self.task);
         for epoch in 0..epochs {
             let mut order: Vec<usize> = (0..n).collect();
             order.shuffle(&mut rng::generator(
@@ -565,7 +589,6 @@ impl Protocol {
             record.insert("step".into(), json!(step));
             record.insert("loss".into(), json!(loss));
             record.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
-            let primary = report::primary_metric(self.task);
             if let Some(evaluated) = &evaluated {
                 for (k, v) in evaluated {
                     record.insert(format!("eval/{k}"), json!(v));
@@ -590,11 +613,10 @@ impl Protocol {
                 metric: evaluated.as_ref().and_then(|e| e.get(primary)).copied(),
             });
         }
-        let weights: Vec<(String, Tensor)> = network.parameters(true).into_iter().chain(buffers(&network)).collect();
         checkpoint::write_safetensors(
             &out.join(WEIGHTS_DIR)
                 .join(format!("{}-run{run}.safetensors", init.name())),
-            &weights,
+            &network.weights(),
         )?;
         Ok((
             Trial {
@@ -707,17 +729,4 @@ impl Protocol {
 
 fn slices(volumes: &[MaskedVolume]) -> Option<usize> {
     Some(volumes.iter().map(|v| v.voxels.size()[0] as usize).sum())
-}
-
-/// The network's non-trainable tensors (batch-norm statistics), for the saved weights.
-fn buffers(network: &Network) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = network
-        .backbone
-        .vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| !t.requires_grad())
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
+pub mod detection;
 pub mod device;
 pub mod encoder;
 pub mod eval;
@@ -38,6 +39,7 @@ pub mod prelude {
     pub use crate::aggregator::{Aggregator, AggregatorEntry, AggregatorOutput, AggregatorShape};
     pub use crate::config::Section;
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
+    pub use crate::detection::{Detections, ImageTargets};
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
     pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Task};
     pub use crate::objective::{

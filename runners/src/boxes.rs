@@ -7,7 +7,7 @@ use clap::Args;
 use medssl_core::config::Section;
 use medssl_core::registry;
 use medssl_faster_rcnn::boxes_from_masks::{BoxesFromMasks, CocoBuilder, Connectivity, VolumeSummary};
-use medssl_faster_rcnn::coco;
+use medssl_core::detection::coco;
 use std::path::PathBuf;
 
 #[derive(Args)]

@@ -15,8 +15,10 @@
 //! with torchvision's transition point `beta` (1/9: quadratic only for errors below 1/9), or
 //! plain L1.
 
+// Shared with core's fine-tuning loop and AP metric.
+pub use medssl_core::detection::{boxes_of, iou_xyxy, tensor_of, ImageTargets};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Reduction, Tensor};
 
 /// The largest log-size change the decoder applies (torchvision's `bbox_xform_clip`).
 pub const DEFAULT_LOG_SIZE_CLAMP: f64 = 4.135166556742356; // ln(1000 / 16)
@@ -41,20 +43,6 @@ pub fn iou(a: &Tensor, b: &Tensor) -> Tensor {
     // Where the union is 0 the intersection is 0 too; dividing by 1 there gives 0, not NaN.
     let safe_union = union.clamp_min(0.0).where_self(&union.gt(0.0), &union.ones_like());
     inter / safe_union
-}
-
-/// IoU of two corner boxes, in plain arithmetic (NMS and AP work box by box).
-pub fn iou_xyxy(a: [f64; 4], b: [f64; 4]) -> f64 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 {
-        inter / union
-    } else {
-        0.0
-    }
 }
 
 /// Boxes of `[N, 4]` clipped to an image of `height` x `width` pixels.
@@ -140,33 +128,6 @@ fn centre_size(boxes: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
     (cx, cy, w, h)
 }
 
-/// The objects of one training image: corner boxes `[G, 4]` (float32, input pixels) and
-/// their class labels `[G]` (int64 in `1..num_classes`, where `num_classes` counts the
-/// background: with C object categories, labels are 1..=C and `num_classes = C + 1`; 0 is
-/// background and never a target). An image without objects has `G = 0` and trains as
-/// background only.
-#[derive(Debug)]
-pub struct ImageTargets {
-    pub boxes: Tensor,
-    pub labels: Tensor,
-}
-
-impl ImageTargets {
-    pub fn new(boxes: &[[f64; 4]], labels: &[i64]) -> ImageTargets {
-        ImageTargets {
-            boxes: tensor_of(boxes),
-            labels: Tensor::from_slice(labels),
-        }
-    }
-
-    pub fn to_device(&self, device: tch::Device) -> ImageTargets {
-        ImageTargets {
-            boxes: self.boxes.to_device(device),
-            labels: self.labels.to_device(device),
-        }
-    }
-}
-
 /// The box regression loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -187,28 +148,10 @@ pub fn box_loss(predicted: &Tensor, target: &Tensor, loss: BoxLoss, beta: f64) -
     }
 }
 
-/// A `[N, 4]` float tensor from plain boxes.
-pub fn tensor_of(boxes: &[[f64; 4]]) -> Tensor {
-    let flat: Vec<f32> = boxes.iter().flat_map(|b| b.iter().map(|&v| v as f32)).collect();
-    Tensor::from_slice(&flat).view([boxes.len() as i64, 4])
-}
-
-/// Plain boxes from a `[N, 4]` tensor (on any device, any float kind).
-pub fn boxes_of(boxes: &Tensor) -> Vec<[f64; 4]> {
-    let flat: Vec<f64> = Vec::try_from(
-        boxes
-            .to_kind(Kind::Double)
-            .to_device(tch::Device::Cpu)
-            .contiguous()
-            .view([-1]),
-    )
-    .unwrap_or_default();
-    flat.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
     use proptest::prelude::*;
 
     /// A box with positive size inside a 64 x 64 image, from (x, y, w, h).

@@ -11,7 +11,7 @@
 //! component has a 1 x 1 box. Slices with no box are kept as background-only images unless
 //! `skip_empty` asks otherwise.
 
-use crate::coco::{CocoAnnotation, CocoCategory, CocoFile, CocoImage};
+use medssl_core::detection::coco::{CocoAnnotation, CocoCategory, CocoFile, CocoImage};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
@@ -311,7 +311,7 @@ mod tests {
             if !skip_empty {
                 prop_assert_eq!(file.images.len(), depth);
             }
-            let set = crate::coco::validate(file.clone()).unwrap();
+            let set = medssl_core::detection::coco::validate(file.clone()).unwrap();
             for objects in &set.images {
                 let slice = objects.image.slice.unwrap() as usize;
                 let pixels = &cells[slice * height * width..(slice + 1) * height * width];

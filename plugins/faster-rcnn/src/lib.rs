@@ -34,10 +34,8 @@
 //! `medssl finetune` needs a detection task in core's head role.
 
 pub mod anchors;
-pub mod ap;
 pub mod boxes;
 pub mod boxes_from_masks;
-pub mod coco;
 pub mod faster_rcnn;
 pub mod fpn;
 pub mod matching;

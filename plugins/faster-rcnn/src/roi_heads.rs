@@ -26,6 +26,7 @@
 //! deltas are small and the first decoded boxes stay near their proposals.
 
 use crate::boxes::{box_loss, clip, keep_min_size, BoxCoder, BoxLoss, ImageTargets};
+pub use medssl_core::detection::Detections;
 use crate::matching::{sample, Matcher};
 use crate::nms::batched_nms;
 use crate::roi_align::{rois_of, MultiScaleRoiAlign};
@@ -105,17 +106,6 @@ impl Default for RoiHeadsConfig {
             min_size: 1e-2,
         }
     }
-}
-
-/// What the box head finds in one image.
-#[derive(Debug)]
-pub struct Detections {
-    /// `[k, 4]` corner boxes in input pixels.
-    pub boxes: Tensor,
-    /// `[k]` class probabilities, best first.
-    pub scores: Tensor,
-    /// `[k]` int64 labels in `1..num_classes`.
-    pub labels: Tensor,
 }
 
 /// The box head's two training losses.

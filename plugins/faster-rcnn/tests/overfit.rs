@@ -7,7 +7,7 @@
 //! (class 1) and hollow ones (class 2) on noise.
 
 use medssl_core::prelude::*;
-use medssl_faster_rcnn::ap::{average_precision, Detection, GroundTruth};
+use medssl_core::detection::ap::{average_precision, Detection, GroundTruth};
 use medssl_faster_rcnn::boxes::boxes_of;
 use medssl_faster_rcnn::boxes_from_masks::{BoxesFromMasks, CocoBuilder, Connectivity};
 use medssl_faster_rcnn::{FasterRcnn, FasterRcnnConfig, ImageTargets};

@@ -16,8 +16,8 @@
 //! valid: it trains as background only. Crowd annotations (`iscrowd = 1`) are kept for AP,
 //! which ignores detections on them, and are left out of training targets.
 
-use crate::ap::GroundTruth;
-use crate::boxes::ImageTargets;
+use crate::detection::ap::GroundTruth;
+use crate::detection::ImageTargets;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -16,7 +16,7 @@
 //! IoU >= the threshold is ignored, neither true nor false positive. A class without any
 //! ground-truth object has no AP (reported as none) and is left out of the mean.
 
-use crate::boxes::iou_xyxy;
+use crate::detection::iou_xyxy;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -180,7 +180,7 @@ fn area_under_envelope(curve: &[(f64, f64)]) -> f64 {
 
 /// Draws every class's precision-recall curve (precision envelope) into `out` (PNG).
 pub fn plot_precision_recall(report: &ApReport, out: &Path) -> Result<()> {
-    let with_text = medssl_core::metrics::register_font();
+    let with_text = crate::metrics::register_font();
     let root = BitMapBackend::new(out, (720, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);

@@ -7,7 +7,8 @@
 use medssl_core::aggregator::AggregatorShape;
 use medssl_core::config::{LoadedConfig, Section};
 use medssl_core::encoder::EncoderShape;
-use medssl_core::head::{HeadInput, HeadShape};
+use medssl_core::detection::ImageTargets;
+use medssl_core::head::{HeadInput, HeadShape, Targets, Task};
 use medssl_core::registry;
 use medssl_core::slice_features::{SliceFeatureConfig, SliceFeatures};
 use medssl_core::train::Run;
@@ -17,6 +18,7 @@ use tch::{nn, Device, Kind, Tensor};
 use medssl_attention_pool as _;
 use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
+use medssl_faster_rcnn as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
 use medssl_ntxent as _;
@@ -232,17 +234,23 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
         volume: volume.as_ref(),
         image_size: [height, width],
     };
-    let logits = head.forward(&input, true);
-    let targets = if head.task().needs_aggregator() {
-        Tensor::arange(volumes, (Kind::Int64, Device::Cpu)).remainder(HEAD_CLASSES)
-    } else {
-        Tensor::randint(
+    let targets = match head.task() {
+        Task::VolumeClassification => {
+            Targets::Classes(Tensor::arange(volumes, (Kind::Int64, Device::Cpu)).remainder(HEAD_CLASSES))
+        }
+        Task::Segmentation => Targets::Classes(Tensor::randint(
             HEAD_CLASSES,
             [volumes * slices, height, width],
             (Kind::Int64, Device::Cpu),
-        )
+        )),
+        // One object an image, of each object class in turn, inside the image.
+        Task::Detection => Targets::Boxes(
+            (0..volumes * slices)
+                .map(|i| ImageTargets::new(&[[2.0, 3.0, 11.0, 14.0]], &[1 + i % (HEAD_CLASSES - 1)]))
+                .collect(),
+        ),
     };
-    let loss = head.loss(&logits, &targets);
+    let loss = head.loss(&input, &targets, 0).map_err(|e| fail(&e))?;
     let value = loss.double_value(&[]);
     if !value.is_finite() {
         return Err(format!("{combo:?}: loss {value}"));

@@ -364,3 +364,105 @@ fn boxes_from_masks_writes_a_coco_file_of_every_slice() {
         .unwrap();
     assert_fails_with(&out, &["--classes `one`", "VALUE=NAME"]);
 }
+
+/// A detection config on the generated task, its boxes in `boxes.json` beside the config.
+fn detection_config(task: &Path, train: &[usize], eval: &[usize], classes: i64) -> String {
+    segmentation_config(task, train, eval, classes)
+        .replace("ids = [", "boxes = \"boxes.json\"\nids = [")
+        .replace("image_size = 16", "image_size = 24")
+        .replace(
+            "[head]\nname = \"unet\"\nchannels = [8, 8, 8, 8, 8]",
+            "[head]\nname = \"faster-rcnn\"\n[head.fpn]\nwidth = 8\n[head.anchors]\nsizes = [[4.0], [6.0], [8.0], [12.0], [16.0]]\n[head.rpn]\npre_nms_top_n_train = 100\npost_nms_top_n_train = 50\npre_nms_top_n_test = 100\npost_nms_top_n_test = 50\nbatch_size_per_image = 64\n[head.roi]\nbatch_size_per_image = 32\nrepresentation_size = 16",
+        )
+}
+
+fn boxes_from_masks(task: &Path, out_file: &Path) {
+    let out = medssl()
+        .args(["data", "boxes-from-masks"])
+        .arg(task)
+        .args(["--axis", "2", "--classes", "1=anterior,2=posterior", "--out"])
+        .arg(out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+}
+
+#[test]
+fn detection_finetune_reports_ap50_per_category_from_a_coco_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = pretrain(tmp.path());
+    let task = decathlon(tmp.path(), 6, 2);
+    boxes_from_masks(&task, &tmp.path().join("boxes.json"));
+    let config = write(
+        tmp.path(),
+        "det.toml",
+        &detection_config(&task, &[1, 2, 3, 4], &[5, 6], 3),
+    );
+    let out_dir = tmp.path().join("ft");
+    let out = finetune(&[&config, &"--pretrained", &run, &"--out", &out_dir, &"--json"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_rows(&json, "ap50", 2);
+    assert_eq!(json["setup"]["task"], "detection");
+    for row in json["rows"].as_array().unwrap() {
+        for metric in ["ap50/anterior", "ap50/posterior"] {
+            assert!(row["metrics"][metric].is_object(), "no {metric}: {row}");
+        }
+        // Every slice of the four training volumes is a training image.
+        for trial in row["trials"].as_array().unwrap() {
+            assert_eq!(trial["train_units"], 4, "{trial}");
+            assert_eq!(trial["train_samples"], 20, "{trial}");
+        }
+    }
+    assert_eq!(json["setup"]["eval"]["slices"], 10);
+    for file in [
+        "config.toml",
+        "results.json",
+        "learning_curves.png",
+        "precision_recall_pretrained.png",
+        "precision_recall_scratch.png",
+        "weights/pretrained-run1.safetensors",
+    ] {
+        assert!(out_dir.join(file).is_file(), "missing {file}");
+    }
+    // The recorded config names the boxes file by its absolute path.
+    let recorded = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+    let boxes = tmp.path().join("boxes.json").display().to_string();
+    assert!(recorded.contains(&boxes), "{recorded}");
+    let lines = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    assert!(lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .all(|r| r["eval/ap50"].is_number()));
+}
+
+#[test]
+fn detection_errors_name_the_boxes_file_and_what_disagrees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = pretrain(tmp.path());
+    let task = decathlon(tmp.path(), 4, 2);
+    let args = |config: &Path| finetune(&[&config.to_path_buf(), &"--pretrained", &run, &"--out", &tmp.path().join("ft")]);
+
+    // No boxes file named.
+    let config = write(
+        tmp.path(),
+        "no_boxes.toml",
+        &detection_config(&task, &[1, 2], &[3, 4], 3).replace("boxes = \"boxes.json\"\n", ""),
+    );
+    assert_fails_with(&args(&config), &["data.train.boxes", "COCO"]);
+    // A boxes file that does not exist.
+    let config = write(tmp.path(), "missing.toml", &detection_config(&task, &[1, 2], &[3, 4], 3));
+    assert_fails_with(&args(&config), &["data.train.boxes", "boxes.json"]);
+
+    // Categories against `classes`.
+    boxes_from_masks(&task, &tmp.path().join("boxes.json"));
+    let config = write(tmp.path(), "classes.toml", &detection_config(&task, &[1, 2], &[3, 4], 4));
+    assert_fails_with(&args(&config), &["2 categories", "anterior, posterior", "`classes` = 4"]);
+
+    // A boxes file of other volumes.
+    let other = decathlon(&tmp.path().join("other"), 2, 2);
+    boxes_from_masks(&other, &tmp.path().join("boxes.json"));
+    let config = write(tmp.path(), "other.toml", &detection_config(&task, &[1, 2, 3], &[4], 3));
+    assert_fails_with(&args(&config), &["case_003.nii.gz", "has no image in the boxes file"]);
+    assert!(!tmp.path().join("ft").exists(), "nothing is written before the sets check out");
+}

@@ -1,5 +1,5 @@
 //! The head role: a downstream task on top of the backbone's features (U-Net decoder,
-//! 3D classifier, Faster R-CNN), with its training loss.
+//! 3D classifier, Faster R-CNN): its training loss and its predictions.
 //!
 //! The paper judges pre-training by three downstream tasks (Nguyen et al., AAAI 2023,
 //! Sec. 4): f_intra as the encoder of a 2D U-Net whose slice predictions are merged into
@@ -10,6 +10,7 @@
 //! encoder's levels and widths, the aggregator's width), never from magic numbers.
 
 use crate::config::Section;
+use crate::detection::{Detections, ImageTargets};
 use crate::encoder::{EncoderOutput, Level};
 use anyhow::Result;
 use tch::{nn, Tensor};
@@ -26,6 +27,11 @@ pub enum Task {
     /// Class logits `[B, K]` of volumes, from the aggregator's volume embedding. Targets:
     /// `[B]` int64 class ids. Scored by AUC and accuracy.
     VolumeClassification,
+    /// Boxes, scores and labels of objects in 2D images (a volume's slices), from the
+    /// encoder's levels. Targets: each image's boxes and labels 1..=C ([`ImageTargets`]; C
+    /// object categories, `num_classes = C + 1` counting the background). Scored by AP at IoU
+    /// 0.5 per category and its mean.
+    Detection,
 }
 
 impl Task {
@@ -47,15 +53,49 @@ pub struct HeadInput<'a> {
     pub image_size: [i64; 2],
 }
 
+/// A batch's training targets, as the head's [`Task`] says.
+pub enum Targets {
+    /// int64 class ids: `[N, H, W]` (segmentation) or `[B]` (volume classification).
+    Classes(Tensor),
+    /// One entry per image (detection).
+    Boxes(Vec<ImageTargets>),
+}
+
+impl Targets {
+    /// The class ids, or an error naming `head` where the batch carries boxes.
+    pub fn classes(&self, head: &str) -> Result<&Tensor> {
+        match self {
+            Targets::Classes(t) => Ok(t),
+            Targets::Boxes(_) => anyhow::bail!("head `{head}` trains on class ids, but the batch carries boxes"),
+        }
+    }
+
+    /// The per-image boxes, or an error naming `head` where the batch carries class ids.
+    pub fn boxes(&self, head: &str) -> Result<&[ImageTargets]> {
+        match self {
+            Targets::Boxes(b) => Ok(b),
+            Targets::Classes(_) => anyhow::bail!("head `{head}` trains on boxes, but the batch carries class ids"),
+        }
+    }
+}
+
+/// A head's predictions of a batch.
+pub enum Prediction {
+    /// Class logits: `[N, K, H, W]` (segmentation) or `[B, K]` (volume classification).
+    Logits(Tensor),
+    /// One entry per image, boxes in input pixels (detection).
+    Detections(Vec<Detections>),
+}
+
 pub trait Head {
     /// The task it serves.
     fn task(&self) -> Task;
-    /// Logits from the backbone's features; `train` selects batch-norm and dropout
-    /// behaviour.
-    fn forward(&self, input: &HeadInput, train: bool) -> Tensor;
-    /// Training loss (a scalar) of `logits` against `targets` (int64 class ids, shaped as
-    /// [`Task`] says).
-    fn loss(&self, logits: &Tensor, targets: &Tensor) -> Tensor;
+    /// Training loss (a scalar) of a batch against its targets, in training mode (batch
+    /// norm and dropout). `seed` fixes the head's own random draws (a detector's anchor and
+    /// region sampling), so a step is reproducible.
+    fn loss(&self, input: &HeadInput, targets: &Targets, seed: u64) -> Result<Tensor>;
+    /// Predictions of a batch in evaluation mode.
+    fn predict(&self, input: &HeadInput) -> Result<Prediction>;
 }
 
 /// What a head is built against: the backbone's declared levels and widths, and the

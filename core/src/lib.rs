@@ -41,7 +41,7 @@ pub mod prelude {
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
     pub use crate::detection::{Detections, ImageTargets};
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
-    pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Task};
+    pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
     pub use crate::objective::{
         Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
     };

@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 /// Sub-domains of [`domain::FINETUNE`].
@@ -49,24 +50,60 @@ impl Split {
     }
 }
 
+/// An opened set: its reader, its section as recorded (defaults filled in, paths absolute),
+/// and the COCO file of its boxes (detection sets).
+pub struct OpenedSet {
+    pub dataset: Box<dyn Dataset>,
+    pub resolved: toml::Value,
+    pub boxes: Option<PathBuf>,
+    /// The reader's `slice_axis`, where it has one.
+    pub slice_axis: Option<usize>,
+}
+
+/// Keys of a set's section that core reads beside its reader's own.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetKeys {
+    /// COCO JSON with the boxes of the set's images (detection).
+    boxes: Option<PathBuf>,
+}
+
 /// Builds the reader that `section` names (its `format`) and checks it has samples.
-pub fn open(section: &Section) -> Result<(Box<dyn Dataset>, toml::Value)> {
+pub fn open(section: &Section) -> Result<OpenedSet> {
+    let mut section = section.clone();
+    let keys = section.take(&["boxes"]);
+    let boxes = keys
+        .parse::<SetKeys>()?
+        .boxes
+        .map(|path| keys.resolve_path("boxes", &path));
     let entry = registry::datasets()
         .get(&section.name)
         .with_context(|| format!("config key `{}.format`", section.key))?;
-    let dataset = (entry.build)(section)?;
+    let dataset = (entry.build)(&section)?;
     ensure!(
         !dataset.is_empty(),
         "config section `[{}]` (format `{}`): the set has no samples",
         section.key,
         section.name
     );
-    let resolved = section.resolved("format", &entry.default_config())?;
-    Ok((dataset, resolved))
+    let mut resolved = section.resolved("format", &entry.default_config())?;
+    let slice_axis = resolved
+        .get("slice_axis")
+        .and_then(|v| v.as_integer())
+        .and_then(|v| usize::try_from(v).ok());
+    if let (Some(path), toml::Value::Table(table)) = (&boxes, &mut resolved) {
+        table.insert("boxes".into(), toml::Value::String(path.display().to_string()));
+    }
+    Ok(OpenedSet {
+        dataset,
+        resolved,
+        boxes,
+        slice_axis,
+    })
 }
 
 /// Decodes every sample of `dataset` on `workers` threads and maps it with `prepare`.
-fn decode_all<T: Send>(
+pub(super) fn decode_all<T: Send>(
     dataset: &dyn Dataset,
     workers: usize,
     split: Split,
@@ -256,19 +293,27 @@ pub fn resize_slices(voxels: &Tensor, size: i64) -> Tensor {
         .upsample_bilinear2d([size, size], false, None, None)
 }
 
-/// Applies a seeded random horizontal and vertical flip to each sample of a batch (the
-/// last two axes of each of `tensors`, alike), drawn from (seed, epoch, sample index).
-pub fn flip_batch(tensors: &[&Tensor], indices: &[usize], probability: f64, seed: u64, epoch: usize) -> Vec<Tensor> {
-    if probability <= 0.0 {
-        return tensors.iter().map(|t| t.shallow_clone()).collect();
-    }
-    let flips: Vec<(bool, bool)> = indices
+/// The seeded (horizontal, vertical) flips of each sample of a batch, drawn from (seed,
+/// epoch, sample index) with `probability` each.
+pub fn flips(indices: &[usize], probability: f64, seed: u64, epoch: usize) -> Vec<(bool, bool)> {
+    indices
         .iter()
         .map(|&i| {
+            if probability <= 0.0 {
+                return (false, false);
+            }
             let mut g = rng::generator(seed, &[domain::FINETUNE, stream::FLIP, epoch as u64, i as u64]);
             (g.random_bool(probability), g.random_bool(probability))
         })
-        .collect();
+        .collect()
+}
+
+/// Applies `flips` (horizontal: the last axis, vertical: the one before) to each sample of
+/// a batch, alike across `tensors` (an image and its mask, every slice of a volume).
+pub fn flip_batch(tensors: &[&Tensor], flips: &[(bool, bool)]) -> Vec<Tensor> {
+    if flips.iter().all(|&f| f == (false, false)) {
+        return tensors.iter().map(|t| t.shallow_clone()).collect();
+    }
     tensors
         .iter()
         .map(|t| {
@@ -324,11 +369,11 @@ mod tests {
         let image = Tensor::arange(2 * 3 * 4, (Kind::Float, tch::Device::Cpu)).view([2, 1, 3, 4]);
         let mask = image.squeeze_dim(1).to_kind(Kind::Int64);
         for epoch in 0..8 {
-            let out = flip_batch(&[&image, &mask], &[5, 9], 0.5, 3, epoch);
+            let out = flip_batch(&[&image, &mask], &flips(&[5, 9], 0.5, 3, epoch));
             assert!(out[0].squeeze_dim(1).to_kind(Kind::Int64).equal(&out[1]));
             assert_eq!(out[0].size(), image.size());
         }
-        let same = flip_batch(&[&image], &[5, 9], 0.0, 3, 0);
+        let same = flip_batch(&[&image], &flips(&[5, 9], 0.0, 3, 0));
         assert!(same[0].equal(&image));
     }
 }

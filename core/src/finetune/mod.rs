@@ -11,6 +11,11 @@
 //! - Volume classification (a [`Task::VolumeClassification`] head, e.g.
 //!   `volume-classifier`): f_intra + f_inter + the head on the volume embedding, both parts
 //!   fine-tuned; AUC and accuracy.
+//! - Detection (a [`Task::Detection`] head, e.g. `faster-rcnn`): f_intra as the detector's
+//!   backbone; trained on the images (slices) of the training samples with the boxes of a
+//!   COCO file; every image of the evaluation samples is predicted, the detections scaled
+//!   back to the image's size and scored by AP at IoU 0.5 per category and its mean
+//!   ([`crate::detection::ap`]), with each row's precision-recall curves.
 //!
 //! The pre-trained and the scratch row of a repeat share everything but the backbone's
 //! weights: the network (the run's architecture, from its resolved `config.toml`), the head's
@@ -20,6 +25,7 @@
 
 pub mod config;
 pub mod data;
+pub mod detection;
 pub mod report;
 
 use crate::assemble::Backbone;
@@ -27,7 +33,8 @@ use crate::checkpoint;
 use crate::config::{LoadedConfig, Section};
 use crate::encoder::EncoderOutput;
 use crate::eval::{load_backbone, locate};
-use crate::head::{Head, HeadInput, HeadShape, Task};
+use crate::detection::ap::{self, ApReport};
+use crate::head::{Head, HeadInput, HeadShape, Prediction, Targets, Task};
 use crate::metrics::MetricsLog;
 use crate::optim::{self, Optimizer};
 use crate::probe::{metrics as class_metrics, split};
@@ -36,7 +43,8 @@ use crate::rng::{self, domain};
 use crate::segmentation;
 use anyhow::{bail, ensure, Context, Result};
 use config::{FinetuneConfig, LoadedFinetune};
-use data::{stream, MaskedVolume, SequenceSet, Split};
+use data::{stream, MaskedVolume, OpenedSet, SequenceSet, Split};
+use detection::DetectionSet;
 use rand::seq::SliceRandom;
 use report::{Curve, Report, Setup, Trial};
 use serde::Serialize;
@@ -53,6 +61,8 @@ pub const REPORT_FILE: &str = "report.md";
 pub const RESULTS_FILE: &str = "results.json";
 pub const CURVES_FILE: &str = "learning_curves.png";
 pub const SEGMENTATION_FILE: &str = "segmentation.png";
+/// `precision_recall_<init>.png`: a detection row's curves (first repeat).
+pub const PRECISION_RECALL_PREFIX: &str = "precision_recall";
 pub const WEIGHTS_DIR: &str = "weights";
 
 /// What `medssl finetune` was asked.
@@ -98,6 +108,19 @@ enum Sets {
         train: SequenceSet,
         eval: SequenceSet,
     },
+    Detection {
+        train: DetectionSet,
+        eval: DetectionSet,
+        size: i64,
+    },
+}
+
+/// What the first repeat keeps of a row's last evaluation for the figures.
+enum Example {
+    /// The prediction of the first evaluation volume (segmentation).
+    Segmentation(Tensor),
+    /// The AP report with its precision-recall curves (detection).
+    Detection(ApReport),
 }
 
 /// A backbone with a head: what one row of one repeat trains.
@@ -145,7 +168,7 @@ impl Network {
     /// The prefixes of the backbone's variables this task trains.
     fn backbone_prefixes(&self) -> &'static [&'static str] {
         match self.task {
-            Task::Segmentation => &["encoder."],
+            Task::Segmentation | Task::Detection => &["encoder."],
             Task::VolumeClassification => &["encoder.", "aggregator."],
         }
     }
@@ -181,10 +204,16 @@ impl Network {
         variables
     }
 
-    /// Logits of `x`: images `[N, 1, S, S]` (segmentation) or sequences `[B, 1, T, S, S]`
-    /// with `valid` `[B, T]` (classification). `train_backbone` false runs the backbone in
-    /// eval mode without autograd.
-    fn forward(&self, x: &Tensor, valid: Option<&Tensor>, train_backbone: bool, train_head: bool) -> Tensor {
+    /// Runs the backbone on `x`, images `[N, 1, S, S]` or, with `valid` `[B, T]`, sequences
+    /// `[B, 1, T, S, S]`, and hands the head's input to `then`. `train_backbone` false runs
+    /// the backbone in eval mode without autograd.
+    fn with_input<T>(
+        &self,
+        x: &Tensor,
+        valid: Option<&Tensor>,
+        train_backbone: bool,
+        then: impl FnOnce(&HeadInput) -> Result<T>,
+    ) -> Result<T> {
         let size = x.size();
         let image_size = [size[size.len() - 2], size[size.len() - 1]];
         let features = |x: &Tensor| -> (EncoderOutput, Option<Tensor>) {
@@ -206,14 +235,31 @@ impl Network {
         } else {
             tch::no_grad(|| features(x))
         };
-        self.head.forward(
-            &HeadInput {
-                encoder: &out,
-                volume: volume.as_ref(),
-                image_size,
-            },
-            train_head,
-        )
+        then(&HeadInput {
+            encoder: &out,
+            volume: volume.as_ref(),
+            image_size,
+        })
+    }
+
+    /// The head's training loss on `batch`; `seed` fixes the head's own draws.
+    fn loss(&self, batch: &Batch, train_backbone: bool, seed: u64) -> Result<Tensor> {
+        self.with_input(&batch.x, batch.valid.as_ref(), train_backbone, |input| {
+            self.head.loss(input, &batch.y, seed)
+        })
+    }
+
+    /// The head's predictions of `x` (see [`Network::with_input`]), in eval mode.
+    fn predict(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Prediction> {
+        tch::no_grad(|| self.with_input(x, valid, false, |input| self.head.predict(input)))
+    }
+
+    /// Logits of `x` from a head that predicts logits.
+    fn logits(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+        match self.predict(x, valid)? {
+            Prediction::Logits(logits) => Ok(logits),
+            Prediction::Detections(_) => bail!("the head predicted boxes, but its task {:?} scores logits", self.task),
+        }
     }
 }
 
@@ -253,22 +299,22 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
 
     let train_section = loaded.data_section("train")?;
     let eval_section = loaded.data_section("eval")?;
-    let (train_set, train_resolved) = data::open(&train_section)?;
-    let (eval_set, eval_resolved) = data::open(&eval_section)?;
+    let train_set = data::open(&train_section)?;
+    let eval_set = data::open(&eval_section)?;
     let views = run_cfg.run.data.views.resolved()?;
     let workers = cfg.input.workers;
     let sets = match task {
         Task::Segmentation => {
             let size = cfg.input.image_size.unwrap_or(views.slice_size);
-            let train = data::masked_volumes(train_set.as_ref(), cfg.classes, workers, Split::Train)?;
-            let eval = data::masked_volumes(eval_set.as_ref(), cfg.classes, workers, Split::Eval)?;
+            let train = data::masked_volumes(train_set.dataset.as_ref(), cfg.classes, workers, Split::Train)?;
+            let eval = data::masked_volumes(eval_set.dataset.as_ref(), cfg.classes, workers, Split::Eval)?;
             let names = |v: &[MaskedVolume]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
             data::check_disjoint(&names(&train), &names(&eval))?;
             Sets::Segmentation { train, eval, size }
         }
         Task::VolumeClassification => {
-            let train = data::sequences(train_set.as_ref(), cfg.classes, &views, workers, Split::Train)?;
-            let eval = data::sequences(eval_set.as_ref(), cfg.classes, &views, workers, Split::Eval)?;
+            let train = data::sequences(train_set.dataset.as_ref(), cfg.classes, &views, workers, Split::Train)?;
+            let eval = data::sequences(eval_set.dataset.as_ref(), cfg.classes, &views, workers, Split::Eval)?;
             data::check_disjoint(&train.names, &eval.names)?;
             let eval_classes: std::collections::BTreeSet<i64> = eval.labels.iter().copied().collect();
             ensure!(
@@ -276,6 +322,40 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
                 "[data.eval] holds one class only ({eval_classes:?}): AUC is undefined; evaluate on a set with at least two classes"
             );
             Sets::Classification { train, eval }
+        }
+        Task::Detection => {
+            let size = cfg.input.image_size.unwrap_or(views.slice_size);
+            let mut coco_files: BTreeMap<PathBuf, crate::detection::coco::DetectionSet> = BTreeMap::new();
+            let mut boxes_of = |set: &OpenedSet, split: Split| -> Result<DetectionSet> {
+                let Some(path) = &set.boxes else {
+                    bail!(
+                        "config key `{}.boxes` is missing: a detection head needs the set's boxes as COCO JSON (e.g. from `medssl data boxes-from-masks`)",
+                        split.key()
+                    );
+                };
+                if !coco_files.contains_key(path) {
+                    let coco = crate::detection::coco::read_coco(path)
+                        .with_context(|| format!("config key `{}.boxes`", split.key()))?;
+                    coco_files.insert(path.clone(), coco);
+                }
+                detection::detection_set(
+                    set.dataset.as_ref(),
+                    &coco_files[path],
+                    path,
+                    cfg.classes,
+                    set.slice_axis,
+                    workers,
+                    split,
+                )
+            };
+            let train = boxes_of(&train_set, Split::Train)?;
+            let eval = boxes_of(&eval_set, Split::Eval)?;
+            data::check_disjoint(&train.names, &eval.names)?;
+            ensure!(
+                !eval.ground_truth.iter().all(|g| g.crowd),
+                "[data.eval] has no object to find (every image is background only): AP is undefined"
+            );
+            Sets::Detection { train, eval, size }
         }
     };
 
@@ -295,8 +375,8 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     prepare_out_dir(&options.out, options.force)?;
     let filled = [
         ("head".to_string(), head_resolved),
-        ("data.train".to_string(), train_resolved),
-        ("data.eval".to_string(), eval_resolved),
+        ("data.train".to_string(), train_set.resolved.clone()),
+        ("data.eval".to_string(), eval_set.resolved.clone()),
         (
             "pretrained".to_string(),
             toml::Value::String(located.tensors.display().to_string()),
@@ -309,15 +389,15 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
         .with_context(|| format!("cannot create `{}`", options.out.join(WEIGHTS_DIR).display()))?;
 
     let mut trials = Vec::new();
-    let mut predictions: BTreeMap<&'static str, Tensor> = BTreeMap::new();
+    let mut examples: BTreeMap<&'static str, Example> = BTreeMap::new();
     for run in 0..protocol.cfg.runs {
         // Both rows of a repeat train on the same subset, prepared once.
         let subset = protocol.subset(run)?;
         let data = protocol.training_data(&subset)?;
         for init in [Init::Pretrained, Init::Scratch] {
-            let (trial, prediction) = protocol.train_one(init, run, &subset, &data, &mut log, &options.out)?;
-            if let Some(p) = prediction {
-                predictions.insert(init.name(), p);
+            let (trial, example) = protocol.train_one(init, run, &subset, &data, &mut log, &options.out)?;
+            if let Some(example) = example {
+                examples.insert(init.name(), example);
             }
             trials.push(trial);
         }
@@ -352,9 +432,22 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     )?;
     let curves: Vec<&Curve> = trials.iter().map(|t| &t.curve).collect();
     report::plot_curves(&curves, report.metric.as_str(), &options.out.join(CURVES_FILE))?;
-    if let Sets::Segmentation { eval, .. } = &protocol.sets {
-        if let (Some(first), false) = (eval.first(), predictions.is_empty()) {
+    let predictions: BTreeMap<&str, Tensor> = examples
+        .iter()
+        .filter_map(|(init, e)| match e {
+            Example::Segmentation(p) => Some((*init, p.shallow_clone())),
+            Example::Detection(_) => None,
+        })
+        .collect();
+    if let (Sets::Segmentation { eval, .. }, false) = (&protocol.sets, predictions.is_empty()) {
+        if let Some(first) = eval.first() {
             report::plot_segmentation(first, &predictions, &options.out.join(SEGMENTATION_FILE))?;
+        }
+    }
+    for (init, example) in &examples {
+        if let Example::Detection(ap_report) = example {
+            let file = options.out.join(format!("{PRECISION_RECALL_PREFIX}_{init}.png"));
+            ap::plot_precision_recall(ap_report, &file)?;
         }
     }
     Ok(report)
@@ -392,7 +485,7 @@ fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
 struct Batch {
     x: Tensor,
     valid: Option<Tensor>,
-    y: Tensor,
+    y: Targets,
 }
 
 /// The training samples of one repeat.
@@ -406,6 +499,12 @@ enum TrainingData {
         valid: Tensor,
         labels: Tensor,
     },
+    /// Detection: `S x S` images and each one's boxes (pixels of the resized image) and
+    /// labels.
+    Images {
+        images: Tensor,
+        targets: Vec<(Vec<[f64; 4]>, Vec<i64>)>,
+    },
 }
 
 impl TrainingData {
@@ -413,29 +512,41 @@ impl TrainingData {
         match self {
             TrainingData::Slices { images, .. } => images.size()[0] as usize,
             TrainingData::Volumes { inputs, .. } => inputs.size()[0] as usize,
+            TrainingData::Images { images, .. } => images.size()[0] as usize,
         }
     }
 
     /// Samples `indices`, flipped as (seed, epoch, index) say, on `device`.
     fn batch(&self, indices: &[usize], flip: f64, seed: u64, epoch: usize, device: Device) -> Batch {
         let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let flips = data::flips(indices, flip, seed, epoch);
         match self {
             TrainingData::Slices { images, masks } => {
                 let (x, y) = (images.index_select(0, &index), masks.index_select(0, &index));
-                let flipped = data::flip_batch(&[&x, &y], indices, flip, seed, epoch);
+                let flipped = data::flip_batch(&[&x, &y], &flips);
                 Batch {
                     x: flipped[0].to_device(device),
                     valid: None,
-                    y: flipped[1].to_device(device),
+                    y: Targets::Classes(flipped[1].to_device(device)),
                 }
             }
             TrainingData::Volumes { inputs, valid, labels } => {
                 let x = inputs.index_select(0, &index);
-                let flipped = data::flip_batch(&[&x], indices, flip, seed, epoch);
+                let flipped = data::flip_batch(&[&x], &flips);
                 Batch {
                     x: flipped[0].to_device(device),
                     valid: Some(valid.index_select(0, &index).to_device(device)),
-                    y: labels.index_select(0, &index).to_device(device),
+                    y: Targets::Classes(labels.index_select(0, &index).to_device(device)),
+                }
+            }
+            TrainingData::Images { images, targets } => {
+                let x = images.index_select(0, &index);
+                let size = x.size()[3];
+                let chosen: Vec<_> = indices.iter().map(|&i| &targets[i]).collect();
+                Batch {
+                    x: data::flip_batch(&[&x], &flips)[0].to_device(device),
+                    valid: None,
+                    y: Targets::Boxes(detection::flipped_targets(&chosen, &flips, size, device)),
                 }
             }
         }
@@ -455,6 +566,7 @@ impl Protocol {
         let fraction = self.cfg.label_fraction;
         let subset = match &self.sets {
             Sets::Segmentation { train, .. } => data::volume_fraction(train.len(), fraction, seed),
+            Sets::Detection { train, .. } => data::volume_fraction(train.names.len(), fraction, seed),
             Sets::Classification { train, .. } => split::stratified_fraction(
                 &train.labels,
                 fraction,
@@ -473,6 +585,7 @@ impl Protocol {
         match &self.sets {
             Sets::Segmentation { train, .. } => train.len(),
             Sets::Classification { train, .. } => train.labels.len(),
+            Sets::Detection { train, .. } => train.names.len(),
         }
     }
 
@@ -497,11 +610,22 @@ impl Protocol {
                     labels: Tensor::from_slice(&labels),
                 }
             }
+            Sets::Detection { train, size, .. } => {
+                let chosen: std::collections::BTreeSet<usize> = subset.iter().copied().collect();
+                let images: Vec<_> = train.images.iter().filter(|i| chosen.contains(&i.sample)).collect();
+                ensure!(
+                    images.iter().any(|i| !i.boxes.is_empty()),
+                    "the training subset's {} images hold no object; raise --label-fraction",
+                    images.len()
+                );
+                let (images, targets) = detection::resized(&images, *size);
+                TrainingData::Images { images, targets }
+            }
         })
     }
 
     /// Trains one row of repeat `run` and scores it; returns the trial and, for the first
-    /// repeat of a segmentation, its prediction of the first evaluation volume.
+    /// repeat, what its figures need.
     fn train_one(
         &self,
         init: Init,
@@ -510,7 +634,7 @@ impl Protocol {
         data: &TrainingData,
         log: &mut MetricsLog,
         out: &Path,
-    ) -> Result<(Trial, Option<Tensor>)> {
+    ) -> Result<(Trial, Option<Example>)> {
         let started = Instant::now();
         let seed = self.seed(run);
         let (network, _) = Network::build(&self.run_cfg, &self.head_section, self.cfg.classes, self.device, seed)?;
@@ -541,7 +665,7 @@ impl Protocol {
         };
         let mut step = 0;
         let mut scores = BTreeMap::new();
-        let mut prediction = None;
+        let mut example = None;
         let primary = report::primary_metric(self.task);
         for epoch in 0..epochs {
             let mut order: Vec<usize> = (0..n).collect();
@@ -551,10 +675,12 @@ impl Protocol {
             ));
             let mut losses = Vec::with_capacity(steps_per_epoch);
             for chunk in order.chunks(batch_size).take(steps_per_epoch) {
-                tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::STEP, step as u64]) as i64);
+                let step_seed = rng::derive(seed, &[domain::FINETUNE, stream::STEP, step as u64]);
+                tch::manual_seed(step_seed as i64);
                 let batch = data.batch(chunk, self.cfg.input.flip, seed, epoch, self.device);
-                let logits = network.forward(&batch.x, batch.valid.as_ref(), train_backbone, true);
-                let loss = network.head.loss(&logits, &batch.y);
+                let loss = network
+                    .loss(&batch, train_backbone, step_seed)
+                    .with_context(|| format!("the {} row of repeat {run}, epoch {epoch}, step {step}", init.name()))?;
                 let value = loss.double_value(&[]);
                 ensure!(
                     value.is_finite(),
@@ -572,10 +698,10 @@ impl Protocol {
             let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
             let last = epoch + 1 == epochs;
             let evaluated = if last || (epoch + 1) % self.cfg.train.eval_every == 0 {
-                let (s, p) = self.evaluate(&network, last && run == 0)?;
+                let (s, e) = self.evaluate(&network, last && run == 0)?;
                 scores = s;
-                if p.is_some() {
-                    prediction = p;
+                if e.is_some() {
+                    example = e;
                 }
                 Some(scores.clone())
             } else {
@@ -630,13 +756,13 @@ impl Protocol {
                 seconds: started.elapsed().as_secs_f64(),
                 curve,
             },
-            prediction,
+            example,
         ))
     }
 
-    /// Scores `network` on the evaluation set; with `keep_first`, also returns its
-    /// prediction of the first evaluation volume (segmentation).
-    fn evaluate(&self, network: &Network, keep_first: bool) -> Result<(BTreeMap<String, f64>, Option<Tensor>)> {
+    /// Scores `network` on the evaluation set; with `keep`, also returns what the figures
+    /// need (the first volume's prediction, or the AP report).
+    fn evaluate(&self, network: &Network, keep: bool) -> Result<(BTreeMap<String, f64>, Option<Example>)> {
         let classes = self.cfg.classes;
         let batch = self.cfg.train.batch_size as i64;
         match &self.sets {
@@ -650,22 +776,24 @@ impl Protocol {
                         .step_by(batch as usize)
                         .map(|start| {
                             let x = x.narrow(0, start, batch.min(d - start)).to_device(self.device);
-                            tch::no_grad(|| {
+                            Ok(tch::no_grad(|| {
                                 network
-                                    .forward(&x, None, false, false)
-                                    .upsample_bilinear2d([h, w], false, None, None)
-                                    .argmax(1, false)
-                                    .to_device(Device::Cpu)
-                            })
+                                    .logits(&x, None)
+                                    .map(|l| {
+                                        l.upsample_bilinear2d([h, w], false, None, None)
+                                            .argmax(1, false)
+                                            .to_device(Device::Cpu)
+                                    })
+                            })?)
                         })
-                        .collect();
+                        .collect::<Result<_>>()?;
                     let prediction = Tensor::cat(&predicted, 0);
                     per_volume.push(
                         segmentation::volume_scores(&prediction, &volume.mask, classes)
                             .with_context(|| format!("scoring {}", volume.name))?,
                     );
-                    if keep_first && i == 0 {
-                        first = Some(prediction);
+                    if keep && i == 0 {
+                        first = Some(Example::Segmentation(prediction));
                     }
                 }
                 Ok((report::segmentation_scores(&per_volume, classes), first))
@@ -678,14 +806,11 @@ impl Protocol {
                         let len = batch.min(n - start);
                         let x = eval.inputs.narrow(0, start, len).to_device(self.device);
                         let valid = eval.valid.narrow(0, start, len).to_device(self.device);
-                        tch::no_grad(|| {
-                            network
-                                .forward(&x, Some(&valid), false, false)
-                                .softmax(-1, Kind::Float)
-                                .to_device(Device::Cpu)
-                        })
+                        network
+                            .logits(&x, Some(&valid))
+                            .map(|l| l.softmax(-1, Kind::Float).to_device(Device::Cpu))
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 let probabilities: Vec<f64> =
                     Vec::<f64>::try_from(Tensor::cat(&probabilities, 0).to_kind(Kind::Double).flatten(0, -1))?;
                 let s = class_metrics::scores(&probabilities, classes as usize, &eval.labels)?;
@@ -693,6 +818,37 @@ impl Protocol {
                     BTreeMap::from([("auc".to_string(), s.auc), ("acc".to_string(), s.acc)]),
                     None,
                 ))
+            }
+            Sets::Detection { eval, size, .. } => {
+                let mut found = Vec::new();
+                for chunk in eval.images.chunks(batch as usize) {
+                    let images: Vec<_> = chunk.iter().collect();
+                    let (x, _) = detection::resized(&images, *size);
+                    let Prediction::Detections(detections) = network.predict(&x.to_device(self.device), None)? else {
+                        bail!("head `{}` serves detection but predicted logits", self.head_section.name);
+                    };
+                    ensure!(
+                        detections.len() == chunk.len(),
+                        "head `{}` gave {} detection lists for {} images",
+                        self.head_section.name,
+                        detections.len(),
+                        chunk.len()
+                    );
+                    for (image, d) in chunk.iter().zip(&detections) {
+                        found.extend(detection::scored(image, d, *size, eval)?);
+                    }
+                }
+                let ap_report = ap::average_precision(&found, &eval.ground_truth, &eval.categories, 0.5);
+                let mut scores = BTreeMap::new();
+                if let Some(mean) = ap_report.mean {
+                    scores.insert("ap50".to_string(), mean);
+                }
+                for class in &ap_report.classes {
+                    if let Some(value) = class.ap {
+                        scores.insert(format!("ap50/{}", class.name), value);
+                    }
+                }
+                Ok((scores, keep.then_some(Example::Detection(ap_report))))
             }
         }
     }
@@ -703,6 +859,8 @@ impl Protocol {
             (Sets::Segmentation { eval, .. }, Split::Eval) => (eval.len(), slices(eval)),
             (Sets::Classification { train, .. }, Split::Train) => (train.labels.len(), None),
             (Sets::Classification { eval, .. }, Split::Eval) => (eval.labels.len(), None),
+            (Sets::Detection { train, .. }, Split::Train) => (train.names.len(), Some(train.images.len())),
+            (Sets::Detection { eval, .. }, Split::Eval) => (eval.names.len(), Some(eval.images.len())),
         };
         report::SetInfo {
             format: section.name.clone(),
@@ -716,6 +874,9 @@ impl Protocol {
             Sets::Segmentation { size, .. } => {
                 format!("slices resized to {size} x {size}; predictions resized back to each slice's size")
             }
+            Sets::Detection { size, .. } => format!(
+                "images resized to {size} x {size} with their boxes; detections scaled back to each image's size"
+            ),
             Sets::Classification { .. } => {
                 let v = self.run_cfg.run.data.views.resolved().unwrap_or_default();
                 format!(

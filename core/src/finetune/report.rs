@@ -20,6 +20,7 @@ pub fn primary_metric(task: Task) -> &'static str {
     match task {
         Task::Segmentation => "dice_3d",
         Task::VolumeClassification => "auc",
+        Task::Detection => "ap50",
     }
 }
 

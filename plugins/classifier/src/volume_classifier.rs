@@ -76,19 +76,9 @@ impl VolumeClassifier {
     }
 }
 
-impl Head for VolumeClassifier {
-    fn task(&self) -> Task {
-        Task::VolumeClassification
-    }
-
-    /// # Panics
-    /// When `input.volume` is `None`: the fine-tuning loop gives every
-    /// [`Task::VolumeClassification`] head its volume embeddings, and [`VolumeClassifier::new`]
-    /// refused a backbone without an aggregator, so this is a bug in the caller.
-    fn forward(&self, input: &HeadInput, train: bool) -> Tensor {
-        let volume = input
-            .volume
-            .expect("the volume-classifier head was given no volume embedding (HeadInput::volume is None)");
+impl VolumeClassifier {
+    /// Class logits `[B, K]` of volume embeddings `[B, F]`; `train` turns dropout on.
+    pub fn logits(&self, volume: &Tensor, train: bool) -> Tensor {
         volume
             .apply(&self.fc1)
             .relu()
@@ -96,8 +86,32 @@ impl Head for VolumeClassifier {
             .apply(&self.fc2)
     }
 
-    fn loss(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
-        logits.cross_entropy_for_logits(targets)
+    fn volume<'a>(input: &HeadInput<'a>) -> Result<&'a Tensor> {
+        input
+            .volume
+            .context("head `volume-classifier` needs the volume embeddings, but the batch has none (no aggregator ran)")
+    }
+}
+
+impl Head for VolumeClassifier {
+    fn task(&self) -> Task {
+        Task::VolumeClassification
+    }
+
+    fn loss(&self, input: &HeadInput, targets: &Targets, _seed: u64) -> Result<Tensor> {
+        let targets = targets.classes("volume-classifier")?;
+        let logits = self.logits(Self::volume(input)?, true);
+        ensure!(
+            targets.size() == [logits.size()[0]],
+            "head `volume-classifier`: targets of shape {:?} for {} volumes; expected [B] class ids",
+            targets.size(),
+            logits.size()[0]
+        );
+        Ok(logits.cross_entropy_for_logits(targets))
+    }
+
+    fn predict(&self, input: &HeadInput) -> Result<Prediction> {
+        Ok(Prediction::Logits(self.logits(Self::volume(input)?, false)))
     }
 }
 
@@ -137,6 +151,11 @@ mod tests {
         (registry::heads().get("volume-classifier")?.build)(&section, vs.root() / "head", shape)
     }
 
+    fn classifier(vs: &nn::VarStore, body: &str, shape: &HeadShape) -> VolumeClassifier {
+        let section = Section::inline("head", "volume-classifier", body).unwrap();
+        VolumeClassifier::new(&(vs.root() / "head"), &section.parse().unwrap(), shape, "head").unwrap()
+    }
+
     /// A backbone from the registry: an encoder over every slice, mean pooling over slices.
     struct Backbone {
         encoder: Box<dyn Encoder>,
@@ -172,22 +191,19 @@ mod tests {
             }
         }
 
-        /// Logits of `volumes` `[B, T, H, W]`.
-        fn logits(&self, head: &dyn Head, volumes: &Tensor, train: bool) -> Tensor {
+        /// The head's input from `volumes` `[B, T, H, W]`, passed to `then`.
+        fn with_input<T>(&self, volumes: &Tensor, train: bool, then: impl FnOnce(&HeadInput) -> T) -> T {
             let [b, t, h, w] = volumes.size()[..] else {
                 panic!("[B, T, H, W]")
             };
             let features = self.encoder.forward(&volumes.reshape([b * t, 1, h, w]), train);
             let slices = features.pooled.reshape([b, t, -1]);
             let volume = self.aggregator.forward(&slices, None, train).volume;
-            head.forward(
-                &HeadInput {
-                    encoder: &features,
-                    volume: Some(&volume),
-                    image_size: [h, w],
-                },
-                train,
-            )
+            then(&HeadInput {
+                encoder: &features,
+                volume: Some(&volume),
+                image_size: [h, w],
+            })
         }
     }
 
@@ -205,10 +221,13 @@ mod tests {
         ] {
             let vs = nn::VarStore::new(Device::Cpu);
             let backbone = Backbone::new(&vs, encoder, body);
-            let head = head(&vs, "hidden_dim = 8\ndropout = 0.2", &backbone.head_shape(4)).unwrap();
-            assert_eq!(head.task(), Task::VolumeClassification);
+            let shape = backbone.head_shape(4);
+            assert_eq!(head(&vs, "", &shape).unwrap().task(), Task::VolumeClassification);
+            let head = classifier(&nn::VarStore::new(Device::Cpu), "hidden_dim = 8\ndropout = 0.2", &shape);
             for train in [true, false] {
-                let logits = backbone.logits(head.as_ref(), &volumes(2, 15, 19), train);
+                let logits = backbone.with_input(&volumes(2, 15, 19), train, |input| {
+                    head.logits(input.volume.unwrap(), train)
+                });
                 assert_eq!(logits.size(), [2, 4], "{encoder} {body}");
             }
         }
@@ -220,8 +239,10 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let backbone = Backbone::new(&vs, "resnet18", "base_width = 4\nsmall_input = true");
         let head = head(&vs, "hidden_dim = 8", &backbone.head_shape(3)).unwrap();
-        let logits = backbone.logits(head.as_ref(), &volumes(3, 12, 12), true);
-        let loss = head.loss(&logits, &Tensor::from_slice(&[0i64, 2, 1]));
+        let targets = Targets::Classes(Tensor::from_slice(&[0i64, 2, 1]));
+        let loss = backbone
+            .with_input(&volumes(3, 12, 12), true, |input| head.loss(input, &targets, 0))
+            .unwrap();
         assert!(loss.double_value(&[]).is_finite());
         loss.backward();
         let mut encoder_norm = 0.0;
@@ -248,7 +269,8 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let head = head(&vs, "hidden_dim = 16", &shape(Some(6), 3)).unwrap();
         let volume = Tensor::randn([6, 6], (Kind::Float, Device::Cpu));
-        let targets = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+        let targets = Targets::Classes(labels.shallow_clone());
         let features = EncoderOutput {
             levels: Vec::new(),
             pooled: Tensor::zeros([6, 8], (Kind::Float, Device::Cpu)),
@@ -261,21 +283,24 @@ mod tests {
         let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
         let mut losses = Vec::new();
         for _ in 0..100 {
-            let loss = head.loss(&head.forward(&input, true), &targets);
+            let loss = head.loss(&input, &targets, 0).unwrap();
             opt.backward_step(&loss);
             losses.push(loss.double_value(&[]));
         }
         let (first, last) = (losses[0], losses[losses.len() - 1]);
         assert!(last < first * 0.2, "loss went from {first} to {last}");
-        let predicted = head.forward(&input, false).argmax(1, false);
-        assert!(predicted.equal(&targets), "{predicted:?}");
+        let Prediction::Logits(logits) = head.predict(&input).unwrap() else {
+            panic!("a classifier predicts logits")
+        };
+        let predicted = logits.argmax(1, false);
+        assert!(predicted.equal(&labels), "{predicted:?}");
     }
 
     #[test]
     fn dropout_acts_in_training_only() {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
-        let head = head(&vs, "hidden_dim = 64\ndropout = 0.5", &shape(Some(6), 2)).unwrap();
+        let head = classifier(&vs, "hidden_dim = 64\ndropout = 0.5", &shape(Some(6), 2));
         let volume = Tensor::randn([4, 6], (Kind::Float, Device::Cpu));
         let features = EncoderOutput {
             levels: Vec::new(),
@@ -286,8 +311,9 @@ mod tests {
             volume: Some(&volume),
             image_size: [1, 1],
         };
-        assert!(head.forward(&input, false).equal(&head.forward(&input, false)));
-        assert!(!head.forward(&input, true).equal(&head.forward(&input, true)));
+        let volume = input.volume.unwrap();
+        assert!(head.logits(volume, false).equal(&head.logits(volume, false)));
+        assert!(!head.logits(volume, true).equal(&head.logits(volume, true)));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! box regression, summed with weight 1 each as in torchvision); [`FasterRcnn::detect`]
 //! gives each image's boxes, scores and labels.
 //!
-//! Config (`[head]` when it becomes a registered head): `[head.fpn]` ([`FpnConfig`]),
+//! Registered as the head `faster-rcnn` (task [`Task::Detection`]); config: `[head.fpn]` ([`FpnConfig`]),
 //! `[head.anchors]` ([`AnchorConfig`], one size list per pyramid level, the pooled level
 //! included), `[head.rpn]` ([`RpnConfig`]), `[head.roi]` ([`RoiHeadsConfig`]).
 //!
@@ -24,6 +24,10 @@ use crate::roi_heads::{RoiHeads, RoiHeadsConfig};
 use crate::rpn::{Rpn, RpnConfig};
 use anyhow::{bail, ensure, Result};
 use medssl_core::encoder::Level;
+use medssl_core::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
+use medssl_core::config::Section;
+use medssl_core::register;
+use medssl_core::registry::default_toml;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -135,18 +139,10 @@ impl FasterRcnn {
     }
 
     /// Detections of every image of the batch whose encoder output is `encoder_levels`
-    /// (images of `image_size`). Runs without gradient. Levels that do not match the
-    /// encoder the detector was built for give no detections (and a message on stderr),
-    /// since the result has no error channel; [`FasterRcnn::losses`] reports the same
-    /// mismatch as an error.
-    pub fn detect(&self, encoder_levels: &[Tensor], image_size: [i64; 2]) -> Vec<Detections> {
-        let batch = match self.check_levels(encoder_levels, image_size) {
-            Ok(batch) => batch,
-            Err(error) => {
-                eprintln!("faster-rcnn detect: {error:#}");
-                return Vec::new();
-            }
-        };
+    /// (images of `image_size`), without gradient; levels that do not match the encoder the
+    /// detector was built for are an error.
+    pub fn detect(&self, encoder_levels: &[Tensor], image_size: [i64; 2]) -> Result<Vec<Detections>> {
+        let batch = self.check_levels(encoder_levels, image_size)?;
         let _guard = tch::no_grad_guard();
         let features = self.fpn.forward(encoder_levels);
         let outputs = self.rpn.head(&features);
@@ -155,7 +151,7 @@ impl FasterRcnn {
             .roi_heads
             .detect(&features[..self.fpn.num_encoder_levels()], &proposals, image_size);
         debug_assert_eq!(detections.len() as i64, batch);
-        detections
+        Ok(detections)
     }
 
     /// Checks the feature maps against the declared levels; returns the batch size.
@@ -228,6 +224,45 @@ impl FasterRcnn {
         Ok(ImageTargets { boxes, labels })
     }
 }
+
+impl Head for FasterRcnn {
+    fn task(&self) -> Task {
+        Task::Detection
+    }
+
+    fn loss(&self, input: &HeadInput, targets: &Targets, seed: u64) -> Result<Tensor> {
+        let targets = targets.boxes("faster-rcnn")?;
+        Ok(self.losses(&input.encoder.levels, input.image_size, targets, seed)?.total)
+    }
+
+    fn predict(&self, input: &HeadInput) -> Result<Prediction> {
+        Ok(Prediction::Detections(
+            self.detect(&input.encoder.levels, input.image_size)?,
+        ))
+    }
+}
+
+fn build(section: &Section, p: nn::Path, shape: &HeadShape) -> Result<Box<dyn Head>> {
+    let cfg: FasterRcnnConfig = section.parse()?;
+    ensure!(
+        shape.num_classes >= 2,
+        "head `faster-rcnn` needs at least 2 classes (the background and one object category), found {}",
+        shape.num_classes
+    );
+    Ok(Box::new(FasterRcnn::new(&cfg, p, &shape.levels, shape.num_classes)?))
+}
+
+register!(HEADS, FASTER_RCNN: HeadEntry = HeadEntry {
+    name: "faster-rcnn",
+    about: "Faster R-CNN with a feature pyramid over the encoder's levels: RPN, RoIAlign, two-FC box head; AP at IoU 0.5",
+    default_config: default_toml::<FasterRcnnConfig>,
+    // Small enough for the composition test's 17 x 15 images; anchors for a pyramid of four
+    // encoder levels and the pooled one.
+    smoke_configs: &[
+        "[fpn]\nwidth = 8\n[anchors]\nsizes = [[4.0], [8.0], [12.0], [16.0], [24.0]]\n[rpn]\npre_nms_top_n_train = 50\npost_nms_top_n_train = 20\nbatch_size_per_image = 32\n[roi]\nbatch_size_per_image = 16\nrepresentation_size = 8",
+    ],
+    build,
+});
 
 #[cfg(test)]
 mod tests {
@@ -319,7 +354,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("head.anchors.sizes"), "{error}");
-        assert!(model.detect(&features[..2], [32, 32]).is_empty());
+        let error = model.detect(&features[..2], [32, 32]).unwrap_err().to_string();
+        assert!(error.contains("4 declared levels"), "{error}");
     }
 
     #[test]
@@ -329,7 +365,7 @@ mod tests {
         config.roi.score_threshold = 0.0;
         let model = FasterRcnn::new(&config, vs.root(), &levels(), 3).unwrap();
         assert_eq!(model.pyramid_strides(), vec![2, 4, 8, 16, 32]);
-        let detections = model.detect(&maps(3, 32, 1), [32, 32]);
+        let detections = model.detect(&maps(3, 32, 1), [32, 32]).unwrap();
         assert_eq!(detections.len(), 3);
         for d in detections {
             let k = d.boxes.size()[0];

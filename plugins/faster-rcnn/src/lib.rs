@@ -24,14 +24,13 @@
 //!   layers, class scores and per-class boxes, its losses and per-class NMS inference;
 //! - [`faster_rcnn`]: [`FasterRcnn`] and its nested [`FasterRcnnConfig`]: the four losses
 //!   ([`DetectionLosses`]) and per-image [`Detections`] from an encoder's feature maps;
-//! - [`ap`]: average precision at an IoU threshold (AP50) and the precision-recall plot;
-//! - [`coco`]: COCO JSON records and a validating reader;
 //! - [`boxes_from_masks`]: per-slice boxes of connected components of segmentation masks.
 //!
-//! The detector is not a registered head yet: it takes feature maps and targets directly, so
-//! it can be trained in a plain loop (the overfit test in `tests/overfit.rs` trains a tiny
-//! ResNet-18 and the detector on four hippocampus slices to AP50 1.0). Wiring it into
-//! `medssl finetune` needs a detection task in core's head role.
+//! The detector is the registered head `faster-rcnn` (task `detection`): `medssl finetune`
+//! trains it on the encoder's levels and scores it by AP50 (core's `detection::ap`). It also
+//! takes feature maps and targets directly, so it can be trained in a plain loop (the
+//! overfit test in `tests/overfit.rs` trains a tiny ResNet-18 and the detector on four
+//! hippocampus slices to AP50 1.0).
 
 pub mod anchors;
 pub mod boxes;

@@ -185,7 +185,7 @@ fn a_tiny_detector_overfits_four_slices_to_ap50_above_0_9() -> Result<()> {
         }
     }
     let features = tch::no_grad(|| encoder.forward(&images, false));
-    let found = detector.detect(&features.levels, [SIZE, SIZE]);
+    let found = detector.detect(&features.levels, [SIZE, SIZE])?;
     let mut detections = Vec::new();
     let mut truth = Vec::new();
     for (image, (sample, found)) in samples.iter().zip(&found).enumerate() {

@@ -201,12 +201,9 @@ fn levels_read(cfg: &UNetConfig, names: &[&str], key: &str) -> Result<Vec<usize>
     Ok(read)
 }
 
-impl Head for UNet {
-    fn task(&self) -> Task {
-        Task::Segmentation
-    }
-
-    fn forward(&self, input: &HeadInput, train: bool) -> Tensor {
+impl UNet {
+    /// Class logits `[N, K, H, W]` at the input size; `train` selects batch-norm behaviour.
+    pub fn logits(&self, input: &HeadInput, train: bool) -> Tensor {
         let levels = &input.encoder.levels;
         let mut x = levels[self.start].shallow_clone();
         for stage in &self.stages {
@@ -223,13 +220,37 @@ impl Head for UNet {
         x.apply(&self.classifier)
     }
 
-    fn loss(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
+    /// Cross-entropy plus the weighted soft Dice of `logits` against class ids `targets`
+    /// `[N, H, W]`.
+    pub fn pixel_loss(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
         let cross_entropy = logits.cross_entropy_loss::<Tensor>(targets, None, tch::Reduction::Mean, -100, 0.0);
         if self.dice_weight == 0.0 {
             cross_entropy
         } else {
             cross_entropy + soft_dice_loss(logits, targets) * self.dice_weight
         }
+    }
+}
+
+impl Head for UNet {
+    fn task(&self) -> Task {
+        Task::Segmentation
+    }
+
+    fn loss(&self, input: &HeadInput, targets: &Targets, _seed: u64) -> Result<Tensor> {
+        let targets = targets.classes("unet")?;
+        let logits = self.logits(input, true);
+        let size = logits.size();
+        ensure!(
+            targets.size() == [size[0], size[2], size[3]],
+            "head `unet`: targets of shape {:?} for logits {size:?}; expected [N, H, W] class ids",
+            targets.size()
+        );
+        Ok(self.pixel_loss(&logits, targets))
+    }
+
+    fn predict(&self, input: &HeadInput) -> Result<Prediction> {
+        Ok(Prediction::Logits(self.logits(input, false)))
     }
 }
 
@@ -276,6 +297,12 @@ mod tests {
         (registry::heads().get("unet")?.build)(&section, vs.root() / "head", shape)
     }
 
+    /// The decoder itself, for tests of its logits in both modes.
+    fn unet(vs: &nn::VarStore, body: &str, shape: &HeadShape) -> Result<UNet> {
+        let section = Section::inline(HEAD_KEY, "unet", body)?;
+        UNet::new(&(vs.root() / "head"), &section.parse()?, shape, HEAD_KEY)
+    }
+
     fn images(n: i64, h: i64, w: i64) -> Tensor {
         Tensor::randn([n, 1, h, w], (Kind::Float, Device::Cpu))
     }
@@ -290,8 +317,9 @@ mod tests {
         ] {
             let vs = nn::VarStore::new(Device::Cpu);
             let encoder = encoder(&vs, name, body);
-            let head = head(&vs, "channels = [8, 8, 4, 4, 4]", &shape_of(encoder.as_ref(), 3)).unwrap();
-            assert_eq!(head.task(), Task::Segmentation);
+            let shape = shape_of(encoder.as_ref(), 3);
+            assert_eq!(head(&vs, "channels = [8, 8, 4, 4, 4]", &shape).unwrap().task(), Task::Segmentation);
+            let head = unet(&nn::VarStore::new(Device::Cpu), "channels = [8, 8, 4, 4, 4]", &shape).unwrap();
             for [h, w] in [[17, 23], [32, 32], [9, 40]] {
                 let features = encoder.forward(&images(2, h, w), true);
                 let input = HeadInput {
@@ -300,7 +328,7 @@ mod tests {
                     image_size: [h, w],
                 };
                 for train in [true, false] {
-                    let logits = head.forward(&input, train);
+                    let logits = head.logits(&input, train);
                     assert_eq!(logits.size(), [2, 3, h, w], "{name} {body} at {h}x{w}");
                 }
             }
@@ -336,11 +364,11 @@ mod tests {
             image_size: [19, 19],
         };
         let vs = nn::VarStore::new(Device::Cpu);
-        let all = head(&vs, "channels = [6, 4, 2]", &shape).unwrap();
-        assert_eq!(all.forward(&input, true).size(), [2, 4, 19, 19]);
+        let all = unet(&vs, "channels = [6, 4, 2]", &shape).unwrap();
+        assert_eq!(all.logits(&input, true).size(), [2, 4, 19, 19]);
         let vs = nn::VarStore::new(Device::Cpu);
-        let two = head(&vs, "channels = [6, 4]\nlevels = [\"c\", \"a\"]", &shape).unwrap();
-        assert_eq!(two.forward(&input, true).size(), [2, 4, 19, 19]);
+        let two = unet(&vs, "channels = [6, 4]\nlevels = [\"c\", \"a\"]", &shape).unwrap();
+        assert_eq!(two.logits(&input, true).size(), [2, 4, 19, 19]);
         // One skip stage (a) and the final one; level b is not read.
         let names: Vec<String> = vs.variables().into_keys().collect();
         assert!(names.iter().any(|n| n.starts_with("head.stages.1.")));
@@ -362,9 +390,8 @@ mod tests {
                 volume: None,
                 image_size: [21, 18],
             };
-            let logits = head.forward(&input, true);
-            let targets = Tensor::randint(3, [2, 21, 18], (Kind::Int64, Device::Cpu));
-            let loss = head.loss(&logits, &targets);
+            let targets = Targets::Classes(Tensor::randint(3, [2, 21, 18], (Kind::Int64, Device::Cpu)));
+            let loss = head.loss(&input, &targets, 0).unwrap();
             assert!(loss.double_value(&[]).is_finite());
             loss.backward();
             let mut encoder_norm = 0.0;
@@ -400,6 +427,7 @@ mod tests {
             .unsqueeze(0)
             .repeat([2, 1, 1]);
         let images = targets.to_kind(Kind::Float).unsqueeze(1) + images(2, 20, 20) * 0.3;
+        let targets = Targets::Classes(targets);
         let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
         let mut losses = Vec::new();
         for _ in 0..25 {
@@ -409,7 +437,7 @@ mod tests {
                 volume: None,
                 image_size: [20, 20],
             };
-            let loss = head.loss(&head.forward(&input, true), &targets);
+            let loss = head.loss(&input, &targets, 0).unwrap();
             opt.backward_step(&loss);
             losses.push(loss.double_value(&[]));
         }

@@ -117,26 +117,30 @@ fn overfit(images: &Tensor, masks: &Tensor) -> Result<f64> {
     let head = (registry::heads().get("unet")?.build)(&section, vs.root() / "head", &shape)?;
     let mut optimizer = nn::Adam::default().build(&vs, 3e-3)?;
 
-    let predict = |train: bool| {
-        let features = encoder.forward(images, train);
-        let input = HeadInput {
-            encoder: &features,
+    let targets = Targets::Classes(masks.shallow_clone());
+    fn input(features: &EncoderOutput) -> HeadInput<'_> {
+        HeadInput {
+            encoder: features,
             volume: None,
             image_size: [SIZE, SIZE],
-        };
-        head.forward(&input, train)
-    };
+        }
+    }
     let started = Instant::now();
     let mut dice = 0.0;
     let mut steps = 0;
     while steps < 400 && dice <= 0.9 {
         for _ in 0..20 {
-            let loss = head.loss(&predict(true), masks);
+            let features = encoder.forward(images, true);
+            let loss = head.loss(&input(&features), &targets, 0)?;
             optimizer.backward_step(&loss);
             steps += 1;
         }
         // The slices' predictions, merged as the fine-tune merges a volume's.
-        let prediction = tch::no_grad(|| predict(false)).argmax(1, false);
+        let features = tch::no_grad(|| encoder.forward(images, false));
+        let Prediction::Logits(logits) = tch::no_grad(|| head.predict(&input(&features)))? else {
+            bail!("the U-Net predicted something other than logits");
+        };
+        let prediction = logits.argmax(1, false);
         let merged = merge_slices(&split_slices(&prediction));
         let scores = volume_scores(&merged, masks, CLASSES)?;
         dice = mean_foreground(&scores.dice).unwrap_or(0.0);

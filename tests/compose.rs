@@ -6,8 +6,8 @@
 
 use medssl_core::aggregator::AggregatorShape;
 use medssl_core::config::{LoadedConfig, Section};
-use medssl_core::encoder::EncoderShape;
 use medssl_core::detection::ImageTargets;
+use medssl_core::encoder::EncoderShape;
 use medssl_core::head::{HeadInput, HeadShape, Targets, Task};
 use medssl_core::registry;
 use medssl_core::slice_features::{SliceFeatureConfig, SliceFeatures};

@@ -441,7 +441,15 @@ fn detection_errors_name_the_boxes_file_and_what_disagrees() {
     let tmp = tempfile::tempdir().unwrap();
     let run = pretrain(tmp.path());
     let task = decathlon(tmp.path(), 4, 2);
-    let args = |config: &Path| finetune(&[&config.to_path_buf(), &"--pretrained", &run, &"--out", &tmp.path().join("ft")]);
+    let args = |config: &Path| {
+        finetune(&[
+            &config.to_path_buf(),
+            &"--pretrained",
+            &run,
+            &"--out",
+            &tmp.path().join("ft"),
+        ])
+    };
 
     // No boxes file named.
     let config = write(
@@ -451,18 +459,32 @@ fn detection_errors_name_the_boxes_file_and_what_disagrees() {
     );
     assert_fails_with(&args(&config), &["data.train.boxes", "COCO"]);
     // A boxes file that does not exist.
-    let config = write(tmp.path(), "missing.toml", &detection_config(&task, &[1, 2], &[3, 4], 3));
+    let config = write(
+        tmp.path(),
+        "missing.toml",
+        &detection_config(&task, &[1, 2], &[3, 4], 3),
+    );
     assert_fails_with(&args(&config), &["data.train.boxes", "boxes.json"]);
 
     // Categories against `classes`.
     boxes_from_masks(&task, &tmp.path().join("boxes.json"));
-    let config = write(tmp.path(), "classes.toml", &detection_config(&task, &[1, 2], &[3, 4], 4));
-    assert_fails_with(&args(&config), &["2 categories", "anterior, posterior", "`classes` = 4"]);
+    let config = write(
+        tmp.path(),
+        "classes.toml",
+        &detection_config(&task, &[1, 2], &[3, 4], 4),
+    );
+    assert_fails_with(
+        &args(&config),
+        &["2 categories", "anterior, posterior", "`classes` = 4"],
+    );
 
     // A boxes file of other volumes.
     let other = decathlon(&tmp.path().join("other"), 2, 2);
     boxes_from_masks(&other, &tmp.path().join("boxes.json"));
     let config = write(tmp.path(), "other.toml", &detection_config(&task, &[1, 2, 3], &[4], 3));
     assert_fails_with(&args(&config), &["case_003.nii.gz", "has no image in the boxes file"]);
-    assert!(!tmp.path().join("ft").exists(), "nothing is written before the sets check out");
+    assert!(
+        !tmp.path().join("ft").exists(),
+        "nothing is written before the sets check out"
+    );
 }

@@ -5,9 +5,9 @@
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use medssl_core::config::Section;
+use medssl_core::detection::coco;
 use medssl_core::registry;
 use medssl_faster_rcnn::boxes_from_masks::{BoxesFromMasks, CocoBuilder, Connectivity, VolumeSummary};
-use medssl_core::detection::coco;
 use std::path::PathBuf;
 
 #[derive(Args)]

@@ -253,9 +253,12 @@ pub fn scored(image: &DetectionImage, found: &Detections, size: i64, set: &Detec
         .zip(scores)
         .zip(labels)
         .map(|((b, score), label)| {
-            let category_id = set
-                .category_of(label)
-                .with_context(|| format!("the detector predicted label {label}, outside 1..={}", set.categories.len()))?;
+            let category_id = set.category_of(label).with_context(|| {
+                format!(
+                    "the detector predicted label {label}, outside 1..={}",
+                    set.categories.len()
+                )
+            })?;
             Ok(Detection {
                 image_id: image.image_id,
                 category_id,

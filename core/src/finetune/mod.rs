@@ -31,9 +31,9 @@ pub mod report;
 use crate::assemble::Backbone;
 use crate::checkpoint;
 use crate::config::{LoadedConfig, Section};
+use crate::detection::ap::{self, ApReport};
 use crate::encoder::EncoderOutput;
 use crate::eval::{load_backbone, locate};
-use crate::detection::ap::{self, ApReport};
 use crate::head::{Head, HeadInput, HeadShape, Prediction, Targets, Task};
 use crate::metrics::MetricsLog;
 use crate::optim::{self, Optimizer};
@@ -777,13 +777,11 @@ impl Protocol {
                         .map(|start| {
                             let x = x.narrow(0, start, batch.min(d - start)).to_device(self.device);
                             Ok(tch::no_grad(|| {
-                                network
-                                    .logits(&x, None)
-                                    .map(|l| {
-                                        l.upsample_bilinear2d([h, w], false, None, None)
-                                            .argmax(1, false)
-                                            .to_device(Device::Cpu)
-                                    })
+                                network.logits(&x, None).map(|l| {
+                                    l.upsample_bilinear2d([h, w], false, None, None)
+                                        .argmax(1, false)
+                                        .to_device(Device::Cpu)
+                                })
                             })?)
                         })
                         .collect::<Result<_>>()?;
@@ -825,7 +823,10 @@ impl Protocol {
                     let images: Vec<_> = chunk.iter().collect();
                     let (x, _) = detection::resized(&images, *size);
                     let Prediction::Detections(detections) = network.predict(&x.to_device(self.device), None)? else {
-                        bail!("head `{}` serves detection but predicted logits", self.head_section.name);
+                        bail!(
+                            "head `{}` serves detection but predicted logits",
+                            self.head_section.name
+                        );
                     };
                     ensure!(
                         detections.len() == chunk.len(),

@@ -151,8 +151,8 @@ pub fn box_loss(predicted: &Tensor, target: &Tensor, loss: BoxLoss, beta: f64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
     use proptest::prelude::*;
+    use tch::Kind;
 
     /// A box with positive size inside a 64 x 64 image, from (x, y, w, h).
     fn boxed(x: f64, y: f64, w: f64, h: f64) -> [f64; 4] {

@@ -11,8 +11,8 @@
 //! component has a 1 x 1 box. Slices with no box are kept as background-only images unless
 //! `skip_empty` asks otherwise.
 
-use medssl_core::detection::coco::{CocoAnnotation, CocoCategory, CocoFile, CocoImage};
 use anyhow::{ensure, Result};
+use medssl_core::detection::coco::{CocoAnnotation, CocoCategory, CocoFile, CocoImage};
 use serde::{Deserialize, Serialize};
 
 /// Which neighbours join a component.

@@ -1,6 +1,6 @@
 //! Faster R-CNN with a feature pyramid (Ren et al., NeurIPS 2015; Lin et al., CVPR 2017) over
 //! any encoder's levels: the paper's detection downstream, with f_intra as the backbone
-//! (Nguyen et al., AAAI 2023, Sec. 4), scored by AP at IoU 0.5 ([`crate::ap`]).
+//! (Nguyen et al., AAAI 2023, Sec. 4), scored by AP at IoU 0.5 (`medssl_core::detection::ap`).
 //!
 //! The model takes the encoder's feature maps, not images, so the backbone stays the
 //! caller's: the fine-tune loop runs the encoder (frozen or not) and hands its levels here.
@@ -23,9 +23,9 @@ pub use crate::roi_heads::Detections;
 use crate::roi_heads::{RoiHeads, RoiHeadsConfig};
 use crate::rpn::{Rpn, RpnConfig};
 use anyhow::{bail, ensure, Result};
+use medssl_core::config::Section;
 use medssl_core::encoder::Level;
 use medssl_core::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
-use medssl_core::config::Section;
 use medssl_core::register;
 use medssl_core::registry::default_toml;
 use serde::{Deserialize, Serialize};
@@ -232,7 +232,9 @@ impl Head for FasterRcnn {
 
     fn loss(&self, input: &HeadInput, targets: &Targets, seed: u64) -> Result<Tensor> {
         let targets = targets.boxes("faster-rcnn")?;
-        Ok(self.losses(&input.encoder.levels, input.image_size, targets, seed)?.total)
+        Ok(self
+            .losses(&input.encoder.levels, input.image_size, targets, seed)?
+            .total)
     }
 
     fn predict(&self, input: &HeadInput) -> Result<Prediction> {

@@ -26,11 +26,11 @@
 //! deltas are small and the first decoded boxes stay near their proposals.
 
 use crate::boxes::{box_loss, clip, keep_min_size, BoxCoder, BoxLoss, ImageTargets};
-pub use medssl_core::detection::Detections;
 use crate::matching::{sample, Matcher};
 use crate::nms::batched_nms;
 use crate::roi_align::{rois_of, MultiScaleRoiAlign};
 use anyhow::{ensure, Result};
+pub use medssl_core::detection::Detections;
 use medssl_core::rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};

@@ -6,8 +6,8 @@
 //! Where `../shared/data` is absent, generated images stand in: bright filled rectangles
 //! (class 1) and hollow ones (class 2) on noise.
 
-use medssl_core::prelude::*;
 use medssl_core::detection::ap::{average_precision, Detection, GroundTruth};
+use medssl_core::prelude::*;
 use medssl_faster_rcnn::boxes::boxes_of;
 use medssl_faster_rcnn::boxes_from_masks::{BoxesFromMasks, CocoBuilder, Connectivity};
 use medssl_faster_rcnn::{FasterRcnn, FasterRcnnConfig, ImageTargets};

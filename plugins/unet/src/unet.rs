@@ -318,7 +318,10 @@ mod tests {
             let vs = nn::VarStore::new(Device::Cpu);
             let encoder = encoder(&vs, name, body);
             let shape = shape_of(encoder.as_ref(), 3);
-            assert_eq!(head(&vs, "channels = [8, 8, 4, 4, 4]", &shape).unwrap().task(), Task::Segmentation);
+            assert_eq!(
+                head(&vs, "channels = [8, 8, 4, 4, 4]", &shape).unwrap().task(),
+                Task::Segmentation
+            );
             let head = unet(&nn::VarStore::new(Device::Cpu), "channels = [8, 8, 4, 4, 4]", &shape).unwrap();
             for [h, w] in [[17, 23], [32, 32], [9, 40]] {
                 let features = encoder.forward(&images(2, h, w), true);

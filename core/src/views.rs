@@ -9,6 +9,7 @@
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -204,17 +205,13 @@ fn jitter(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
     let mut x = x * contrast + brightness;
     if cfg.noise > 0.0 {
         let n = x.numel();
-        let noise: Vec<f32> = (0..n).map(|_| (gaussian(rng) * cfg.noise) as f32).collect();
+        // Ziggurat sampling: Box-Muller's log and cos per voxel were half of the loader's
+        // time (perf, `medssl bench loader`).
+        let sigma = cfg.noise as f32;
+        let noise: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal) * sigma).collect();
         x += Tensor::from_slice(&noise).view(x.size().as_slice());
     }
     x
-}
-
-/// A standard normal draw (Box-Muller).
-fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 fn flips(x: Tensor, rng: &mut ChaCha8Rng, p: f64) -> Tensor {

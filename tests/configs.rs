@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use medssl_attention_pool as _;
 use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
+use medssl_faster_rcnn as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
 use medssl_ntxent as _;

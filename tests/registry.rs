@@ -8,6 +8,7 @@ use medssl_core::registry;
 use medssl_attention_pool as _;
 use medssl_classifier as _;
 use medssl_deepcluster_v2 as _;
+use medssl_faster_rcnn as _;
 use medssl_masked_prediction as _;
 use medssl_mean_pool as _;
 use medssl_ntxent as _;
@@ -30,7 +31,7 @@ fn the_exact_set_of_components_is_registered() {
         registry::objectives().names(),
         ["deepcluster-v2", "masked-prediction", "ntxent", "swav", "vicreg"]
     );
-    assert_eq!(registry::heads().names(), ["unet", "volume-classifier"]);
+    assert_eq!(registry::heads().names(), ["faster-rcnn", "unet", "volume-classifier"]);
     assert_eq!(
         registry::datasets().names(),
         [

@@ -178,8 +178,15 @@ pub fn detection_set(
     })
 }
 
+/// The objects of one training image: corner boxes in its pixels and labels 1..=C.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objects {
+    pub boxes: Vec<[f64; 4]>,
+    pub labels: Vec<i64>,
+}
+
 /// Images `[N, 1, S, S]` of `images`, bilinear, and their boxes scaled with them.
-pub fn resized(images: &[&DetectionImage], size: i64) -> (Tensor, Vec<(Vec<[f64; 4]>, Vec<i64>)>) {
+pub fn resized(images: &[&DetectionImage], size: i64) -> (Tensor, Vec<Objects>) {
     let pixels: Vec<Tensor> = images
         .iter()
         .map(|image| {
@@ -199,7 +206,10 @@ pub fn resized(images: &[&DetectionImage], size: i64) -> (Tensor, Vec<(Vec<[f64;
                 .iter()
                 .map(|b| scale(*b, size as f64 / w as f64, size as f64 / h as f64))
                 .collect();
-            (boxes, image.labels.clone())
+            Objects {
+                boxes,
+                labels: image.labels.clone(),
+            }
         })
         .collect();
     (Tensor::cat(&pixels, 0), targets)
@@ -212,7 +222,7 @@ fn scale(b: [f64; 4], sx: f64, sy: f64) -> [f64; 4] {
 /// The training targets of a batch of `S x S` images, flipped as the images were
 /// (`flips[b]` = (horizontal, vertical)).
 pub fn flipped_targets(
-    targets: &[&(Vec<[f64; 4]>, Vec<i64>)],
+    targets: &[&Objects],
     flips: &[(bool, bool)],
     size: i64,
     device: tch::Device,
@@ -221,8 +231,9 @@ pub fn flipped_targets(
     targets
         .iter()
         .zip(flips)
-        .map(|((boxes, labels), &(horizontal, vertical))| {
-            let boxes: Vec<[f64; 4]> = boxes
+        .map(|(objects, &(horizontal, vertical))| {
+            let boxes: Vec<[f64; 4]> = objects
+                .boxes
                 .iter()
                 .map(|&[x1, y1, x2, y2]| {
                     let (x1, x2) = if horizontal { (s - x2, s - x1) } else { (x1, x2) };
@@ -230,7 +241,7 @@ pub fn flipped_targets(
                     [x1, y1, x2, y2]
                 })
                 .collect();
-            ImageTargets::new(&boxes, labels).to_device(device)
+            ImageTargets::new(&boxes, &objects.labels).to_device(device)
         })
         .collect()
 }
@@ -289,7 +300,7 @@ mod tests {
         let original = image(20, 40, vec![[4.0, 2.0, 20.0, 10.0]]);
         let (pixels, targets) = resized(&[&original], 10);
         assert_eq!(pixels.size(), [1, 1, 10, 10]);
-        assert_eq!(targets[0].0, vec![[1.0, 1.0, 5.0, 5.0]]);
+        assert_eq!(targets[0].boxes, vec![[1.0, 1.0, 5.0, 5.0]]);
         let set = DetectionSet {
             names: vec!["a".into()],
             images: Vec::new(),
@@ -314,7 +325,10 @@ mod tests {
     #[test]
     fn flipped_boxes_cover_the_flipped_pixels() {
         let size = 8;
-        let target = (vec![[1.0, 2.0, 3.0, 7.0]], vec![1]);
+        let target = Objects {
+            boxes: vec![[1.0, 2.0, 3.0, 7.0]],
+            labels: vec![1],
+        };
         let mask = Tensor::zeros([size, size], (Kind::Float, tch::Device::Cpu));
         let _ = mask.narrow(0, 2, 5).narrow(1, 1, 2).fill_(1.0);
         for flips in [(false, false), (true, false), (false, true), (true, true)] {

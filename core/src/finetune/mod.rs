@@ -503,7 +503,7 @@ enum TrainingData {
     /// labels.
     Images {
         images: Tensor,
-        targets: Vec<(Vec<[f64; 4]>, Vec<i64>)>,
+        targets: Vec<detection::Objects>,
     },
 }
 
@@ -776,13 +776,13 @@ impl Protocol {
                         .step_by(batch as usize)
                         .map(|start| {
                             let x = x.narrow(0, start, batch.min(d - start)).to_device(self.device);
-                            Ok(tch::no_grad(|| {
+                            tch::no_grad(|| {
                                 network.logits(&x, None).map(|l| {
                                     l.upsample_bilinear2d([h, w], false, None, None)
                                         .argmax(1, false)
                                         .to_device(Device::Cpu)
                                 })
-                            })?)
+                            })
                         })
                         .collect::<Result<_>>()?;
                     let prediction = Tensor::cat(&predicted, 0);

@@ -96,6 +96,49 @@ pub fn register_font() -> bool {
     })
 }
 
+/// A line chart of medssl's plots: `(x, y)` in f64, drawn into a PNG.
+pub type LineChart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The builder every plot starts from on `area`: margins, axis label areas sized for text
+/// (`y_labels` pixels wide for the y axis; none without a font) and `caption` where there is
+/// text.
+pub fn chart_builder<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    y_labels: u32,
+    with_text: bool,
+) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .margin(16)
+        .x_label_area_size(if with_text { 40 } else { 8 })
+        .y_label_area_size(if with_text { y_labels } else { 8 });
+    if with_text {
+        builder.caption(caption, ("sans-serif", 22));
+    }
+    builder
+}
+
+/// The legend box of every labelled series, at `position`.
+pub fn draw_legend<'a, 'b: 'a>(chart: &mut LineChart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// A legend entry's mark: a short line in the series' colour.
+pub fn legend_mark(colour: RGBAColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+}
+
 /// Draws the total loss and every loss term against the global step into `out` (PNG).
 pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -127,15 +170,8 @@ pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
     let with_text = register_font();
     let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut builder = ChartBuilder::on(&root);
-    builder
-        .margin(16)
-        .x_label_area_size(if with_text { 40 } else { 8 })
-        .y_label_area_size(if with_text { 60 } else { 8 });
-    if with_text {
-        builder.caption("training loss", ("sans-serif", 22));
-    }
-    let mut chart = builder.build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
+    let mut chart = chart_builder(&root, "training loss", 60, with_text)
+        .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
     if with_text {
         chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
     }
@@ -146,17 +182,11 @@ pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
             color.stroke_width(2),
         ))?;
         if with_text {
-            drawn
-                .label(name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            drawn.label(name.clone()).legend(legend_mark(color));
         }
     }
     if with_text && !series.is_empty() {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     }
     root.present()
         .with_context(|| format!("cannot write `{}`", out.display()))?;

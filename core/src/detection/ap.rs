@@ -17,6 +17,7 @@
 //! ground-truth object has no AP (reported as none) and is left out of the mean.
 
 use crate::detection::iou_xyxy;
+use crate::metrics::{chart_builder, draw_legend, legend_mark};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -183,18 +184,8 @@ pub fn plot_precision_recall(report: &ApReport, out: &Path) -> Result<()> {
     let with_text = crate::metrics::register_font();
     let root = BitMapBackend::new(out, (720, 600)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut builder = ChartBuilder::on(&root);
-    builder
-        .margin(16)
-        .x_label_area_size(if with_text { 40 } else { 8 })
-        .y_label_area_size(if with_text { 50 } else { 8 });
-    if with_text {
-        builder.caption(
-            format!("precision-recall at IoU {}", report.iou_threshold),
-            ("sans-serif", 22),
-        );
-    }
-    let mut chart = builder.build_cartesian_2d(0f64..1.0, 0f64..1.05)?;
+    let caption = format!("precision-recall at IoU {}", report.iou_threshold);
+    let mut chart = chart_builder(&root, &caption, 50, with_text).build_cartesian_2d(0f64..1.0, 0f64..1.05)?;
     if with_text {
         chart.configure_mesh().x_desc("recall").y_desc("precision").draw()?;
     }
@@ -218,18 +209,11 @@ pub fn plot_precision_recall(report: &ApReport, out: &Path) -> Result<()> {
                 Some(ap) => format!("{} (AP {ap:.3})", class.name),
                 None => format!("{} (no objects)", class.name),
             };
-            drawn
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            drawn.label(label).legend(legend_mark(color));
         }
     }
     if with_text && !report.classes.is_empty() {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
     }
     root.present()
         .with_context(|| format!("cannot write `{}`", out.display()))?;

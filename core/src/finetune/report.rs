@@ -7,6 +7,7 @@ use super::data::MaskedVolume;
 use super::Init;
 use crate::eval::{mean, sample_std};
 use crate::head::Task;
+use crate::metrics::{chart_builder, draw_legend, legend_mark};
 use crate::segmentation::{self, VolumeScores};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -326,15 +327,8 @@ pub fn plot_curves(curves: &[&Curve], metric: &str, out: &Path) -> Result<()> {
         let (low, high) = if low.is_finite() { (low, high) } else { (0.0, 1.0) };
         let pad = ((high - low) * 0.05).max(1e-6);
         let with_text = crate::metrics::register_font();
-        let mut builder = ChartBuilder::on(panel);
-        builder
-            .margin(16)
-            .x_label_area_size(if with_text { 40 } else { 8 })
-            .y_label_area_size(if with_text { 60 } else { 8 });
-        if with_text {
-            builder.caption(title, ("sans-serif", 20));
-        }
-        let mut chart = builder.build_cartesian_2d(0f64..epochs, (low - pad)..(high + pad))?;
+        let mut chart =
+            chart_builder(panel, title, 60, with_text).build_cartesian_2d(0f64..epochs, (low - pad)..(high + pad))?;
         if with_text {
             chart.configure_mesh().x_desc("epoch").y_desc(title).draw()?;
         }
@@ -350,17 +344,11 @@ pub fn plot_curves(curves: &[&Curve], metric: &str, out: &Path) -> Result<()> {
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
             let drawn = chart.draw_series(LineSeries::new(points, c.stroke_width(2)))?;
             if with_text && curve.run == 0 {
-                drawn
-                    .label(curve.init.name())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                drawn.label(curve.init.name()).legend(legend_mark(c.to_rgba()));
             }
         }
         if with_text {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         }
     }
     root.present()

@@ -55,7 +55,11 @@ impl MetricsLog {
     }
 
     pub fn write(&mut self, record: &Map<String, Value>) -> Result<()> {
-        writeln!(self.file, "{}", Value::Object(record.clone()))
+        // One write call a line: `writeln!` on a file writes each formatted piece apart, so
+        // a run killed mid-record left half a line (a resume drops such a line anyway).
+        let line = format!("{}\n", Value::Object(record.clone()));
+        self.file
+            .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
             .with_context(|| format!("cannot write `{}`", self.path.display()))
     }

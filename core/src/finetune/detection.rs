@@ -15,7 +15,7 @@
 //! resized image, scales the detections back to the image's own size and scores them
 //! against the file's boxes there, crowd regions included as COCO treats them.
 
-use super::data::{decode_all, Split};
+use super::data::{decode_all, resize_slices, Split};
 use crate::dataset::Dataset;
 use crate::detection::ap::{Detection, GroundTruth};
 use crate::detection::coco::DetectionSet as CocoSet;
@@ -185,19 +185,18 @@ pub struct Objects {
     pub labels: Vec<i64>,
 }
 
-/// Images `[N, 1, S, S]` of `images`, bilinear, and their boxes scaled with them.
-pub fn resized(images: &[&DetectionImage], size: i64) -> (Tensor, Vec<Objects>) {
+/// Images `[N, 1, S, S]` of `images`, bilinear.
+pub fn resize_images(images: &[&DetectionImage], size: i64) -> Tensor {
     let pixels: Vec<Tensor> = images
         .iter()
-        .map(|image| {
-            let (h, w) = image.pixels.size2().expect("images are [H, W]");
-            image
-                .pixels
-                .view([1, 1, h, w])
-                .upsample_bilinear2d([size, size], false, None, None)
-        })
+        .map(|image| resize_slices(&image.pixels.unsqueeze(0), size))
         .collect();
-    let targets = images
+    Tensor::cat(&pixels, 0)
+}
+
+/// The objects of `images` with their boxes scaled as [`resize_images`] scales the images.
+pub fn scaled_objects(images: &[&DetectionImage], size: i64) -> Vec<Objects> {
+    images
         .iter()
         .map(|image| {
             let (h, w) = image.pixels.size2().expect("images are [H, W]");
@@ -211,8 +210,7 @@ pub fn resized(images: &[&DetectionImage], size: i64) -> (Tensor, Vec<Objects>) 
                 labels: image.labels.clone(),
             }
         })
-        .collect();
-    (Tensor::cat(&pixels, 0), targets)
+        .collect()
 }
 
 fn scale(b: [f64; 4], sx: f64, sy: f64) -> [f64; 4] {
@@ -298,7 +296,8 @@ mod tests {
     #[test]
     fn boxes_scale_with_their_image_and_back() {
         let original = image(20, 40, vec![[4.0, 2.0, 20.0, 10.0]]);
-        let (pixels, targets) = resized(&[&original], 10);
+        let pixels = resize_images(&[&original], 10);
+        let targets = scaled_objects(&[&original], 10);
         assert_eq!(pixels.size(), [1, 1, 10, 10]);
         assert_eq!(targets[0].boxes, vec![[1.0, 1.0, 5.0, 5.0]]);
         let set = DetectionSet {

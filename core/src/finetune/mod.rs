@@ -618,8 +618,10 @@ impl Protocol {
                     "the training subset's {} images hold no object; raise --label-fraction",
                     images.len()
                 );
-                let (images, targets) = detection::resized(&images, *size);
-                TrainingData::Images { images, targets }
+                TrainingData::Images {
+                    images: detection::resize_images(&images, *size),
+                    targets: detection::scaled_objects(&images, *size),
+                }
             }
         })
     }
@@ -821,7 +823,7 @@ impl Protocol {
                 let mut found = Vec::new();
                 for chunk in eval.images.chunks(batch as usize) {
                     let images: Vec<_> = chunk.iter().collect();
-                    let (x, _) = detection::resized(&images, *size);
+                    let x = detection::resize_images(&images, *size);
                     let Prediction::Detections(detections) = network.predict(&x.to_device(self.device), None)? else {
                         bail!(
                             "head `{}` serves detection but predicted logits",

@@ -246,11 +246,6 @@ impl Head for FasterRcnn {
 
 fn build(section: &Section, p: nn::Path, shape: &HeadShape) -> Result<Box<dyn Head>> {
     let cfg: FasterRcnnConfig = section.parse()?;
-    ensure!(
-        shape.num_classes >= 2,
-        "head `faster-rcnn` needs at least 2 classes (the background and one object category), found {}",
-        shape.num_classes
-    );
     Ok(Box::new(FasterRcnn::new(&cfg, p, &shape.levels, shape.num_classes)?))
 }
 

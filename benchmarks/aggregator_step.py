@@ -213,6 +213,7 @@ class SliceTransformer(nn.Module):
         super().__init__()
         self.width = cfg["width"]
         self.input = nn.Linear(input_dim, self.width)
+        self.input_norm = nn.LayerNorm(self.width)
         layer = DeformableAttention if attention == "deformable" else FullAttention
         self.layers = nn.ModuleList(Block(cfg, layer(cfg, slices)) for _ in range(cfg["layers"]))
         self.norm = nn.LayerNorm(self.width)
@@ -221,7 +222,7 @@ class SliceTransformer(nn.Module):
         n = slices.shape[1]
         if valid is not None:
             slices = slices.masked_fill(~valid.unsqueeze(-1), 0.0)
-        x = self.input(slices) + sinusoidal_positions(n, self.width)
+        x = self.input_norm(self.input(slices)) + sinusoidal_positions(n, self.width)
         for block in self.layers:
             x = block(x, valid)
         x = self.norm(x)

@@ -195,3 +195,52 @@ fn the_backbone_is_the_models_encoder_and_aggregator() {
         .count();
     assert_eq!(backbone_parts, names.len());
 }
+
+/// `--mean-pool` scores a joint run's encoder alone: the checkpoint's aggregator (here an
+/// attention pool with weights) is set aside and each volume is the mean of its slices'
+/// pooled embeddings, for the pre-trained and the random-init encoder alike.
+#[test]
+fn mean_pool_sets_the_runs_aggregator_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = config().replace(
+        "[aggregator]\nname = \"mean-pool\"",
+        "[aggregator]\nname = \"attention-pool\"\nlevels = [\"layer4\"]\noutput_dim = 8\nattention_dim = 4",
+    );
+    assert!(cfg.contains("attention-pool"), "TINY's aggregator section moved");
+    let out = medssl()
+        .arg("run")
+        .arg(write(tmp.path(), "c.toml", &cfg))
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let volumes = archive(tmp.path(), "volumes.npz", 5, true);
+    let report = |extra: &[&str]| -> Value {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"knn", &run, &"--train", &volumes, &"--eval", &volumes, &"--k", &"3", &"--json",
+        ];
+        for e in extra {
+            args.push(e);
+        }
+        let out = eval(&args);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        serde_json::from_str(&common::stdout(&out)).unwrap()
+    };
+    let aggregated = report(&[]);
+    assert!(aggregated["setup"]["embedding"]
+        .as_str()
+        .unwrap()
+        .contains("attention-pool"));
+    assert_eq!(aggregated["setup"]["feature_dim"], 8);
+    let pooled = report(&["--mean-pool"]);
+    let embedding = pooled["setup"]["embedding"].as_str().unwrap();
+    assert!(embedding.contains("no aggregator"), "{embedding}");
+    // ResNet-18 at base width 4: a 32-wide pooled embedding.
+    assert_eq!(pooled["setup"]["feature_dim"], 32);
+    for row in ["pretrained", "random_init"] {
+        unit(&pooled[row]["acc"], "acc");
+        unit(&pooled[row]["auc"], "auc");
+    }
+}

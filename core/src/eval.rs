@@ -65,6 +65,10 @@ pub struct EvalOptions {
     pub seeds: usize,
     pub seed: u64,
     pub raw_pixels: bool,
+    /// Ignore the run's aggregator: a volume's feature is the mean of its slices' pooled
+    /// encoder embeddings (the "2D encoder + mean pooling" baseline of a joint run's
+    /// encoder, e.g. its checkpoint at the end of stage 1).
+    pub mean_pool: bool,
     /// Samples encoded at once.
     pub batch_size: usize,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
@@ -595,8 +599,11 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report> {
     ensure!(options.batch_size >= 1, "--batch-size must be at least 1");
     options.probe.check()?;
     let located = locate(&options.checkpoint, options.config.as_deref())?;
-    let cfg = LoadedConfig::load_resolved(&located.config)
+    let mut cfg = LoadedConfig::load_resolved(&located.config)
         .with_context(|| format!("the run's config `{}`", located.config.display()))?;
+    if options.mean_pool {
+        cfg.run.aggregator = None;
+    }
     let views = cfg.run.data.views.resolved()?;
     let device = crate::device::resolve(&options.device).context("--device")?;
     if cfg.run.run.threads > 0 {
@@ -611,7 +618,10 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report> {
     tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
     let random = Backbone::build(&cfg, device).context("building the run's backbone from its config")?;
     let pretrained = Backbone::build(&cfg, device)?;
-    let tensors = checkpoint::read_safetensors(&located.tensors)?;
+    let mut tensors = checkpoint::read_safetensors(&located.tensors)?;
+    if options.mean_pool {
+        tensors.retain(|(name, _)| !name.starts_with("model.aggregator."));
+    }
     load_backbone(&pretrained, &tensors, &located.tensors)?;
     drop(tensors);
 

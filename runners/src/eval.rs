@@ -78,6 +78,10 @@ pub struct Common {
     /// Add a row for the probe on the flattened, resized input intensities.
     #[arg(long)]
     raw_pixels: bool,
+    /// Volumes: ignore the run's aggregator and average the slices' pooled encoder
+    /// embeddings (the 2D encoder + mean pooling baseline).
+    #[arg(long)]
+    mean_pool: bool,
     /// Samples encoded at once.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -122,6 +126,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         seeds: common.seeds,
         seed: common.seed,
         raw_pixels: common.raw_pixels,
+        mean_pool: common.mean_pool,
         batch_size: common.batch_size,
         device: common.device,
         probe,

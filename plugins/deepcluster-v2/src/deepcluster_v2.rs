@@ -533,6 +533,16 @@ impl Objective for DeepClusterV2Objective {
                     "assigned".to_string(),
                     targets.ge(0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]),
                 ));
+                // Distinct clusters among the batch's targets: k-means re-seeds empty
+                // clusters, so the bank always uses them all; a batch drawn from a few
+                // giant clusters is what collapse looks like here.
+                let used = targets
+                    .masked_select(&targets.ge(0))
+                    .bincount::<Tensor>(None, prototypes.size()[0])
+                    .gt(0)
+                    .sum(Kind::Int64)
+                    .int64_value(&[]);
+                terms.push(("prototypes_used".to_string(), used as f64));
             }
             let loss = cluster_loss(&z, prototypes, &targets, self.cfg.temperature);
             terms.push((format!("head{h}"), loss.double_value(&[])));
@@ -687,6 +697,14 @@ mod tests {
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
         assert_eq!(loss.terms[0].0, "assigned");
         assert!((loss.terms[0].1 - 0.8).abs() < 1e-6, "{:?}", loss.terms);
+        let mut used: Vec<i64> = [4i64, 0, 2, 1, 3]
+            .iter()
+            .map(|&id| objective.assignments(0).int64_value(&[id]))
+            .filter(|&t| t >= 0)
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        assert_eq!(loss.terms[1], ("prototypes_used".to_string(), used.len() as f64));
     }
 
     #[test]

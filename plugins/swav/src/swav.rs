@@ -361,9 +361,18 @@ impl Objective for SwavObjective {
                 .sum::<f64>()
                 / codes.len() as f64
         });
+        // Prototypes that are some global view's most likely code: collapse shows as this
+        // falling towards 1 while the entropy above can stay high.
+        let used = tch::no_grad(|| {
+            let best = Tensor::cat(&codes.iter().map(|q| q.argmax(1, false)).collect::<Vec<_>>(), 0);
+            best.bincount::<Tensor>(None, self.cfg.prototypes)
+                .gt(0)
+                .sum(Kind::Int64)
+                .int64_value(&[]) as f64
+        });
         Ok(Loss {
             total,
-            terms: vec![("entropy".to_string(), entropy)],
+            terms: vec![("entropy".to_string(), entropy), ("prototypes_used".to_string(), used)],
         })
     }
 
@@ -722,6 +731,13 @@ mod tests {
         assert!((loss.total.double_value(&[]) - want).abs() < 1e-5);
         let entropy = loss.terms[0].1;
         assert!(entropy > 0.0 && entropy <= (cfg.prototypes as f64).ln() + 1e-6);
+        let mut best: Vec<i64> = q
+            .iter()
+            .flat_map(|q| Vec::<i64>::try_from(q.argmax(1, false)).unwrap())
+            .collect();
+        best.sort_unstable();
+        best.dedup();
+        assert_eq!(loss.terms[1], ("prototypes_used".to_string(), best.len() as f64));
     }
 
     #[test]

@@ -213,16 +213,26 @@ class SliceTransformer(nn.Module):
         super().__init__()
         self.width = cfg["width"]
         self.input = nn.Linear(input_dim, self.width)
-        self.input_norm = nn.LayerNorm(self.width)
+        self.input_norm = nn.BatchNorm1d(self.width)
         layer = DeformableAttention if attention == "deformable" else FullAttention
         self.layers = nn.ModuleList(Block(cfg, layer(cfg, slices)) for _ in range(cfg["layers"]))
         self.norm = nn.LayerNorm(self.width)
+
+    def normalised_content(self, projected, valid):
+        # Batch norm over the valid slices of the batch; padding rows zero.
+        b, n, width = projected.shape
+        flat = projected.reshape(b * n, width)
+        if valid is None:
+            return self.input_norm(flat).view(b, n, width)
+        rows = valid.flatten().nonzero().squeeze(1)
+        out = flat.new_zeros(flat.shape)
+        return out.index_copy(0, rows, self.input_norm(flat.index_select(0, rows))).view(b, n, width)
 
     def forward(self, slices, valid):
         n = slices.shape[1]
         if valid is not None:
             slices = slices.masked_fill(~valid.unsqueeze(-1), 0.0)
-        x = self.input_norm(self.input(slices)) + sinusoidal_positions(n, self.width)
+        x = self.normalised_content(self.input(slices), valid) + sinusoidal_positions(n, self.width)
         for block in self.layers:
             x = block(x, valid)
         x = self.norm(x)

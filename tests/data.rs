@@ -159,3 +159,43 @@ fn inspect_reports_a_nifti_volume_and_rejects_what_it_cannot_read() {
     assert_eq!(json["spacing"], serde_json::json!([1.0, 1.0, 1.0]));
     assert!(json["max"].as_f64().unwrap() > json["min"].as_f64().unwrap());
 }
+
+/// A folder whose files differ in dtype reports every dtype, not the first file's.
+#[test]
+fn inspect_reports_every_dtype_of_a_folder() {
+    use npyz::WriterBuilder;
+    let tmp = tempfile::tempdir().unwrap();
+    let write =
+        |name: &str, build: &dyn Fn(std::fs::File)| build(std::fs::File::create(tmp.path().join(name)).unwrap());
+    write("a.npy", &|file| {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&[4, 4, 3])
+            .writer(file)
+            .begin_nd()
+            .unwrap();
+        w.extend((0..48u8).map(|v| v * 2)).unwrap();
+        w.finish().unwrap();
+    });
+    write("b.npy", &|file| {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&[4, 4, 2])
+            .writer(file)
+            .begin_nd()
+            .unwrap();
+        w.extend((0..32).map(|v| v as f32 * 0.5)).unwrap();
+        w.finish().unwrap();
+    });
+    let out = common::medssl()
+        .arg("data")
+        .arg("inspect")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["format"], "npy");
+    assert_eq!(json["inspected"], 2);
+    assert_eq!(json["dtype"], "float32, uint8");
+}

@@ -24,7 +24,10 @@ pub struct Inspection {
     pub inspected: usize,
     /// Distinct shapes `[D, H, W]` among the inspected samples.
     pub shapes: Vec<Vec<i64>>,
+    /// The stored dtypes of the inspected samples, distinct ones joined by `, ` (a folder
+    /// may mix 8- and 16-bit files).
     pub dtype: Option<String>,
+    /// The first inspected sample's voxel spacing, where the format stores one.
     pub spacing: Option<[f64; 3]>,
     pub min: f64,
     pub max: f64,
@@ -108,7 +111,7 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
     let inspected = samples.min(limit.max(1));
     let (mut min, mut max, mut sum, mut count) = (f64::INFINITY, f64::NEG_INFINITY, 0.0, 0usize);
     let (mut shapes, mut labels) = (BTreeSet::new(), BTreeSet::new());
-    let (mut dtype, mut spacing) = (None, None);
+    let (mut dtypes, mut spacing) = (BTreeSet::new(), None);
     for i in 0..inspected {
         let volume = dataset
             .load(i)
@@ -124,7 +127,7 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
             let values = mask.to_kind(Kind::Int64).flatten(0, -1).internal_unique(true, false).0;
             labels.extend(Vec::<i64>::try_from(values).unwrap_or_default());
         }
-        dtype = dtype.or(volume.dtype);
+        dtypes.extend(volume.dtype);
         spacing = spacing.or(volume.spacing);
     }
     Ok(Inspection {
@@ -133,7 +136,7 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
         samples,
         inspected,
         shapes: shapes.into_iter().collect(),
-        dtype,
+        dtype: (!dtypes.is_empty()).then(|| dtypes.into_iter().collect::<Vec<_>>().join(", ")),
         spacing,
         min,
         max,

@@ -211,9 +211,71 @@ pub fn first_and_last_mean(records: &[Map<String, Value>], key: &str, window: us
     Some((mean(&values[..w]), mean(&values[values.len() - w..])))
 }
 
+/// One stage's health over time: a Markdown table with a row per epoch and the mean over
+/// that epoch's records of the loss, every loss term (`loss/...`) and every health indicator
+/// (`health/...`), columns sorted by name. Empty where no record has an epoch.
+pub fn epoch_table(records: &[Map<String, Value>]) -> String {
+    let columns: std::collections::BTreeSet<&str> = records
+        .iter()
+        .flat_map(|r| r.iter())
+        .filter(|(k, v)| (k.as_str() == "loss" || k.starts_with("loss/") || k.starts_with("health/")) && v.is_f64())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let mut epochs: std::collections::BTreeMap<u64, Vec<&Map<String, Value>>> = Default::default();
+    for r in records {
+        if let Some(epoch) = r.get("epoch").and_then(Value::as_u64) {
+            epochs.entry(epoch).or_default().push(r);
+        }
+    }
+    if epochs.is_empty() || columns.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "| epoch | records | {} |\n|---|---|{}\n",
+        columns.iter().copied().collect::<Vec<_>>().join(" | "),
+        "---|".repeat(columns.len())
+    );
+    for (epoch, rows) in &epochs {
+        let cells = columns.iter().map(|c| {
+            let values: Vec<f64> = rows.iter().filter_map(|r| r.get(*c).and_then(Value::as_f64)).collect();
+            if values.is_empty() {
+                "".to_string()
+            } else {
+                format!("{:.4}", values.iter().sum::<f64>() / values.len() as f64)
+            }
+        });
+        out.push_str(&format!(
+            "| {epoch} | {} | {} |\n",
+            rows.len(),
+            cells.collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_epoch_table_averages_each_column_over_its_epoch() {
+        let records: Vec<Map<String, Value>> = [
+            serde_json::json!({"epoch": 0, "step": 1, "loss": 4.0, "loss/swav/entropy": 4.1, "lr": 0.1}),
+            serde_json::json!({"epoch": 0, "step": 2, "loss": 2.0, "health/slice_embedding_std": 0.05}),
+            serde_json::json!({"epoch": 1, "step": 3, "loss": 1.0, "loss/swav/entropy": 3.0}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().unwrap().clone())
+        .collect();
+        assert_eq!(
+            epoch_table(&records),
+            "| epoch | records | health/slice_embedding_std | loss | loss/swav/entropy |\n\
+             |---|---|---|---|---|\n\
+             | 0 | 2 | 0.0500 | 3.0000 | 4.1000 |\n\
+             | 1 | 1 |  | 1.0000 | 3.0000 |\n"
+        );
+        assert_eq!(epoch_table(&[]), "");
+    }
 
     #[test]
     fn resuming_keeps_earlier_lines_byte_for_byte_and_drops_later_ones() {

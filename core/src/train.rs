@@ -867,6 +867,21 @@ impl Run {
         report.push_str(&format!(
             "\nFirst and last loss are means over the first and last tenth of the logged steps. Loss curve: `{PLOT_FILE}`; every step: `{METRICS_FILE}`; config: `{CONFIG_FILE}`; weights: `{CHECKPOINT_DIR}/`.\n"
         ));
+        // Collapse and stalled clustering show over epochs, not in the first and last loss.
+        report.push_str(
+            "\n## Health by epoch\n\nMeans over each epoch's logged steps: the loss, its terms (`loss/<objective>/...`: e.g. a clustering objective's code entropy, at most log K, and prototypes used by the batch) and the embeddings' per-dimension std (`health/...`, about 1/sqrt(d) when spread evenly over the sphere, 0 when collapsed).\n",
+        );
+        for (i, stage) in self.cfg.run.stages.iter().enumerate() {
+            let stage_records: Vec<_> = records
+                .iter()
+                .filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64))
+                .cloned()
+                .collect();
+            let table = metrics::epoch_table(&stage_records);
+            if !table.is_empty() {
+                report.push_str(&format!("\n### Stage `{}`\n\n{table}", stage.name));
+            }
+        }
         checkpoint::write_atomic(&run_dir.join(REPORT_FILE), report.as_bytes())?;
         Ok(Summary {
             run_dir: run_dir.to_path_buf(),

@@ -222,7 +222,8 @@ mod tests {
         let agg = FullAttentionAggregator::build(&vs.root(), &tiny(2), &shape).unwrap();
         let out = agg.forward(&randn(&[2, 6, 5]), None, true);
         (out.volume * randn(&[2, 8])).sum(Kind::Float).backward();
-        for (name, var) in vs.variables() {
+        // The batch norm's running statistics are buffers, not parameters.
+        for (name, var) in vs.variables().into_iter().filter(|(_, v)| v.requires_grad()) {
             let grad = var.grad();
             assert!(grad.defined() && grad.abs().max().double_value(&[]) > 0.0, "{name}");
         }
@@ -232,10 +233,9 @@ mod tests {
     fn volumes_with_unrelated_slices_get_distinct_embeddings_at_initialisation() {
         // Multi-level features as Eq. 9 makes them (five L2-normalised levels of non-negative,
         // ReLU-like activations, ResNet-18's widths at base 16): alike within a volume,
-        // unrelated between volumes.
-        // Their content, not the positions shared by every volume, must decide the volume
-        // embedding; with the sinusoids 35 times the projected features' scale the first
-        // joint demo's embeddings were nearly identical (std 0.003).
+        // unrelated between volumes. Their content, not the positions every volume shares nor
+        // the direction all such features share, must decide the volume embedding (see
+        // `SliceTransformer::normalised_content`).
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = FullAttentionConfig {
@@ -258,14 +258,14 @@ mod tests {
                 &x / x.norm_scalaropt_dim(2, [-1], true)
             })
             .collect();
-        let volume = agg.forward(&Tensor::cat(&levels, -1), None, false).volume;
+        let volume = agg.forward(&Tensor::cat(&levels, -1), None, true).volume;
         let volume = &volume / volume.norm_scalaropt_dim(2, [-1], true);
         let spread = volume.std_dim(0, true, false).mean(Kind::Float).double_value(&[]);
         let isotropic = 1.0 / 128f64.sqrt();
-        // Measured: 0.039 with the projected features at unit scale, 0.020 without (the
-        // isotropic value is 0.088).
+        // Measured on these inputs: 0.073 with the batch norm, 0.039 with a per-slice
+        // LayerNorm in its place, 0.020 with neither.
         assert!(
-            spread > 0.3 * isotropic,
+            spread > 0.6 * isotropic,
             "volume embedding std {spread}, isotropic {isotropic}"
         );
     }
@@ -306,7 +306,7 @@ mod tests {
         #[test]
         fn padding_never_changes_the_volume_embedding(
             b in 1i64..4, n in 1i64..9, seed in 0i64..1000, pyramid in any::<bool>(),
-            mask in proptest::collection::vec(any::<bool>(), 32),
+            mask in proptest::collection::vec(any::<bool>(), 32), train in any::<bool>(),
         ) {
             tch::manual_seed(seed);
             let vs = nn::VarStore::new(Device::Cpu);
@@ -315,8 +315,9 @@ mod tests {
             let valid = Tensor::from_slice(&mask[..(b * n) as usize]).view([b, n]);
             let x = randn(&[b, n, 5]);
             let noisy = x.where_self(&valid.unsqueeze(-1), &(randn(&[b, n, 5]) * 100.0));
-            let before = agg.forward(&x, Some(&valid), false);
-            let after = agg.forward(&noisy, Some(&valid), false);
+            // In training the input batch norm's statistics come from the valid slices only.
+            let before = agg.forward(&x, Some(&valid), train);
+            let after = agg.forward(&noisy, Some(&valid), train);
             prop_assert_eq!((before.volume - after.volume).abs().max().double_value(&[]), 0.0);
             let kept = valid.unsqueeze(-1);
             let diff = (&before.slices - &after.slices).abs().masked_select(&kept.expand([b, n, 8], false));

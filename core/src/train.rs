@@ -844,17 +844,20 @@ impl Run {
         report.push_str(
             "| stage | epochs | steps an epoch (batch) | objectives (weight) | first loss | last loss |\n|---|---|---|---|---|---|\n",
         );
-        for (i, stage) in self.cfg.run.stages.iter().enumerate() {
-            let stage_records: Vec<_> = records
-                .iter()
-                .filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64))
-                .cloned()
-                .collect();
+        let stage_records: Vec<Vec<_>> = (0..self.cfg.run.stages.len())
+            .map(|i| {
+                records
+                    .iter()
+                    .filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        for ((stage, stage_records), data) in self.cfg.run.stages.iter().zip(&stage_records).zip(&self.stage_data) {
             let w = (stage_records.len() / 10).max(1);
-            let (a, b) = metrics::first_and_last_mean(&stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
+            let (a, b) = metrics::first_and_last_mean(stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
             stages.push((stage.name.clone(), a, b));
             let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
-            let data = &self.stage_data[i];
             report.push_str(&format!(
                 "| {} | {} | {} ({}) | {} | {a:.4} | {b:.4} |\n",
                 stage.name,
@@ -871,13 +874,8 @@ impl Run {
         report.push_str(
             "\n## Health by epoch\n\nMeans over each epoch's logged steps: the loss, its terms (`loss/<objective>/...`: e.g. a clustering objective's code entropy, at most log K, and prototypes used by the batch) and the embeddings' per-dimension std (`health/...`, about 1/sqrt(d) when spread evenly over the sphere, 0 when collapsed).\n",
         );
-        for (i, stage) in self.cfg.run.stages.iter().enumerate() {
-            let stage_records: Vec<_> = records
-                .iter()
-                .filter(|r| r.get("stage_index").and_then(Value::as_u64) == Some(i as u64))
-                .cloned()
-                .collect();
-            let table = metrics::epoch_table(&stage_records);
+        for (stage, stage_records) in self.cfg.run.stages.iter().zip(&stage_records) {
+            let table = metrics::epoch_table(stage_records);
             if !table.is_empty() {
                 report.push_str(&format!("\n### Stage `{}`\n\n{table}", stage.name));
             }

@@ -105,6 +105,9 @@ fn the_stage_that_trains_the_aggregator_leaves_the_encoder_bit_identical() {
     let dir = tmp.path().join("run");
     train::create_run_dir(&dir, false).unwrap();
     run.train(&dir, false).unwrap();
+    // The skipped stage shows no loss in the report, not NaN.
+    let report = std::fs::read_to_string(dir.join(train::REPORT_FILE)).unwrap();
+    assert!(!report.contains("NaN") && report.contains("| — | — |"), "{report}");
     let (after, _) = checkpoint::load(&dir).unwrap();
     let after: Vec<(String, tch::Tensor)> = after
         .into_iter()

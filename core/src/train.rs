@@ -858,13 +858,23 @@ impl Run {
             let (a, b) = metrics::first_and_last_mean(stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
             stages.push((stage.name.clone(), a, b));
             let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
+            // A skipped stage (`epochs = 0`) logged no loss.
+            let loss = |v: f64| {
+                if v.is_nan() {
+                    "—".to_string()
+                } else {
+                    format!("{v:.4}")
+                }
+            };
             report.push_str(&format!(
-                "| {} | {} | {} ({}) | {} | {a:.4} | {b:.4} |\n",
+                "| {} | {} | {} ({}) | {} | {} | {} |\n",
                 stage.name,
                 stage.epochs,
                 data.steps_per_epoch(),
                 data.batch_size(),
-                objectives.join(", ")
+                objectives.join(", "),
+                loss(a),
+                loss(b)
             ));
         }
         report.push_str(&format!(

@@ -562,7 +562,14 @@ fn report(summary: train::Summary) {
     let loss: String = summary
         .stages
         .iter()
-        .map(|(name, a, b)| format!("; {name} loss {a:.4} -> {b:.4}"))
+        .map(|(name, a, b)| {
+            // A stage without logged steps (`epochs = 0`, as ablations skip one) has no loss.
+            if a.is_nan() && b.is_nan() {
+                format!("; {name} skipped")
+            } else {
+                format!("; {name} loss {a:.4} -> {b:.4}")
+            }
+        })
         .collect();
     println!(
         "finished {} steps in {:.1} s{loss}; report: {}",

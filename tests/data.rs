@@ -160,33 +160,26 @@ fn inspect_reports_a_nifti_volume_and_rejects_what_it_cannot_read() {
     assert!(json["max"].as_f64().unwrap() > json["min"].as_f64().unwrap());
 }
 
+/// Writes `data` as a C-order `.npy` array of `shape`.
+fn write_npy<T: npyz::AutoSerialize>(path: &std::path::Path, shape: &[u64], data: impl IntoIterator<Item = T>) {
+    use npyz::WriterBuilder;
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(file)
+        .begin_nd()
+        .unwrap();
+    w.extend(data).unwrap();
+    w.finish().unwrap();
+}
+
 /// A folder whose files differ in dtype reports every dtype, not the first file's.
 #[test]
 fn inspect_reports_every_dtype_of_a_folder() {
-    use npyz::WriterBuilder;
     let tmp = tempfile::tempdir().unwrap();
-    let write =
-        |name: &str, build: &dyn Fn(std::fs::File)| build(std::fs::File::create(tmp.path().join(name)).unwrap());
-    write("a.npy", &|file| {
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&[4, 4, 3])
-            .writer(file)
-            .begin_nd()
-            .unwrap();
-        w.extend((0..48u8).map(|v| v * 2)).unwrap();
-        w.finish().unwrap();
-    });
-    write("b.npy", &|file| {
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&[4, 4, 2])
-            .writer(file)
-            .begin_nd()
-            .unwrap();
-        w.extend((0..32).map(|v| v as f32 * 0.5)).unwrap();
-        w.finish().unwrap();
-    });
+    write_npy(&tmp.path().join("a.npy"), &[4, 4, 3], (0..48u8).map(|v| v * 2));
+    write_npy(&tmp.path().join("b.npy"), &[4, 4, 2], (0..32).map(|v| v as f32 * 0.5));
     let out = common::medssl()
         .arg("data")
         .arg("inspect")

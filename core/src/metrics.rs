@@ -239,7 +239,7 @@ pub fn epoch_table(records: &[Map<String, Value>]) -> String {
         let cells = columns.iter().map(|c| {
             let values: Vec<f64> = rows.iter().filter_map(|r| r.get(*c).and_then(Value::as_f64)).collect();
             if values.is_empty() {
-                "".to_string()
+                String::new()
             } else {
                 format!("{:.4}", values.iter().sum::<f64>() / values.len() as f64)
             }

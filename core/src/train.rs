@@ -147,8 +147,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub struct Summary {
     pub run_dir: PathBuf,
     pub steps: usize,
-    /// Each stage's name with the mean loss over its first and last tenth of logged steps.
-    pub stages: Vec<(String, f64, f64)>,
+    /// Each stage's name with the mean loss over its first and last tenth of logged steps;
+    /// `None` for a stage that logged none (`epochs = 0`).
+    pub stages: Vec<(String, Option<(f64, f64)>)>,
     pub seconds: f64,
 }
 
@@ -855,16 +856,12 @@ impl Run {
             .collect();
         for ((stage, stage_records), data) in self.cfg.run.stages.iter().zip(&stage_records).zip(&self.stage_data) {
             let w = (stage_records.len() / 10).max(1);
-            let (a, b) = metrics::first_and_last_mean(stage_records, "loss", w).unwrap_or((f64::NAN, f64::NAN));
-            stages.push((stage.name.clone(), a, b));
+            let loss = metrics::first_and_last_mean(stage_records, "loss", w);
+            stages.push((stage.name.clone(), loss));
             let objectives: Vec<String> = stage.objectives.iter().map(|(k, w)| format!("{k} ({w})")).collect();
-            // A skipped stage (`epochs = 0`) logged no loss.
-            let loss = |v: f64| {
-                if v.is_nan() {
-                    "—".to_string()
-                } else {
-                    format!("{v:.4}")
-                }
+            let (first, last) = match loss {
+                Some((a, b)) => (format!("{a:.4}"), format!("{b:.4}")),
+                None => ("—".to_string(), "—".to_string()),
             };
             report.push_str(&format!(
                 "| {} | {} | {} ({}) | {} | {} | {} |\n",
@@ -873,8 +870,8 @@ impl Run {
                 data.steps_per_epoch(),
                 data.batch_size(),
                 objectives.join(", "),
-                loss(a),
-                loss(b)
+                first,
+                last
             ));
         }
         report.push_str(&format!(

@@ -562,13 +562,9 @@ fn report(summary: train::Summary) {
     let loss: String = summary
         .stages
         .iter()
-        .map(|(name, a, b)| {
-            // A stage without logged steps (`epochs = 0`, as ablations skip one) has no loss.
-            if a.is_nan() && b.is_nan() {
-                format!("; {name} skipped")
-            } else {
-                format!("; {name} loss {a:.4} -> {b:.4}")
-            }
+        .map(|(name, loss)| match loss {
+            Some((a, b)) => format!("; {name} loss {a:.4} -> {b:.4}"),
+            None => format!("; {name} skipped"),
         })
         .collect();
     println!(

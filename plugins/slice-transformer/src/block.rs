@@ -8,8 +8,8 @@
 //!
 //! Padding (`valid = false`) slices: their features are zeroed before the input projection,
 //! so everything after depends on where padding is, never on what it holds; the input batch
-//! norm's statistics, the attentions' keys, pyramid pooling and the volume mean skip them. Hence the volume embedding
-//! is exactly independent of padding contents.
+//! norm's statistics, the attentions' keys, pyramid pooling and the volume mean skip them.
+//! Hence the volume embedding is exactly independent of padding contents.
 //!
 //! Pre-norm rather than the post-norm of Vaswani et al.: it trains without warm-up tricks and
 //! is what DAT (Xia et al., CVPR 2022) uses; the final LayerNorm plays post-norm's part for

@@ -21,20 +21,6 @@ fn config() -> String {
     TINY.replace("epochs = 2", "epochs = 1")
 }
 
-/// Trains `config` into `dir/run` and returns that run directory.
-fn pretrain(dir: &std::path::Path, config: &str) -> std::path::PathBuf {
-    let run = dir.join("run");
-    let out = medssl()
-        .arg("run")
-        .arg(write(dir, "c.toml", config))
-        .arg("--run-dir")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    run
-}
-
 fn eval(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
     let mut cmd = medssl();
     cmd.arg("eval");
@@ -47,7 +33,7 @@ fn eval(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
 #[test]
 fn eval_reports_pretrained_random_init_and_raw_pixels_for_images_and_volumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = pretrain(tmp.path(), &config());
+    let run = common::pretrain(tmp.path(), "run", &config());
     let images = archive(tmp.path(), "images.npz", 0, true);
     let volumes = archive(tmp.path(), "volumes.npz", 5, true);
 
@@ -213,7 +199,7 @@ fn mean_pool_sets_the_runs_aggregator_aside() {
         "[aggregator]\nname = \"attention-pool\"\nlevels = [\"layer4\"]\noutput_dim = 8\nattention_dim = 4",
     );
     assert!(cfg.contains("attention-pool"), "TINY's aggregator section moved");
-    let run = pretrain(tmp.path(), &cfg);
+    let run = common::pretrain(tmp.path(), "run", &cfg);
     let volumes = archive(tmp.path(), "volumes.npz", 5, true);
     let report = |extra: &[&str]| -> Value {
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![

@@ -12,16 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// TINY trained for one epoch a stage.
 fn pretrain(dir: &Path) -> PathBuf {
-    let run = dir.join("pretrain");
-    let out = medssl()
-        .arg("run")
-        .arg(write(dir, "pretrain.toml", &TINY.replace("epochs = 2", "epochs = 1")))
-        .arg("--run-dir")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    run
+    common::pretrain(dir, "pretrain", &TINY.replace("epochs = 2", "epochs = 1"))
 }
 
 fn segmentation_config(task: &Path, train: &[usize], eval: &[usize], classes: i64) -> String {

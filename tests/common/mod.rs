@@ -89,6 +89,21 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// `medssl run` of `config` (written as `dir/<name>.toml`) into `dir/<name>`, which it returns;
+/// the run must succeed.
+pub fn pretrain(dir: &Path, name: &str, config: &str) -> PathBuf {
+    let run = dir.join(name);
+    let out = medssl()
+        .arg("run")
+        .arg(write(dir, &format!("{name}.toml"), config))
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    run
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -8,8 +8,9 @@ torch, in a DataLoader with the same number of worker processes.
     .venv/bin/pip install nibabel
     .venv/bin/python benchmarks/loader_python.py --data ../shared/data/hippocampus --threads 2
 
-Prints one JSON line: volumes, seconds, volumes_per_s, peak_rss_mb (main process plus the
-largest worker, as ru_maxrss reports them).
+One untimed pass (--warmup), then three timed ones (--epochs), as `medssl bench loader`.
+Prints one JSON line: volumes (through the timed epochs), epochs, seconds, volumes_per_s,
+peak_rss_mb (main process plus the largest worker, as ru_maxrss reports them).
 """
 
 import argparse
@@ -73,17 +74,25 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    parser.add_argument("--epochs", type=int, default=3, help="timed passes")
     args = parser.parse_args()
     folder = args.data / "imagesTr" if (args.data / "imagesTr").is_dir() else args.data
     dataset = Volumes(folder, args.slices, args.size)
-    loader = DataLoader(dataset, batch_size=1, shuffle=True, num_workers=args.threads, prefetch_factor=2)
+    # Persistent workers: after the warm-up pass the timed epochs pay no process start-up,
+    # Python's steady state (medssl starts its worker threads every epoch, timed).
+    loader = DataLoader(
+        dataset, batch_size=1, shuffle=True, num_workers=args.threads, prefetch_factor=2, persistent_workers=True
+    )
+    for _ in range(args.warmup):
+        assert sum(batch.shape[0] for batch in loader) == len(dataset)
     started = time.perf_counter()
-    seen = sum(batch.shape[0] for batch in loader)
+    seen = sum(batch.shape[0] for _ in range(args.epochs) for batch in loader)
     seconds = time.perf_counter() - started
-    assert seen == len(dataset)
+    assert seen == len(dataset) * args.epochs
     main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"volumes": seen, "seconds": seconds, "volumes_per_s": seen / seconds, "peak_rss_mb": main_mb + worker_mb}))
+    print(json.dumps({"volumes": seen, "epochs": args.epochs, "seconds": seconds, "volumes_per_s": seen / seconds, "peak_rss_mb": main_mb + worker_mb}))
 
 
 if __name__ == "__main__":

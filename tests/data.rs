@@ -192,3 +192,41 @@ fn inspect_reports_every_dtype_of_a_folder() {
     assert_eq!(json["inspected"], 2);
     assert_eq!(json["dtype"], "float32, uint8");
 }
+
+#[test]
+fn bench_loader_passes_every_volume_once_an_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let task = common::decathlon::decathlon(tmp.path(), 3, 2);
+    let out = common::medssl()
+        .args(["bench", "loader", "--data"])
+        .arg(&task)
+        .args([
+            "--threads",
+            "2",
+            "--slices",
+            "4",
+            "--size",
+            "8",
+            "--warmup",
+            "1",
+            "--epochs",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["volumes"], 6, "{json}");
+    assert_eq!(json["epochs"], 2);
+    let rate = json["volumes_per_s"].as_f64().unwrap();
+    assert!(rate.is_finite() && rate > 0.0, "{json}");
+
+    let out = common::medssl()
+        .args(["bench", "loader", "--data"])
+        .arg(&task)
+        .args(["--epochs", "0"])
+        .output()
+        .unwrap();
+    common::assert_fails_with(&out, &["--epochs"]);
+}

@@ -14,7 +14,9 @@ use std::time::Instant;
 /// What `medssl bench loader` measures.
 #[derive(Debug, Serialize)]
 pub struct LoaderBench {
+    /// Volumes through the timed epochs (the dataset's size times `epochs`).
     pub volumes: usize,
+    pub epochs: usize,
     pub seconds: f64,
     pub volumes_per_s: f64,
     pub peak_rss_mb: Option<f64>,
@@ -24,7 +26,17 @@ pub struct LoaderBench {
 /// Decodes every NIfTI volume under `data` (a folder of volumes, or a Decathlon folder's
 /// `imagesTr`), z-scores it, and makes two 3D views of `slices x size x size`, on
 /// `threads` worker threads with the cache off: the data path of a volume-level stage.
-pub fn loader(data: &Path, threads: usize, slices: i64, size: i64) -> Result<LoaderBench> {
+/// `warmup` untimed epochs first (they fill the page cache), then `epochs` timed ones, each
+/// with its own views; every epoch starts its worker threads afresh, and that is timed.
+pub fn loader(
+    data: &Path,
+    threads: usize,
+    slices: i64,
+    size: i64,
+    warmup: usize,
+    epochs: usize,
+) -> Result<LoaderBench> {
+    anyhow::ensure!(epochs > 0, "bench loader: --epochs must be at least 1");
     let folder = if data.join("imagesTr").is_dir() {
         data.join("imagesTr")
     } else {
@@ -61,27 +73,31 @@ pub fn loader(data: &Path, threads: usize, slices: i64, size: i64) -> Result<Loa
         cache_mib: 0,
     };
     let pipeline = DataPipeline::new(sources, views, loader, 0)?;
-    let started = Instant::now();
-    let mut seen = 0;
-    for batch in pipeline.epoch(
-        0,
-        0,
-        Needs {
+    let pass = |epoch: usize| -> Result<f64> {
+        let started = Instant::now();
+        let mut seen = 0;
+        let needs = Needs {
             volume_views: true,
             ..Default::default()
-        },
-    ) {
-        seen += batch?.ids.size()[0] as usize;
+        };
+        for batch in pipeline.epoch(epoch, 0, needs) {
+            seen += batch?.ids.size()[0] as usize;
+        }
+        anyhow::ensure!(
+            seen == volumes,
+            "bench loader: {seen} of {volumes} volumes came through"
+        );
+        Ok(started.elapsed().as_secs_f64())
+    };
+    for epoch in 0..warmup {
+        pass(epoch)?;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        seen == volumes,
-        "bench loader: {seen} of {volumes} volumes came through"
-    );
+    let seconds = (warmup..warmup + epochs).map(pass).sum::<Result<f64>>()?;
     Ok(LoaderBench {
-        volumes,
+        volumes: volumes * epochs,
+        epochs,
         seconds,
-        volumes_per_s: volumes as f64 / seconds.max(1e-9),
+        volumes_per_s: (volumes * epochs) as f64 / seconds.max(1e-9),
         peak_rss_mb: crate::train::peak_rss_mib(),
         threads,
     })

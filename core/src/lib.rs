@@ -22,6 +22,7 @@ pub mod objective;
 pub mod optim;
 pub mod probe;
 pub mod registry;
+pub mod resize;
 pub mod rng;
 pub mod segmentation;
 pub mod slice_features;

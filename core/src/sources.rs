@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// What one sample of a source is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -314,11 +314,7 @@ pub fn resample_to_spacing(voxels: &Tensor, spacing: [f64; 3], target: [f64; 3])
     if out == size {
         return voxels.shallow_clone();
     }
-    voxels
-        .to_kind(Kind::Float)
-        .view([1, 1, size[0], size[1], size[2]])
-        .upsample_trilinear3d(&out, false, None, None, None)
-        .view([out[0], out[1], out[2]])
+    crate::resize::resize_linear(voxels, [out[0], out[1], out[2]])
 }
 
 /// Shared handle.
@@ -341,7 +337,7 @@ mod tests {
         }
         fn load(&self, index: usize) -> Result<Volume> {
             self.1.fetch_add(1, Ordering::SeqCst);
-            let voxels = Tensor::arange(8, (Kind::Float, tch::Device::Cpu))
+            let voxels = Tensor::arange(8, (tch::Kind::Float, tch::Device::Cpu))
                 .view([8, 1, 1])
                 .expand([8, 4, 4], true)
                 .contiguous()

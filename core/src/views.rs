@@ -7,9 +7,12 @@
 //! views, Sec. 3.3). Every parameter is drawn from a generator seeded by
 //! (seed, epoch, sample id, view): nothing is cached, so no two epochs repeat a view.
 
+use crate::resize::resize_linear;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use rand_xoshiro::rand_core::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -205,10 +208,15 @@ fn jitter(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
     let mut x = x * contrast + brightness;
     if cfg.noise > 0.0 {
         let n = x.numel();
-        // Ziggurat sampling: Box-Muller's log and cos per voxel were half of the loader's
-        // time (perf, `medssl bench loader`).
+        // Ziggurat sampling (Box-Muller's log and cos per voxel were half of the loader's
+        // time), from a xoshiro stream seeded by the view's generator: ChaCha's refills
+        // were a fifth of the noise's cost (perf, `medssl bench loader`), and a noise field
+        // needs no cryptographic strength.
         let sigma = cfg.noise as f32;
-        let noise: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal) * sigma).collect();
+        let mut stream = Xoshiro256PlusPlus::seed_from_u64(rng.random());
+        let noise: Vec<f32> = (0..n)
+            .map(|_| stream.sample::<f32, _>(StandardNormal) * sigma)
+            .collect();
         x += Tensor::from_slice(&noise).view(x.size().as_slice());
     }
     x
@@ -283,10 +291,7 @@ pub fn slice_view(volume: &Tensor, index: i64, view: usize, rng: &mut ChaCha8Rng
     let (size, scale) = slice_view_geometry(cfg, view);
     let (top, left, ch, cw) = crop_box(rng, h, w, scale);
     let crop = volume.get(index).narrow(0, top, ch).narrow(1, left, cw);
-    let resized = crop
-        .view([1, 1, ch, cw])
-        .upsample_bilinear2d([size, size], false, None, None)
-        .view([1, size, size]);
+    let resized = resize_linear(&crop.unsqueeze(0), [1, size, size]);
     let x = flips(resized, rng, cfg.flip);
     let x = rotate(x.unsqueeze(0), rng, cfg.rotation).squeeze_dim(0);
     let x = blur(x, rng, cfg);
@@ -334,22 +339,16 @@ pub fn sequence_view(volume: &Tensor, cfg: &ViewConfig) -> SliceStack {
 /// `[D, H, W]` to `[1, T, S, S]`: in-plane always resized to S; along the slice axis
 /// resampled to T, or (crop_or_pad, with D <= T) zero-padded at the end.
 fn fit_depth(window: &Tensor, cfg: &ViewConfig) -> SliceStack {
-    let (d, h, w) = window.size3().expect("volume is [D, H, W]");
+    let (d, _, _) = window.size3().expect("volume is [D, H, W]");
     let (t, s) = (cfg.volume_slices, cfg.volume_size);
     let options = (Kind::Bool, window.device());
     match cfg.depth_mode {
         DepthMode::Resample => SliceStack {
-            voxels: window
-                .view([1, 1, d, h, w])
-                .upsample_trilinear3d([t, s, s], false, None, None, None)
-                .view([1, t, s, s]),
+            voxels: resize_linear(window, [t, s, s]).unsqueeze(0),
             valid: Tensor::ones([t], options),
         },
         DepthMode::CropOrPad => {
-            let resized = window
-                .view([d, 1, h, w])
-                .upsample_bilinear2d([s, s], false, None, None)
-                .view([1, d, s, s]);
+            let resized = resize_linear(window, [d, s, s]).unsqueeze(0);
             let voxels = resized.constant_pad_nd([0, 0, 0, 0, 0, t - d]);
             let valid = Tensor::cat(&[Tensor::ones([d], options), Tensor::zeros([t - d], options)], 0);
             SliceStack { voxels, valid }

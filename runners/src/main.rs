@@ -184,6 +184,12 @@ enum BenchCommand {
         slices: i64,
         #[arg(long, default_value_t = 64)]
         size: i64,
+        /// Untimed passes over the data first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Timed passes, each with fresh views.
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -388,16 +394,19 @@ fn execute(command: Command) -> Result<()> {
                     threads,
                     slices,
                     size,
+                    warmup,
+                    epochs,
                     json,
                 },
         } => {
-            let bench = medssl_core::bench::loader(&data, threads, slices, size)?;
+            let bench = medssl_core::bench::loader(&data, threads, slices, size, warmup, epochs)?;
             if json {
                 println!("{}", serde_json::to_string(&bench)?);
             } else {
                 println!(
-                    "{} volumes in {:.2} s: {:.1} volumes/s on {} threads; peak memory {:.0} MiB",
+                    "{} volumes ({} epochs) in {:.2} s: {:.1} volumes/s on {} threads; peak memory {:.0} MiB",
                     bench.volumes,
+                    bench.epochs,
                     bench.seconds,
                     bench.volumes_per_s,
                     bench.threads,

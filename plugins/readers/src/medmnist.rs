@@ -323,8 +323,17 @@ mod tests {
         shape: &[u64],
         data: &[u8],
     ) -> Result<()> {
-        let options =
-            npyz::zip::write::FileOptions::default().compression_method(npyz::zip::CompressionMethod::Deflated);
+        add_as(npz, name, shape, data, npyz::zip::CompressionMethod::Deflated)
+    }
+
+    fn add_as<W: std::io::Write + std::io::Seek>(
+        npz: &mut NpzWriter<W>,
+        name: &str,
+        shape: &[u64],
+        data: &[u8],
+        method: npyz::zip::CompressionMethod,
+    ) -> Result<()> {
+        let options = npyz::zip::write::FileOptions::default().compression_method(method);
         let mut writer = npz
             .array::<u8>(name, options)?
             .default_dtype()
@@ -465,12 +474,19 @@ mod tests {
         let message = format!("{:#}", reader(&config_for(&garbage, "")).err().expect("garbage"));
         assert!(message.contains(&garbage.display().to_string()), "{message}");
 
-        // Damage the image data only (noise is stored, not compressed, so it still inflates):
-        // the directory and headers read, and the CRC-32 check fails in `load`.
+        // Damage the image data only (the entry is stored, not deflated, so what a deflate
+        // backend makes of noise does not matter): the directory and headers read, and the
+        // CRC-32 check fails in `load`.
         let damaged = folder.path().join("damaged.npz");
         let mut npz = NpzWriter::create(&damaged)?;
         let noise: Vec<u8> = (0..4000u32).map(|v| (v.wrapping_mul(2654435761) >> 24) as u8).collect();
-        add(&mut npz, "train_images", &[10, 20, 20], &noise)?;
+        add_as(
+            &mut npz,
+            "train_images",
+            &[10, 20, 20],
+            &noise,
+            npyz::zip::CompressionMethod::Stored,
+        )?;
         drop(npz);
         let mut bytes = std::fs::read(&damaged)?;
         for byte in &mut bytes[400..1200] {

@@ -228,3 +228,54 @@ fn mean_pool_sets_the_runs_aggregator_aside() {
         unit(&pooled[row]["auc"], "auc");
     }
 }
+
+#[test]
+fn a_sweep_with_pretraining_seeds_trains_each_variant_once_a_seed_and_averages() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", &config());
+    let images = archive(tmp.path(), "images.npz", 0, true);
+    let sweep = write(
+        tmp.path(),
+        "sweep.toml",
+        &format!(
+            r#"
+base = "base.toml"
+pretraining_seeds = [4, 5]
+[evaluation]
+protocol = "knn"
+train = "{images}"
+eval = "{images}"
+format = "medmnist"
+args = ["--k", "3", "--device", "cpu"]
+[[variants]]
+name = "full"
+"#,
+            images = images.display()
+        ),
+    );
+    let out_dir = tmp.path().join("sweep");
+    let out = medssl()
+        .arg("sweep")
+        .arg(&sweep)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("table.json")).unwrap()).unwrap();
+    let row = &table["rows"][0];
+    assert_eq!(row["pretraining_seeds"], serde_json::json!([4, 5]));
+    let per_seed = row["pretrained"]["per_pretraining_seed"].as_array().unwrap();
+    assert_eq!(per_seed.len(), 2);
+    let mean = (unit(&per_seed[0]["auc"], "seed 4 auc") + unit(&per_seed[1]["auc"], "seed 5 auc")) / 2.0;
+    assert!((mean - row["pretrained"]["auc"].as_f64().unwrap()).abs() < 1e-12);
+    unit(&row["random_init"]["auc_std"], "random-init std over pre-trainings");
+    for seed in [4, 5] {
+        let dir = out_dir.join(format!("full/seed-{seed}"));
+        let resolved = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+        assert!(resolved.contains(&format!("seed = {seed}")), "{resolved}");
+        assert!(dir.join("eval.json").is_file());
+    }
+    let md = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    assert!(md.contains("pre-trained with seeds [4, 5]"), "{md}");
+}

@@ -2,6 +2,11 @@
 //! `--set` overrides), every run evaluated the same way, and one table with a row per
 //! variant (Markdown and JSON). The paper's Table 7 ablations are such a file.
 //!
+//! One pre-training per variant cannot rank variants whose gaps are as large as the
+//! run-to-run variation of pre-training itself, so `pretraining_seeds = [0, 1, 2]` trains
+//! every variant once per seed (`--set seed=N`, into `VARIANT/seed-N/`) and its row gives the
+//! mean ± std over those pre-trainings (each the mean over the evaluation's own seeds).
+//!
 //! Each variant is a separate `medssl run` and `medssl eval` process, so one variant's
 //! memory is returned before the next starts and a failure names its variant. A variant
 //! whose run directory already holds a finished run (its `report.md`) is evaluated without
@@ -21,6 +26,10 @@ pub struct SweepFile {
     /// Overrides applied to every variant, before the variant's own.
     #[serde(default)]
     pub set: Vec<String>,
+    /// Seeds of the pre-training; each variant is trained once per seed. Empty: once, with
+    /// the base config's seed.
+    #[serde(default)]
+    pub pretraining_seeds: Vec<u64>,
     pub evaluation: Evaluation,
     pub variants: Vec<Variant>,
 }
@@ -126,6 +135,13 @@ impl SweepFile {
                 e.protocol
             );
         }
+        let distinct: std::collections::BTreeSet<_> = sweep.pretraining_seeds.iter().collect();
+        ensure!(
+            distinct.len() == sweep.pretraining_seeds.len(),
+            "sweep file `{}`: `pretraining_seeds` {:?} repeats a seed",
+            path.display(),
+            sweep.pretraining_seeds
+        );
         ensure!(
             !sweep.variants.is_empty(),
             "sweep file `{}` has no `[[variants]]`",
@@ -169,64 +185,57 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
     let sweep = SweepFile::load(file)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create sweep directory `{}`", out.display()))?;
     let exe = std::env::current_exe().context("cannot find the medssl executable")?;
+    let seeds: Vec<Option<u64>> = if sweep.pretraining_seeds.is_empty() {
+        vec![None]
+    } else {
+        sweep.pretraining_seeds.iter().copied().map(Some).collect()
+    };
     let mut rows = Vec::new();
     for (i, variant) in sweep.variants.iter().enumerate() {
-        let dir = out.join(slug(&variant.name));
-        let overrides: Vec<&String> = sweep.set.iter().chain(extra).chain(&variant.set).collect();
-        tracing::info!(
-            "variant {}/{} `{}` in {}",
-            i + 1,
-            sweep.variants.len(),
-            variant.name,
-            dir.display()
-        );
-        if force || !dir.join(medssl_core::train::REPORT_FILE).is_file() {
-            let mut command = Command::new(&exe);
-            command
-                .arg("run")
-                .arg(&sweep.base)
-                .arg("--run-dir")
-                .arg(&dir)
-                .arg("--force");
-            for o in &overrides {
-                command.arg("--set").arg(o);
-            }
-            let status = command
-                .status()
-                .with_context(|| format!("cannot start the run of variant `{}`", variant.name))?;
-            ensure!(
-                status.success(),
-                "variant `{}`: pre-training failed ({status}); its log is above",
-                variant.name
+        let mut results = Vec::new();
+        for &seed in &seeds {
+            let dir = match seed {
+                None => out.join(slug(&variant.name)),
+                Some(seed) => out.join(slug(&variant.name)).join(format!("seed-{seed}")),
+            };
+            let seed_override = seed.map(|seed| format!("seed={seed}"));
+            let overrides: Vec<&String> = sweep
+                .set
+                .iter()
+                .chain(extra)
+                .chain(&variant.set)
+                .chain(&seed_override)
+                .collect();
+            tracing::info!(
+                "variant {}/{} `{}`{} in {}",
+                i + 1,
+                sweep.variants.len(),
+                variant.name,
+                seed.map(|s| format!(", pre-training seed {s}")).unwrap_or_default(),
+                dir.display()
             );
-        } else {
-            tracing::info!("variant `{}` already trained: evaluating it", variant.name);
+            if force || !dir.join(medssl_core::train::REPORT_FILE).is_file() {
+                pretrain(&exe, &sweep.base, &dir, &overrides).with_context(|| format!("variant `{}`", variant.name))?;
+            } else {
+                tracing::info!(
+                    "variant `{}` already trained in {}: evaluating it",
+                    variant.name,
+                    dir.display()
+                );
+            }
+            let evaluated = if sweep.evaluation.is_finetune() {
+                finetune(&exe, &sweep.evaluation, &dir)
+            } else {
+                evaluate(&exe, &sweep.evaluation, &dir)
+            };
+            let result = evaluated.with_context(|| format!("variant `{}`: evaluation", variant.name))?;
+            medssl_core::checkpoint::write_atomic(
+                &dir.join(EVAL_JSON),
+                serde_json::to_string_pretty(&result)?.as_bytes(),
+            )?;
+            results.push((seed, dir, result));
         }
-        let evaluated = if sweep.evaluation.is_finetune() {
-            finetune(&exe, &sweep.evaluation, &dir)
-        } else {
-            evaluate(&exe, &sweep.evaluation, &dir)
-        };
-        let result = evaluated.with_context(|| format!("variant `{}`: evaluation", variant.name))?;
-        medssl_core::checkpoint::write_atomic(&dir.join(EVAL_JSON), serde_json::to_string_pretty(&result)?.as_bytes())?;
-        rows.push(if sweep.evaluation.is_finetune() {
-            json!({
-                "variant": variant.name,
-                "set": variant.set,
-                "run_dir": dir,
-                "metric": result["metric"],
-                "pretrained": summary(&result["rows"][0]),
-                "scratch": summary(&result["rows"][1]),
-            })
-        } else {
-            json!({
-                "variant": variant.name,
-                "set": variant.set,
-                "run_dir": dir,
-                "pretrained": result["pretrained"],
-                "random_init": result["random_init"],
-            })
-        });
+        rows.push(row(&sweep.evaluation, variant, &results));
     }
     let table = json!({
         "sweep": file,
@@ -241,6 +250,7 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
             "label_fraction": sweep.evaluation.label_fraction,
             "seeds": sweep.evaluation.seeds,
         },
+        "pretraining_seeds": sweep.pretraining_seeds,
         "rows": rows,
     });
     medssl_core::checkpoint::write_atomic(&out.join(TABLE_JSON), serde_json::to_string_pretty(&table)?.as_bytes())?;
@@ -248,6 +258,91 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
     medssl_core::checkpoint::write_atomic(&out.join(TABLE_MD), markdown.as_bytes())?;
     println!("{markdown}");
     Ok(())
+}
+
+/// `medssl run BASE --run-dir DIR --force --set ...`.
+fn pretrain(exe: &Path, base: &Path, dir: &Path, overrides: &[&String]) -> Result<()> {
+    let mut command = Command::new(exe);
+    command.arg("run").arg(base).arg("--run-dir").arg(dir).arg("--force");
+    for o in overrides {
+        command.arg("--set").arg(o);
+    }
+    let status = command.status().context("cannot start the pre-training run")?;
+    ensure!(
+        status.success(),
+        "pre-training in `{}` failed ({status}); its log is above",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// A variant's row of the table from its evaluations, one per pre-training seed. With one
+/// pre-training the row is that evaluation's (its std is over the evaluation's seeds); with
+/// several, each score is the mean over pre-trainings with their sample std, and the
+/// per-seed scores are kept.
+fn row(evaluation: &Evaluation, variant: &Variant, results: &[(Option<u64>, PathBuf, Value)]) -> Value {
+    let (keys, sides): (&[&str], [(&str, Box<dyn Fn(&Value) -> Value>); 2]) = if evaluation.is_finetune() {
+        (
+            &["value"],
+            [
+                ("pretrained", Box::new(|r: &Value| summary(&r["rows"][0]))),
+                ("scratch", Box::new(|r: &Value| summary(&r["rows"][1]))),
+            ],
+        )
+    } else {
+        (
+            &["acc", "auc"],
+            [
+                ("pretrained", Box::new(|r: &Value| r["pretrained"].clone())),
+                ("random_init", Box::new(|r: &Value| r["random_init"].clone())),
+            ],
+        )
+    };
+    let mut out = json!({ "variant": variant.name, "set": variant.set });
+    if let [(None, dir, result)] = results {
+        out["run_dir"] = json!(dir);
+        if evaluation.is_finetune() {
+            out["metric"] = result["metric"].clone();
+        }
+        for (side, score) in &sides {
+            out[*side] = score(result);
+        }
+        return out;
+    }
+    out["run_dirs"] = json!(results.iter().map(|(_, dir, _)| dir).collect::<Vec<_>>());
+    out["pretraining_seeds"] = json!(results.iter().filter_map(|(seed, _, _)| *seed).collect::<Vec<_>>());
+    if evaluation.is_finetune() {
+        out["metric"] = results
+            .first()
+            .map(|(_, _, r)| r["metric"].clone())
+            .unwrap_or(Value::Null);
+    }
+    for (side, score) in &sides {
+        let per_seed: Vec<Value> = results.iter().map(|(_, _, r)| score(r)).collect();
+        let mut combined = json!({ "per_pretraining_seed": per_seed });
+        for key in keys {
+            let values: Vec<f64> = per_seed.iter().filter_map(|s| s[*key].as_f64()).collect();
+            if values.len() == per_seed.len() {
+                let (mean, std) = mean_and_sample_std(&values);
+                combined[*key] = json!(mean);
+                combined[format!("{key}_std")] = json!(std);
+            }
+        }
+        out[*side] = combined;
+    }
+    out
+}
+
+/// Mean and sample standard deviation (n - 1; 0 for one value).
+fn mean_and_sample_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
 }
 
 /// `medssl eval PROTOCOL RUN_DIR ... --json`, parsed.
@@ -341,6 +436,14 @@ fn summary(row: &Value) -> Value {
 /// the random-init encoder of the same architecture.
 fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
     let e = &sweep.evaluation;
+    let spread = if sweep.pretraining_seeds.is_empty() {
+        "± is the std over the evaluation's seeds of one pre-training".to_string()
+    } else {
+        format!(
+            "each variant pre-trained with seeds {:?}: mean ± sample std over those pre-trainings, each the mean over the evaluation's seeds",
+            sweep.pretraining_seeds
+        )
+    };
     if e.is_finetune() {
         let metric_name = rows
             .first()
@@ -348,7 +451,7 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
             .unwrap_or("metric")
             .to_string();
         let mut md = format!(
-            "Fine-tune: `{}`, {} of the training volumes, {} repeat(s), pre-trained beside scratch; base config `{}`.\n\n| variant | overrides | {metric_name} (pre-trained) | {metric_name} (scratch) |\n|---|---|---|---|\n",
+            "Fine-tune: `{}`, {} of the training volumes, {} repeat(s), pre-trained beside scratch; base config `{}`; {spread}.\n\n| variant | overrides | {metric_name} (pre-trained) | {metric_name} (scratch) |\n|---|---|---|---|\n",
             e.config.as_deref().unwrap_or(Path::new("")).display(),
             e.label_fraction,
             e.seeds,
@@ -366,7 +469,7 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
         return md;
     }
     let mut md = format!(
-        "Probe: {} on `{}` ({}) -> `{}` ({}), {} of the training labels, {} seed(s); base config `{}`.\n\n",
+        "Probe: {} on `{}` ({}) -> `{}` ({}), {} of the training labels, {} seed(s); base config `{}`; {spread}.\n\n",
         e.protocol,
         e.train.as_deref().unwrap_or(Path::new("")).display(),
         e.train_split,
@@ -435,6 +538,53 @@ mod tests {
     }
 
     #[test]
+    fn rows_average_over_pretraining_seeds_and_keep_each() {
+        let evaluation = Evaluation {
+            protocol: "linear".into(),
+            train: None,
+            train_split: train_split(),
+            eval: None,
+            eval_split: eval_split(),
+            format: None,
+            config: None,
+            label_fraction: 1.0,
+            seeds: 3,
+            args: Vec::new(),
+        };
+        let variant = Variant {
+            name: "full".into(),
+            set: Vec::new(),
+        };
+        let probe = |auc: f64| {
+            json!({
+                "pretrained": {"acc": 0.5, "acc_std": 0.1, "auc": auc, "auc_std": 0.2},
+                "random_init": {"acc": 0.4, "auc": 0.6},
+            })
+        };
+        let one = row(&evaluation, &variant, &[(None, PathBuf::from("a"), probe(0.7))]);
+        assert_eq!(
+            one["pretrained"]["auc_std"], 0.2,
+            "one pre-training keeps the probe's own std"
+        );
+        assert_eq!(one["run_dir"], "a");
+
+        let results: Vec<_> = [(0, 0.7), (1, 0.8), (2, 0.9)]
+            .into_iter()
+            .map(|(seed, auc)| (Some(seed), PathBuf::from(format!("seed-{seed}")), probe(auc)))
+            .collect();
+        let three = row(&evaluation, &variant, &results);
+        let pretrained = &three["pretrained"];
+        assert!((pretrained["auc"].as_f64().unwrap() - 0.8).abs() < 1e-12);
+        assert!((pretrained["auc_std"].as_f64().unwrap() - 0.1).abs() < 1e-12);
+        assert_eq!(pretrained["acc_std"], 0.0);
+        assert_eq!(pretrained["per_pretraining_seed"][2]["auc"], 0.9);
+        assert_eq!(three["random_init"]["auc"], 0.6);
+        assert_eq!(three["pretraining_seeds"], json!([0, 1, 2]));
+        assert_eq!(three["run_dirs"].as_array().unwrap().len(), 3);
+        assert_eq!(metric(pretrained, "auc"), "0.800 ± 0.100");
+    }
+
+    #[test]
     fn a_sweep_file_resolves_paths_and_refuses_colliding_names() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("base.toml"), "seed = 0\n").unwrap();
@@ -458,6 +608,9 @@ mod tests {
         assert_eq!(sweep.evaluation.train, Some(tmp.path().join("data.npz")));
         assert_eq!(sweep.variants[1].set, ["stages.1.epochs=0"]);
 
+        std::fs::write(&path, format!("pretraining_seeds = [1, 1]\n{text}")).unwrap();
+        let err = SweepFile::load(&path).err().unwrap().to_string();
+        assert!(err.contains("repeats a seed"), "{err}");
         std::fs::write(&path, text.replace("w/o mask", "FULL")).unwrap();
         let err = SweepFile::load(&path).err().unwrap().to_string();
         assert!(err.contains("same directory name"), "{err}");

@@ -281,20 +281,21 @@ fn pretrain(exe: &Path, base: &Path, dir: &Path, overrides: &[&String]) -> Resul
 /// several, each score is the mean over pre-trainings with their sample std, and the
 /// per-seed scores are kept.
 fn row(evaluation: &Evaluation, variant: &Variant, results: &[(Option<u64>, PathBuf, Value)]) -> Value {
-    let (keys, sides): (&[&str], [(&str, Box<dyn Fn(&Value) -> Value>); 2]) = if evaluation.is_finetune() {
+    type Score = fn(&Value) -> Value;
+    let (keys, sides): (&[&str], [(&str, Score); 2]) = if evaluation.is_finetune() {
         (
             &["value"],
             [
-                ("pretrained", Box::new(|r: &Value| summary(&r["rows"][0]))),
-                ("scratch", Box::new(|r: &Value| summary(&r["rows"][1]))),
+                ("pretrained", |r| summary(&r["rows"][0])),
+                ("scratch", |r| summary(&r["rows"][1])),
             ],
         )
     } else {
         (
             &["acc", "auc"],
             [
-                ("pretrained", Box::new(|r: &Value| r["pretrained"].clone())),
-                ("random_init", Box::new(|r: &Value| r["random_init"].clone())),
+                ("pretrained", |r| r["pretrained"].clone()),
+                ("random_init", |r| r["random_init"].clone()),
             ],
         )
     };

@@ -254,15 +254,7 @@ name = "full"
         ),
     );
     let out_dir = tmp.path().join("sweep");
-    let out = medssl()
-        .arg("sweep")
-        .arg(&sweep)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    let table: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("table.json")).unwrap()).unwrap();
+    let table = common::sweep(&sweep, &out_dir);
     let row = &table["rows"][0];
     assert_eq!(row["pretraining_seeds"], serde_json::json!([4, 5]));
     let per_seed = row["pretrained"]["per_pretraining_seed"].as_array().unwrap();

@@ -297,15 +297,7 @@ set = ["optimizer.lr=0.01"]
 "#,
     );
     let out_dir = tmp.path().join("sweep");
-    let out = medssl()
-        .arg("sweep")
-        .arg(&sweep)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    let table: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("table.json")).unwrap()).unwrap();
+    let table = common::sweep(&sweep, &out_dir);
     let rows = table["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for row in rows {

@@ -104,6 +104,19 @@ pub fn pretrain(dir: &Path, name: &str, config: &str) -> PathBuf {
     run
 }
 
+/// `medssl sweep FILE --out OUT`, which must succeed; returns its `table.json`.
+pub fn sweep(file: &Path, out_dir: &Path) -> serde_json::Value {
+    let out = medssl()
+        .arg("sweep")
+        .arg(file)
+        .arg("--out")
+        .arg(out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&std::fs::read_to_string(out_dir.join("table.json")).unwrap()).unwrap()
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -40,10 +40,11 @@ fn taps(input: usize, output: usize) -> Vec<Tap> {
         .collect()
 }
 
-/// Resizes the middle axis of `data`, read as `[outer, length, inner]`, to `output`.
-fn resize_axis(data: &[f32], outer: usize, length: usize, inner: usize, output: usize) -> Vec<f32> {
+/// Resizes the middle axis of `data`, read as `[outer, length, inner]`, to `output`; an
+/// axis already of that length is returned as it is.
+fn resize_axis(data: Vec<f32>, outer: usize, length: usize, inner: usize, output: usize) -> Vec<f32> {
     if length == output {
-        return data.to_vec();
+        return data;
     }
     let taps = taps(length, output);
     let mut out = vec![0.0f32; outer * output * inner];
@@ -84,9 +85,9 @@ pub fn resize_linear(volume: &Tensor, size: [i64; 3]) -> Tensor {
     let [t, s, r] = [size[0] as usize, size[1] as usize, size[2] as usize];
     // Shrinking axes first would be cheaper still; the views mostly enlarge all three, so a
     // fixed order keeps the rounding of every call the same.
-    let data = resize_axis(&data, d * h, w, 1, r);
-    let data = resize_axis(&data, d, h, r, s);
-    let data = resize_axis(&data, 1, d, s * r, t);
+    let data = resize_axis(data, d * h, w, 1, r);
+    let data = resize_axis(data, d, h, r, s);
+    let data = resize_axis(data, 1, d, s * r, t);
     Tensor::from_slice(&data).view(size).to_device(device)
 }
 

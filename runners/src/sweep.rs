@@ -324,26 +324,13 @@ fn row(evaluation: &Evaluation, variant: &Variant, results: &[(Option<u64>, Path
         for key in keys {
             let values: Vec<f64> = per_seed.iter().filter_map(|s| s[*key].as_f64()).collect();
             if values.len() == per_seed.len() {
-                let (mean, std) = mean_and_sample_std(&values);
-                combined[*key] = json!(mean);
-                combined[format!("{key}_std")] = json!(std);
+                combined[*key] = json!(medssl_core::eval::mean(&values));
+                combined[format!("{key}_std")] = json!(medssl_core::eval::sample_std(&values));
             }
         }
         out[*side] = combined;
     }
     out
-}
-
-/// Mean and sample standard deviation (n - 1; 0 for one value).
-fn mean_and_sample_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
 }
 
 /// `medssl eval PROTOCOL RUN_DIR ... --json`, parsed.

@@ -109,6 +109,61 @@ fn eval_reports_pretrained_random_init_and_raw_pixels_for_images_and_volumes() {
         report["setup"]
     );
     assert_eq!(report["setup"]["eval"]["split"], "val");
+    assert!(report["setup"].get("folds").is_none());
+
+    // Cross-validation over train and val pooled (24 + 12 volumes, 18 a class): each seed
+    // scores every volume once over its 3 folds, each fit on the other two folds' labels.
+    let out = eval(&[
+        &"linear",
+        &run,
+        &"--train",
+        &volumes,
+        &"--eval",
+        &volumes,
+        &"--folds",
+        &"3",
+        &"--seeds",
+        &"2",
+        &"--epochs",
+        &"20",
+        &"--device",
+        &"cpu",
+        &"--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    assert_eq!(report["setup"]["folds"], 3);
+    for row in ["pretrained", "random_init"] {
+        for run in report[row]["runs"].as_array().unwrap() {
+            let folds = run["folds"].as_array().unwrap();
+            assert_eq!(folds.len(), 3, "{row}: one entry a fold");
+            let scored: u64 = folds.iter().map(|f| f["eval_samples"].as_u64().unwrap()).sum();
+            assert_eq!(scored, 36, "{row}: every volume scored once a seed");
+            assert!(folds.iter().all(|f| f["train_labels"] == 24 && f["eval_samples"] == 12));
+            let mean = folds.iter().map(|f| unit(&f["auc"], "fold auc")).sum::<f64>() / 3.0;
+            assert!(
+                (mean - run["auc"].as_f64().unwrap()).abs() < 1e-9,
+                "{row}: a seed's AUC is its folds' mean"
+            );
+        }
+    }
+    let out = eval(&[
+        &"knn",
+        &run,
+        &"--train",
+        &volumes,
+        &"--eval",
+        &volumes,
+        &"--eval-split",
+        &"train",
+        &"--folds",
+        &"3",
+    ]);
+    assert_fails_with(&out, &["--folds pools", "pass two different sets or splits"]);
+    let out = eval(&[
+        &"knn", &run, &"--train", &volumes, &"--eval", &volumes, &"--folds", &"19",
+    ]);
+    assert_fails_with(&out, &["--folds 19", "has 18 samples"]);
 
     // The human-readable table names every row.
     let out = eval(&[
@@ -268,6 +323,39 @@ name = "full"
         assert!(resolved.contains(&format!("seed = {seed}")), "{resolved}");
         assert!(dir.join("eval.json").is_file());
     }
-    let md = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    let md = std::fs::read_to_string(out_dir.join("sweep.md")).unwrap();
     assert!(md.contains("pre-trained with seeds [4, 5]"), "{md}");
+
+    // A second sweep of the same variants with another evaluation shares the directory: it
+    // reuses the pre-trainings (their checkpoints stay untouched) and writes its own table.
+    let checkpoints = out_dir.join("full/seed-4/checkpoints");
+    let checkpoint = checkpoints.join(std::fs::read_to_string(checkpoints.join("latest")).unwrap().trim());
+    let before = std::fs::read(checkpoint.join("tensors.safetensors")).unwrap();
+    let text = std::fs::read_to_string(&sweep).unwrap();
+    let linear = write(
+        tmp.path(),
+        "linear.toml",
+        &text
+            .replace("protocol = \"knn\"", "protocol = \"linear\"")
+            .replace("\"--k\", \"3\", ", "\"--epochs\", \"20\", "),
+    );
+    let table = common::sweep(&linear, &out_dir);
+    assert_eq!(table["evaluation"]["protocol"], "linear");
+    assert!(out_dir.join("sweep.md").is_file() && out_dir.join("linear.md").is_file());
+    assert_eq!(before, std::fs::read(checkpoint.join("tensors.safetensors")).unwrap());
+
+    // A variant whose overrides differ from what trained its directory is refused.
+    let other = write(
+        tmp.path(),
+        "other.toml",
+        &text.replace("name = \"full\"", "name = \"full\"\nset = [\"optimizer.lr=0.5\"]"),
+    );
+    let out = common::medssl()
+        .arg("sweep")
+        .arg(&other)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["full/seed-4", "optimizer.lr = 0.5", "--force"]);
 }

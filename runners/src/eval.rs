@@ -69,6 +69,11 @@ pub struct Common {
     /// (0, 1].
     #[arg(long, default_value_t = 1.0)]
     label_fraction: f64,
+    /// Score by stratified K-fold cross-validation over --train and --eval pooled (each seed
+    /// deals its own folds; the label fraction applies to each fit's training folds) instead
+    /// of training on --train and scoring on --eval.
+    #[arg(long)]
+    folds: Option<usize>,
     /// Repeat with this many seeds (label draw and probe init) and report mean ± std.
     #[arg(long, default_value_t = 1)]
     seeds: usize,
@@ -123,6 +128,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         },
         format: common.format,
         label_fraction: common.label_fraction,
+        folds: common.folds,
         seeds: common.seeds,
         seed: common.seed,
         raw_pixels: common.raw_pixels,

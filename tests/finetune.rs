@@ -306,7 +306,7 @@ set = ["optimizer.lr=0.01"]
         unit(&row["scratch"]["value"], "scratch dice");
     }
     assert!(out_dir.join("lower-lr/finetune/report.md").is_file());
-    let md = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    let md = std::fs::read_to_string(out_dir.join("sweep.md")).unwrap();
     assert!(
         md.contains("dice_3d (pre-trained)") && md.contains("| lower lr | `optimizer.lr=0.01` |"),
         "{md}"

@@ -83,7 +83,7 @@ enum Command {
         command: DataCommand,
     },
     /// Run a base config once per named variant, evaluate each, and write one table
-    /// (table.md and table.json) with a row per variant.
+    /// (FILE's name with .md and .json) with a row per variant.
     Sweep {
         /// The sweep file: `base`, `[evaluation]` and `[[variants]]` (see docs/configs.md).
         file: PathBuf,

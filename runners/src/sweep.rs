@@ -1,6 +1,7 @@
 //! `medssl sweep FILE`: a base pre-training config run once per named variant (each a set of
 //! `--set` overrides), every run evaluated the same way, and one table with a row per
-//! variant (Markdown and JSON). The paper's Table 7 ablations are such a file.
+//! variant (Markdown and JSON, named after FILE). The paper's Table 7 ablations are such a
+//! file.
 //!
 //! One pre-training per variant cannot rank variants whose gaps are as large as the
 //! run-to-run variation of pre-training itself, so `pretraining_seeds = [0, 1, 2]` trains
@@ -10,7 +11,8 @@
 //! Each variant is a separate `medssl run` and `medssl eval` process, so one variant's
 //! memory is returned before the next starts and a failure names its variant. A variant
 //! whose run directory already holds a finished run (its `report.md`) is evaluated without
-//! training again, so an interrupted sweep picks up where it stopped; `--force` retrains.
+//! training again, so an interrupted sweep picks up where it stopped, provided the run was
+//! trained with this variant's overrides (its saved config is checked); `--force` retrains.
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -61,6 +63,10 @@ pub struct Evaluation {
     pub config: Option<PathBuf>,
     #[serde(default = "one")]
     pub label_fraction: f64,
+    /// Probes: score by stratified K-fold cross-validation over `train` and `eval` pooled
+    /// (`medssl eval --folds K`) instead of train -> eval.
+    #[serde(default)]
+    pub folds: Option<usize>,
     /// Probe seeds, or fine-tuning repeats.
     #[serde(default = "one_seed")]
     pub seeds: usize,
@@ -96,10 +102,18 @@ pub struct Variant {
     pub set: Vec<String>,
 }
 
-/// Where the sweep writes: one run directory a variant, and the table.
-pub const TABLE_MD: &str = "table.md";
-pub const TABLE_JSON: &str = "table.json";
 const EVAL_JSON: &str = "eval.json";
+
+/// The table's file name: the sweep file's name with `ext` (`table7_swav.toml` writes
+/// `table7_swav.md` and `table7_swav.json`), so that two sweeps sharing pre-trainings (a
+/// probe and a fine-tune judging the same variants) can share one `--out`.
+pub fn table_name(file: &Path, ext: &str) -> String {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "table".into());
+    format!("{stem}.{ext}")
+}
 
 impl SweepFile {
     /// Reads `path`, resolving its paths against the file's folder; every variant name must
@@ -122,6 +136,11 @@ impl SweepFile {
             e.protocol
         );
         if e.is_finetune() {
+            ensure!(
+                e.folds.is_none(),
+                "sweep file `{}`: `evaluation.folds` is for the probes; a fine-tune scores on its config's `data.eval`",
+                path.display()
+            );
             ensure!(
                 e.config.as_ref().is_some_and(|c| c.is_file()),
                 "sweep file `{}`: `evaluation.protocol = \"finetune\"` needs `evaluation.config`, an existing fine-tuning config (e.g. configs/downstream/hippocampus_unet.toml)",
@@ -217,6 +236,7 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
             if force || !dir.join(medssl_core::train::REPORT_FILE).is_file() {
                 pretrain(&exe, &sweep.base, &dir, &overrides).with_context(|| format!("variant `{}`", variant.name))?;
             } else {
+                check_reused(&dir, &overrides).with_context(|| format!("variant `{}`", variant.name))?;
                 tracing::info!(
                     "variant `{}` already trained in {}: evaluating it",
                     variant.name,
@@ -248,19 +268,71 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
             "eval": sweep.evaluation.eval,
             "eval_split": sweep.evaluation.eval_split,
             "label_fraction": sweep.evaluation.label_fraction,
+            "folds": sweep.evaluation.folds,
             "seeds": sweep.evaluation.seeds,
         },
         "pretraining_seeds": sweep.pretraining_seeds,
         "rows": rows,
     });
-    medssl_core::checkpoint::write_atomic(&out.join(TABLE_JSON), serde_json::to_string_pretty(&table)?.as_bytes())?;
+    medssl_core::checkpoint::write_atomic(
+        &out.join(table_name(file, "json")),
+        serde_json::to_string_pretty(&table)?.as_bytes(),
+    )?;
     let markdown = markdown_table(&sweep, &rows);
-    medssl_core::checkpoint::write_atomic(&out.join(TABLE_MD), markdown.as_bytes())?;
+    medssl_core::checkpoint::write_atomic(&out.join(table_name(file, "md")), markdown.as_bytes())?;
     println!("{markdown}");
     Ok(())
 }
 
 /// `medssl run BASE --run-dir DIR --force --set ...`.
+/// Refuses to reuse a finished run that another variant or sweep trained: every override of
+/// this variant (and the sweep's, and the seed) must hold in the run's resolved
+/// `config.toml`. Keys under `run.` (threads, checkpoints kept) do not change what is
+/// learned and are not compared.
+fn check_reused(dir: &Path, overrides: &[&String]) -> Result<()> {
+    let path = dir.join(medssl_core::train::CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("`{}` holds a finished run but no readable config", path.display()))?;
+    let saved: toml::Value =
+        toml::from_str(&text).with_context(|| format!("`{}` is not valid TOML", path.display()))?;
+    for raw in overrides {
+        let (key, wanted) = medssl_core::config::parse_override(raw)?;
+        if key.starts_with("run.") {
+            continue;
+        }
+        let wanted: toml::Value = wanted
+            .deserialize()
+            .map_err(|e| anyhow::anyhow!("--set `{raw}`: {e}"))?;
+        let found = key.split('.').try_fold(&saved, |value, part| match value {
+            toml::Value::Table(table) => table.get(part),
+            toml::Value::Array(items) => part.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        });
+        let same = match (found, &wanted) {
+            (Some(found), wanted) => same_value(found, wanted),
+            (None, _) => false,
+        };
+        ensure!(
+            same,
+            "`{}` already holds a finished run, trained with {} where this sweep asks `{key} = {wanted}`: it belongs to another variant or sweep; pass --force to retrain it, or another --out",
+            dir.display(),
+            found.map(|v| format!("`{key} = {v}`")).unwrap_or_else(|| format!("no `{key}`"))
+        );
+    }
+    Ok(())
+}
+
+/// Equal TOML values, an integer equal to a float of the same value (`--set w=0` against a
+/// saved weight `0.0`).
+fn same_value(a: &toml::Value, b: &toml::Value) -> bool {
+    use toml::Value::{Array, Float, Integer};
+    match (a, b) {
+        (Integer(x), Float(y)) | (Float(y), Integer(x)) => *x as f64 == *y,
+        (Array(x), Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_value(a, b)),
+        _ => a == b,
+    }
+}
+
 fn pretrain(exe: &Path, base: &Path, dir: &Path, overrides: &[&String]) -> Result<()> {
     let mut command = Command::new(exe);
     command.arg("run").arg(base).arg("--run-dir").arg(dir).arg("--force");
@@ -355,6 +427,9 @@ fn evaluate(exe: &Path, evaluation: &Evaluation, run_dir: &Path) -> Result<Value
         .arg("--json");
     if let Some(format) = &evaluation.format {
         command.arg("--format").arg(format);
+    }
+    if let Some(folds) = evaluation.folds {
+        command.arg("--folds").arg(folds.to_string());
     }
     command.args(&evaluation.args);
     let output = command
@@ -456,14 +531,27 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
         }
         return md;
     }
+    let sets = match e.folds {
+        None => format!(
+            "on `{}` ({}) -> `{}` ({}), {} of the training labels",
+            e.train.as_deref().unwrap_or(Path::new("")).display(),
+            e.train_split,
+            e.eval.as_deref().unwrap_or(Path::new("")).display(),
+            e.eval_split,
+            e.label_fraction,
+        ),
+        Some(k) => format!(
+            "{k}-fold stratified cross-validation over `{}` ({}) and `{}` ({}) pooled, {} of the other folds' labels a fit",
+            e.train.as_deref().unwrap_or(Path::new("")).display(),
+            e.train_split,
+            e.eval.as_deref().unwrap_or(Path::new("")).display(),
+            e.eval_split,
+            e.label_fraction,
+        ),
+    };
     let mut md = format!(
-        "Probe: {} on `{}` ({}) -> `{}` ({}), {} of the training labels, {} seed(s); base config `{}`; {spread}.\n\n",
+        "Probe: {} {sets}, {} seed(s); base config `{}`; {spread}.\n\n",
         e.protocol,
-        e.train.as_deref().unwrap_or(Path::new("")).display(),
-        e.train_split,
-        e.eval.as_deref().unwrap_or(Path::new("")).display(),
-        e.eval_split,
-        e.label_fraction,
         e.seeds,
         sweep.base.display()
     );
@@ -512,6 +600,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_finished_run_is_reused_only_by_the_variant_that_trained_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("config.toml"),
+            "seed = 1\n[aggregator]\nlevels = [\"layer4\"]\n[[stages]]\nepochs = 8\n[[stages]]\nepochs = 0\nobjectives = { mask = 0.0, inter = 1.0 }\n",
+        )
+        .unwrap();
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let check = |v: &[String]| check_reused(tmp.path(), &v.iter().collect::<Vec<_>>());
+        let ours = owned(&[
+            "seed=1",
+            "stages.1.epochs=0",
+            "stages.1.objectives.mask=0",
+            "aggregator.levels=[\"layer4\"]",
+            "run.threads=1",
+        ]);
+        check(&ours).unwrap();
+        for (other, named) in [
+            ("seed=2", "`seed = 1`"),
+            ("stages.1.objectives.inter=0", "`stages.1.objectives.inter = 1.0`"),
+            ("aggregator.width=64", "no `aggregator.width`"),
+            ("stages.5.epochs=1", "no `stages.5.epochs`"),
+        ] {
+            let err = format!("{:#}", check(&owned(&[other])).unwrap_err());
+            assert!(err.contains(named) && err.contains("--force"), "{other}: {err}");
+        }
+    }
+
+    #[test]
     fn slugs_are_directory_names() {
         assert_eq!(slug("w/o mask prediction"), "w-o-mask-prediction");
         assert_eq!(slug("Full"), "full");
@@ -536,6 +653,7 @@ mod tests {
             format: None,
             config: None,
             label_fraction: 1.0,
+            folds: None,
             seeds: 3,
             args: Vec::new(),
         };
@@ -613,9 +731,22 @@ mod tests {
             .replace("\"linear\"", "\"finetune\"\nconfig = \"seg.toml\"")
             .replace("train = \"data.npz\"\n", "")
             .replace("eval = \"data.npz\"\n", "");
-        std::fs::write(&path, finetune).unwrap();
+        std::fs::write(&path, &finetune).unwrap();
         let sweep = SweepFile::load(&path).unwrap();
         assert_eq!(sweep.evaluation.config, Some(tmp.path().join("seg.toml")));
         assert_eq!(sweep.evaluation.train, None);
+        std::fs::write(&path, finetune.replace("[evaluation]", "[evaluation]\nfolds = 5")).unwrap();
+        let err = format!("{:#}", SweepFile::load(&path).err().unwrap());
+        assert!(err.contains("`evaluation.folds` is for the probes"), "{err}");
+
+        // A cross-validated probe says so in the table's header.
+        std::fs::write(&path, text.replace("[evaluation]", "[evaluation]\nfolds = 5")).unwrap();
+        let sweep = SweepFile::load(&path).unwrap();
+        assert_eq!(sweep.evaluation.folds, Some(5));
+        let md = markdown_table(&sweep, &[]);
+        assert!(
+            md.contains("5-fold stratified cross-validation") && md.contains("pooled"),
+            "{md}"
+        );
     }
 }

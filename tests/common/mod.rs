@@ -104,7 +104,8 @@ pub fn pretrain(dir: &Path, name: &str, config: &str) -> PathBuf {
     run
 }
 
-/// `medssl sweep FILE --out OUT`, which must succeed; returns its `table.json`.
+/// `medssl sweep FILE --out OUT`, which must succeed; returns its table (`OUT/<FILE's
+/// name>.json`).
 pub fn sweep(file: &Path, out_dir: &Path) -> serde_json::Value {
     let out = medssl()
         .arg("sweep")
@@ -114,7 +115,8 @@ pub fn sweep(file: &Path, out_dir: &Path) -> serde_json::Value {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_str(&std::fs::read_to_string(out_dir.join("table.json")).unwrap()).unwrap()
+    let table = out_dir.join(file.with_extension("json").file_name().unwrap());
+    serde_json::from_str(&std::fs::read_to_string(table).unwrap()).unwrap()
 }
 
 pub fn stderr(out: &Output) -> String {

@@ -394,7 +394,7 @@ impl Report {
         );
         if let Some(k) = s.folds {
             out.push_str(&format!(
-                "  scored by {k}-fold stratified cross-validation over train and eval pooled ({} samples): each fold's probe fits {} of the other folds' labels; a seed's score is the mean over its folds\n\n",
+                "  scored by {k}-fold stratified cross-validation over train and eval pooled ({} samples): each fold's probe fits fraction {} of the other folds' labels; a seed's score is the mean over its folds\n\n",
                 s.train.samples + s.eval.samples,
                 s.label_fraction
             ));

@@ -541,7 +541,7 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
             e.label_fraction,
         ),
         Some(k) => format!(
-            "{k}-fold stratified cross-validation over `{}` ({}) and `{}` ({}) pooled, {} of the other folds' labels a fit",
+            "{k}-fold stratified cross-validation over `{}` ({}) and `{}` ({}) pooled, each fit on fraction {} of the other folds' labels",
             e.train.as_deref().unwrap_or(Path::new("")).display(),
             e.train_split,
             e.eval.as_deref().unwrap_or(Path::new("")).display(),

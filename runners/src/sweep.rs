@@ -531,22 +531,18 @@ fn markdown_table(sweep: &SweepFile, rows: &[Value]) -> String {
         }
         return md;
     }
+    let set = |path: &Option<PathBuf>, split: &str| {
+        format!("`{}` ({split})", path.as_deref().unwrap_or(Path::new("")).display())
+    };
+    let (train, eval, fraction) = (
+        set(&e.train, &e.train_split),
+        set(&e.eval, &e.eval_split),
+        e.label_fraction,
+    );
     let sets = match e.folds {
-        None => format!(
-            "on `{}` ({}) -> `{}` ({}), {} of the training labels",
-            e.train.as_deref().unwrap_or(Path::new("")).display(),
-            e.train_split,
-            e.eval.as_deref().unwrap_or(Path::new("")).display(),
-            e.eval_split,
-            e.label_fraction,
-        ),
+        None => format!("on {train} -> {eval}, {fraction} of the training labels"),
         Some(k) => format!(
-            "{k}-fold stratified cross-validation over `{}` ({}) and `{}` ({}) pooled, each fit on fraction {} of the other folds' labels",
-            e.train.as_deref().unwrap_or(Path::new("")).display(),
-            e.train_split,
-            e.eval.as_deref().unwrap_or(Path::new("")).display(),
-            e.eval_split,
-            e.label_fraction,
+            "{k}-fold stratified cross-validation over {train} and {eval} pooled, each fit on fraction {fraction} of the other folds' labels"
         ),
     };
     let mut md = format!(

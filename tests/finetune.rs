@@ -157,6 +157,45 @@ fn segmentation_finetune_reports_pretrained_and_scratch_and_writes_its_folder() 
     assert_fails_with(&again, &["already exists", "--force"]);
 }
 
+/// The scratch row is the same network whatever the pre-training's aggregator: a U-Net uses
+/// the encoder only, so two runs that differ only in their aggregator must give a scratch
+/// row with the same head initialisation and hence the same scores.
+#[test]
+fn the_scratch_row_does_not_depend_on_the_pretraining_runs_aggregator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = TINY.replace("epochs = 2", "epochs = 1");
+    let mean_pool = common::pretrain(tmp.path(), "mean-pool", &tiny);
+    let attention = common::pretrain(
+        tmp.path(),
+        "attention-pool",
+        &tiny.replace(
+            "name = \"mean-pool\"",
+            "name = \"attention-pool\"\noutput_dim = 16\nattention_dim = 8",
+        ),
+    );
+    let task = decathlon(tmp.path(), 4, 2);
+    let config = write(
+        tmp.path(),
+        "seg.toml",
+        &segmentation_config(&task, &[1, 2, 3], &[4], 3).replace("runs = 2", "runs = 1"),
+    );
+    let scratch = |run: &Path, out: &str| {
+        let out = finetune(&[
+            &config,
+            &"--pretrained",
+            &run,
+            &"--out",
+            &tmp.path().join(out),
+            &"--json",
+        ]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["rows"][1]["init"], "scratch");
+        json["rows"][1]["metrics"].clone()
+    };
+    assert_eq!(scratch(&mean_pool, "ft-a"), scratch(&attention, "ft-b"));
+}
+
 #[test]
 fn volume_classification_finetune_reports_auc() {
     let tmp = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@ use tch::{Kind, Tensor};
 pub mod stream {
     /// The label-fraction draw.
     pub const FRACTION: u64 = 1;
-    /// The head's (and a scratch backbone's) initialisation.
+    /// The backbone's initialisation (what the scratch row starts from).
     pub const INIT: u64 = 2;
     /// The order of the training samples in an epoch.
     pub const ORDER: u64 = 3;
@@ -32,6 +32,9 @@ pub mod stream {
     pub const FLIP: u64 = 4;
     /// libtorch's generator before each step (dropout).
     pub const STEP: u64 = 5;
+    /// The head's initialisation: its own stream, so that it does not depend on how much
+    /// the backbone drew (an aggregator a segmentation head never uses included).
+    pub const HEAD: u64 = 6;
 }
 
 /// Which set, for messages.

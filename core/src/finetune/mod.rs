@@ -132,7 +132,8 @@ struct Network {
 
 impl Network {
     /// Builds the run's backbone and the configured head under one variable store
-    /// (`encoder.*`, `aggregator.*`, `head.*`), initialised from `seed`.
+    /// (`encoder.*`, `aggregator.*`, `head.*`), each initialised from its own stream of
+    /// `seed`.
     fn build(
         run_cfg: &LoadedConfig,
         head_section: &Section,
@@ -146,6 +147,7 @@ impl Network {
         let entry = registry::heads()
             .get(&head_section.name)
             .context("config key `head.name`")?;
+        tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::HEAD]) as i64);
         let shape = HeadShape {
             levels: backbone.encoder.levels().to_vec(),
             embedding_dim: backbone.encoder.embedding_dim(),

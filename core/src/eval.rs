@@ -754,20 +754,19 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report> {
     for &seed in &seeds {
         let fits = probe_fits(&labels, train.labels.len(), options.label_fraction, options.folds, seed)?;
         let mut per_row: Vec<Vec<FoldScores>> = vec![Vec::new(); pooled.len()];
+        let index = |indices: &[usize]| {
+            Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
+        };
         for (fit, scored) in &fits {
-            let select = |x: &Tensor, indices: &[usize]| {
-                x.index_select(
-                    0,
-                    &Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device),
-                )
-            };
+            // One index tensor a side, shared by every row (backbones and raw pixels).
+            let (fit_index, scored_index) = (index(fit), index(scored));
             let fit_labels: Vec<i64> = fit.iter().map(|&i| labels[i]).collect();
             let scored_labels: Vec<i64> = scored.iter().map(|&i| labels[i]).collect();
             for (x, out) in pooled.iter().zip(&mut per_row) {
                 let Scores { acc, auc } = options.probe.evaluate(
-                    &select(x, fit),
+                    &x.index_select(0, &fit_index),
                     &fit_labels,
-                    &select(x, scored),
+                    &x.index_select(0, &scored_index),
                     &scored_labels,
                     classes,
                     seed,

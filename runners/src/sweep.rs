@@ -284,7 +284,6 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
     Ok(())
 }
 
-/// `medssl run BASE --run-dir DIR --force --set ...`.
 /// Refuses to reuse a finished run that another variant or sweep trained: every override of
 /// this variant (and the sweep's, and the seed) must hold in the run's resolved
 /// `config.toml`. Keys under `run.` (threads, checkpoints kept) do not change what is
@@ -308,12 +307,8 @@ fn check_reused(dir: &Path, overrides: &[&String]) -> Result<()> {
             toml::Value::Array(items) => part.parse::<usize>().ok().and_then(|i| items.get(i)),
             _ => None,
         });
-        let same = match (found, &wanted) {
-            (Some(found), wanted) => same_value(found, wanted),
-            (None, _) => false,
-        };
         ensure!(
-            same,
+            found.is_some_and(|found| same_value(found, &wanted)),
             "`{}` already holds a finished run, trained with {} where this sweep asks `{key} = {wanted}`: it belongs to another variant or sweep; pass --force to retrain it, or another --out",
             dir.display(),
             found.map(|v| format!("`{key} = {v}`")).unwrap_or_else(|| format!("no `{key}`"))
@@ -333,6 +328,7 @@ fn same_value(a: &toml::Value, b: &toml::Value) -> bool {
     }
 }
 
+/// `medssl run BASE --run-dir DIR --force --set ...`.
 fn pretrain(exe: &Path, base: &Path, dir: &Path, overrides: &[&String]) -> Result<()> {
     let mut command = Command::new(exe);
     command.arg("run").arg(base).arg("--run-dir").arg(dir).arg("--force");

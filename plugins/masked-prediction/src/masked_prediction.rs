@@ -199,7 +199,7 @@ impl MaskedPredictionObjective {
 
     /// The `[B, n]` float mask of this batch and the `[B, n, n]` weights of its two
     /// baselines ([`baseline_weights`]), on the CPU.
-    fn mask(&self, ids: &Tensor, valid: &Tensor, epoch: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn mask_and_baselines(&self, ids: &Tensor, valid: &Tensor, epoch: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n) = valid.size2()?;
         ensure!(
             ids.size() == [b],
@@ -227,7 +227,8 @@ impl Objective for MaskedPredictionObjective {
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("{NAME}: the runner supplied no slice sequence"))?;
         let features = sequence.embeddings;
-        let (mask, mean_weights, neighbour_weights) = self.mask(input.ids, sequence.valid, progress.epoch)?;
+        let (mask, mean_weights, neighbour_weights) =
+            self.mask_and_baselines(input.ids, sequence.valid, progress.epoch)?;
         let device = features.device();
         let mask = mask.to_device(device);
         let masked_input = features.where_self(
@@ -481,7 +482,7 @@ mod tests {
         // visible neighbours is exact wherever a masked slice has one on each side.
         let ids = Tensor::from_slice(&[0i64, 1, 2, 3]);
         let valid = Tensor::ones([4, 12], (Kind::Bool, Device::Cpu));
-        let mask = objective.mask(&ids, &valid, 0).unwrap().0;
+        let mask = objective.mask_and_baselines(&ids, &valid, 0).unwrap().0;
         let slope = Tensor::randn([4, 1, dim], (Kind::Float, Device::Cpu));
         let line = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([1, 12, 1]) * &slope;
         let mut terms = |features: &Tensor| {
@@ -659,7 +660,7 @@ mod tests {
             // The features get gradient only as the aggregator's context: the MASK vector
             // stands in for the masked slices and their targets are detached.
             let per_slice = features.grad().abs().sum_dim_intlist(-1, false, Kind::Float);
-            let mask = objective.mask(&ids, &valid, 0).unwrap().0;
+            let mask = objective.mask_and_baselines(&ids, &valid, 0).unwrap().0;
             assert_eq!((&per_slice * &mask).sum(Kind::Float).double_value(&[]), 0.0);
             assert!(
                 per_slice.sum(Kind::Float).double_value(&[]) > 0.0,

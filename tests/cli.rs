@@ -78,6 +78,46 @@ fn a_run_leaves_config_metrics_checkpoints_plot_and_report() {
 }
 
 #[test]
+fn a_module_no_stage_trains_is_a_warning_or_under_strict_training_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write(tmp.path(), "tiny.toml", TINY);
+    // Both stages say `train = ["encoder"]`; the joint stage runs the aggregator, whose
+    // parameters would stay at their random initialisation.
+    let with_parameters = "aggregator.name=attention-pool";
+    let run_dir = tmp.path().join("warned");
+    let out = run(&config, &run_dir, &["--set", with_parameters]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let warning = "the aggregator (`attention-pool`";
+    assert!(common::stderr(&out).contains(warning), "{}", common::stderr(&out));
+    let report = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("warning: the aggregator (`attention-pool`") && report.contains("trained by no stage"),
+        "{report}"
+    );
+
+    let strict = run(
+        &config,
+        &tmp.path().join("strict"),
+        &["--set", with_parameters, "--set", "run.strict_training=true"],
+    );
+    assert_fails_with(&strict, &[warning, "strict_training"]);
+    assert!(!tmp.path().join("strict").join("checkpoints").exists());
+
+    // The mean-pool aggregator has no parameters: nothing to warn about.
+    let out = run(
+        &config,
+        &tmp.path().join("quiet"),
+        &["--set", "run.strict_training=true"],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        !common::stderr(&out).contains("trained by no stage"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+#[test]
 fn check_probes_each_stage_without_training() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write(tmp.path(), "tiny.toml", TINY);

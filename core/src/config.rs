@@ -53,6 +53,9 @@ pub struct RunSection {
     pub keep_checkpoints: usize,
     /// CPU threads for libtorch's intra-op parallelism (0: libtorch's default).
     pub threads: i32,
+    /// Refuse a run in which a module with parameters is trained by no stage (it would stay
+    /// at its random initialisation); without it the run starts with a warning.
+    pub strict_training: bool,
 }
 
 impl Default for RunSection {
@@ -63,6 +66,7 @@ impl Default for RunSection {
             checkpoint_every: 50,
             keep_checkpoints: 2,
             threads: 0,
+            strict_training: false,
         }
     }
 }

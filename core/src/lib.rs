@@ -16,6 +16,7 @@ pub mod eval;
 pub mod finetune;
 pub mod head;
 pub mod inspect;
+pub mod layers;
 pub mod loader;
 pub mod metrics;
 pub mod objective;
@@ -43,6 +44,7 @@ pub mod prelude {
     pub use crate::detection::{Detections, ImageTargets};
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
     pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
+    pub use crate::layers;
     pub use crate::objective::{
         Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
     };

@@ -12,6 +12,18 @@
 //!
 //! Tensors of rank <= 1 (biases, norm scales) are excluded from weight decay for every
 //! optimizer, as is standard in SSL recipes.
+//!
+//! A parameter that the last backward pass did not reach is skipped entirely (no weight
+//! decay, no momentum, no moment update), as PyTorch's optimizers skip a `grad` of `None`
+//! after `zero_grad(set_to_none=True)`. tch cannot reset a gradient to undefined, so
+//! [`Optimizer::zero_grad`] records each gradient's version counter after zeroing it, and a
+//! gradient whose version has not moved since is stale. Without this a module frozen for a
+//! while (SwAV's prototypes during `freeze_prototypes_steps`) was weight-decayed in a
+//! process that had trained it before, and not in one resumed from a checkpoint.
+//!
+//! One difference from PyTorch on purpose: Adam's bias correction counts the optimizer's
+//! steps, not each parameter's, so a parameter first reached at step t is corrected as at
+//! step t (PyTorch: as at its first step); the count is one number in the checkpoint.
 
 use crate::config::OptimizerConfig;
 use anyhow::{bail, Result};
@@ -36,6 +48,9 @@ pub struct Optimizer {
     /// Learning-rate multipliers by parameter-name prefix (the first match applies), e.g.
     /// a smaller rate for a pre-trained encoder than for a new head when fine-tuning.
     lr_scales: Vec<(String, f64)>,
+    /// Each parameter's gradient version right after the last `zero_grad` (`None`: it had
+    /// no gradient then); an unchanged version means backward did not reach it since.
+    zeroed_versions: Vec<Option<i64>>,
 }
 
 impl Optimizer {
@@ -60,6 +75,7 @@ impl Optimizer {
             state: BTreeMap::new(),
             steps: 0,
             lr_scales: Vec::new(),
+            zeroed_versions: Vec::new(),
         })
     }
 
@@ -81,20 +97,34 @@ impl Optimizer {
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
+        self.zeroed_versions = self
+            .params
+            .iter_mut()
+            .map(|(_, p)| {
+                p.zero_grad();
+                let g = p.grad();
+                g.defined().then(|| g.internal_version())
+            })
+            .collect();
+    }
+
+    /// The gradient of parameter `i` if the backward pass since the last `zero_grad`
+    /// reached it.
+    fn fresh_gradient(&self, i: usize) -> Option<Tensor> {
+        let g = self.params[i].1.grad();
+        if !g.defined() {
+            return None;
+        }
+        match self.zeroed_versions.get(i) {
+            Some(Some(version)) if g.internal_version() == *version => None,
+            _ => Some(g),
         }
     }
 
     /// Global L2 norm of the gradients, clipped to `max_norm` when `max_norm > 0`.
     pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self
-                .params
-                .iter()
-                .map(|(_, p)| p.grad())
-                .filter(Tensor::defined)
-                .collect();
+            let grads: Vec<Tensor> = (0..self.params.len()).filter_map(|i| self.fresh_gradient(i)).collect();
             if grads.is_empty() {
                 return 0.0;
             }
@@ -123,17 +153,15 @@ impl Optimizer {
         self.steps += 1;
         let t = self.steps as f64;
         let cfg = self.cfg.clone();
-        let params: Vec<(String, Tensor, f64)> = self
-            .params
-            .iter()
-            .map(|(n, p)| (n.clone(), p.shallow_clone(), lr * self.lr_scale(n)))
+        let params: Vec<(String, Tensor, Tensor, f64)> = (0..self.params.len())
+            .filter_map(|i| {
+                let (n, p) = &self.params[i];
+                let g = self.fresh_gradient(i)?;
+                Some((n.clone(), p.shallow_clone(), g, lr * self.lr_scale(n)))
+            })
             .collect();
         tch::no_grad(|| {
-            for (name, mut p, lr) in params {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
+            for (name, mut p, g, lr) in params {
                 let decays = p.dim() > 1 && cfg.weight_decay > 0.0;
                 match self.rule {
                     Rule::Sgd | Rule::Lars => {
@@ -243,6 +271,42 @@ mod tests {
         }
         let last = loss(&w).double_value(&[]);
         assert!(last < first * 0.9, "{name}: {first} -> {last}");
+    }
+
+    #[test]
+    fn a_parameter_backward_did_not_reach_does_not_move() {
+        for name in ["sgd", "lars", "adamw"] {
+            let cfg = OptimizerConfig {
+                name: name.into(),
+                lr: 0.1,
+                weight_decay: 0.1,
+                ..Default::default()
+            };
+            let a = Tensor::full([2, 2], 1.0, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let b = Tensor::full([2, 2], 2.0, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let mut opt = Optimizer::new(
+                &cfg,
+                vec![("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())],
+            )
+            .unwrap();
+            opt.zero_grad();
+            (&a * &b).sum(Kind::Float).backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(cfg.lr);
+            // Step 2 reaches only `a`: `b`'s gradient is defined but stale (zeroed).
+            let before = b.copy();
+            opt.zero_grad();
+            (&a * &a).sum(Kind::Float).backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(cfg.lr);
+            assert!(b.equal(&before), "{name}: an unreached parameter moved");
+            // An exactly zero gradient that backward did compute still counts (PyTorch).
+            opt.zero_grad();
+            (&a * 0.0 + &b * 0.0).sum(Kind::Float).backward();
+            let before = b.copy();
+            opt.step(cfg.lr);
+            assert!(!b.equal(&before), "{name}: weight decay skipped on a reached parameter");
+        }
     }
 
     #[test]

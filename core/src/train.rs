@@ -40,6 +40,8 @@ pub struct Run {
     stage_data: Vec<DataPipeline>,
     model: Model,
     resolved_config: String,
+    /// Modules with parameters that no stage trains, each with the reason (report.md).
+    untrained: Vec<String>,
 }
 
 /// Named scalars of one step (loss terms, health indicators).
@@ -197,9 +199,18 @@ impl Run {
             stage_data,
             model,
             resolved_config,
+            untrained: Vec::new(),
         };
         let mut run = run;
         run.check_stages()?;
+        run.untrained = run.untrained_modules();
+        for module in &run.untrained {
+            anyhow::ensure!(
+                !run.cfg.run.run.strict_training,
+                "config: {module}; `run.strict_training = true` refuses such a run: list the module in a stage's `train`, or set `run.strict_training = false`"
+            );
+            tracing::warn!("{module}");
+        }
         // A zero weight switches an objective off (ablations): it is neither computed nor
         // optimised, and its state is left as it is.
         for stage in &mut run.cfg.run.stages {
@@ -253,6 +264,40 @@ impl Run {
             self.stage_optimizer(i)?;
         }
         Ok(())
+    }
+
+    /// Each module with parameters that no stage trains (a module listed only by skipped
+    /// stages, or by stages whose objectives never run it), described for a warning: it
+    /// would stay at its random initialisation, silently (a transformer aggregator under a
+    /// config whose stages all say `train = ["encoder"]`).
+    fn untrained_modules(&self) -> Vec<String> {
+        let modules = ["encoder", "aggregator"];
+        let mut untrained = Vec::new();
+        for module in modules {
+            let prefix = format!("{module}.");
+            let parameters = self
+                .model
+                .vs
+                .variables()
+                .into_iter()
+                .filter(|(name, t)| t.requires_grad() && name.starts_with(&prefix))
+                .count();
+            if parameters == 0 {
+                continue;
+            }
+            let trained = self.cfg.run.stages.iter().any(|stage| {
+                stage.epochs > 0
+                    && stage.objectives.values().any(|w| *w > 0.0)
+                    && self.trained_modules(stage).contains(&module)
+            });
+            if !trained {
+                let name = self.cfg.section(module, "name").map(|s| s.name).unwrap_or_default();
+                untrained.push(format!(
+                    "the {module} (`{name}`, {parameters} parameter tensors) is trained by no stage: it stays at its random initialisation"
+                ));
+            }
+        }
+        untrained
     }
 
     /// The optimizer config of stage `i`: `[optimizer]` with the stage's overrides on top.
@@ -842,6 +887,12 @@ impl Run {
             self.cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default(),
             self.cfg.run.aggregator.as_ref().and_then(|_| self.cfg.section("aggregator", "name").ok()).map(|s| s.name).unwrap_or_else(|| "none".into()),
         ));
+        for module in &self.untrained {
+            report.push_str(&format!("- warning: {module}\n"));
+        }
+        if !self.untrained.is_empty() {
+            report.push('\n');
+        }
         report.push_str(
             "| stage | epochs | steps an epoch (batch) | objectives (weight) | first loss | last loss |\n|---|---|---|---|---|---|\n",
         );

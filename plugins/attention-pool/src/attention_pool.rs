@@ -60,31 +60,13 @@ impl AttentionPoolAggregator {
             input_dim > 0,
             "attention-pool: the encoder's embedding width must be positive, got {input_dim}"
         );
-        let project = nn::linear(&p / "project", input_dim, cfg.output_dim, Default::default());
-        let norm = nn::layer_norm(&p / "norm", vec![cfg.output_dim], Default::default());
-        let attention_v = nn::linear(
-            &p / "attention_v",
-            cfg.output_dim,
-            cfg.attention_dim,
-            Default::default(),
-        );
-        let attention_u = nn::linear(
-            &p / "attention_u",
-            cfg.output_dim,
-            cfg.attention_dim,
-            Default::default(),
-        );
+        let project = layers::linear(&p / "project", input_dim, cfg.output_dim);
+        let norm = layers::layer_norm(&p / "norm", vec![cfg.output_dim]);
+        let attention_v = layers::linear(&p / "attention_v", cfg.output_dim, cfg.attention_dim);
+        let attention_u = layers::linear(&p / "attention_u", cfg.output_dim, cfg.attention_dim);
         // A bias on w shifts every logit of a bag equally, which the softmax cancels: it could
         // never learn anything, and Eq. 9 has none.
-        let attention_w = nn::linear(
-            &p / "attention_w",
-            cfg.attention_dim,
-            1,
-            nn::LinearConfig {
-                bias: false,
-                ..Default::default()
-            },
-        );
+        let attention_w = layers::linear_without_bias(&p / "attention_w", cfg.attention_dim, 1);
         Ok(AttentionPoolAggregator {
             cfg,
             input_dim,

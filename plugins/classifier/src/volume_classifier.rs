@@ -69,8 +69,8 @@ impl VolumeClassifier {
             cfg.dropout
         );
         Ok(VolumeClassifier {
-            fc1: nn::linear(p / "fc1", volume_dim, cfg.hidden_dim, Default::default()),
-            fc2: nn::linear(p / "fc2", cfg.hidden_dim, shape.num_classes, Default::default()),
+            fc1: layers::linear(p / "fc1", volume_dim, cfg.hidden_dim),
+            fc2: layers::linear(p / "fc2", cfg.hidden_dim, shape.num_classes),
             dropout: cfg.dropout,
         })
     }

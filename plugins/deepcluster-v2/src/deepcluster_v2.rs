@@ -140,27 +140,14 @@ impl DeepClusterV2Objective {
         // The reference's projection head; the first layer has no bias, which batch norm
         // would cancel anyway.
         let projector = nn::seq_t()
-            .add(nn::linear(
+            .add(layers::linear_without_bias(
                 &p / "projector" / "0",
                 input_dim,
                 cfg.hidden_dim,
-                nn::LinearConfig {
-                    bias: false,
-                    ..Default::default()
-                },
             ))
-            .add(nn::batch_norm1d(
-                &p / "projector" / "1",
-                cfg.hidden_dim,
-                Default::default(),
-            ))
+            .add(layers::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim))
             .add_fn(|x| x.relu())
-            .add(nn::linear(
-                &p / "projector" / "3",
-                cfg.hidden_dim,
-                d,
-                Default::default(),
-            ));
+            .add(layers::linear(&p / "projector" / "3", cfg.hidden_dim, d));
         // Set by k-means before they are first used.
         let prototypes = cfg
             .prototypes

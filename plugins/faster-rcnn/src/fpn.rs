@@ -18,6 +18,7 @@
 
 use anyhow::{bail, ensure, Result};
 use medssl_core::encoder::Level;
+use medssl_core::layers;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
@@ -58,17 +59,17 @@ pub struct Fpn {
 
 fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64) -> nn::Conv2D {
     // torchvision's FPN: kaiming_uniform_(a=1), i.e. bound sqrt(3 / fan_in), bias 0.
-    let config = nn::ConvConfig {
+    let config = layers::Conv {
         padding: k / 2,
-        ws_init: nn::Init::Kaiming {
+        weight: nn::Init::Kaiming {
             dist: nn::init::NormalOrUniform::Uniform,
             fan: nn::init::FanInOut::FanIn,
             non_linearity: nn::init::NonLinearity::Linear,
         },
-        bs_init: nn::Init::Const(0.0),
+        bias_init: Some(nn::Init::Const(0.0)),
         ..Default::default()
     };
-    nn::conv2d(p, c_in, c_out, k, config)
+    layers::conv2d(p, c_in, c_out, k, config)
 }
 
 impl Fpn {

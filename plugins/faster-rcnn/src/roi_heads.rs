@@ -31,6 +31,7 @@ use crate::nms::batched_nms;
 use crate::roi_align::{rois_of, MultiScaleRoiAlign};
 use anyhow::{ensure, Result};
 pub use medssl_core::detection::Detections;
+use medssl_core::layers;
 use medssl_core::rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
@@ -144,12 +145,13 @@ pub struct RoiHeads {
 }
 
 fn gaussian_linear(p: nn::Path, c_in: i64, c_out: i64, stdev: f64) -> nn::Linear {
-    let config = nn::LinearConfig {
-        ws_init: nn::Init::Randn { mean: 0.0, stdev },
-        bs_init: Some(nn::Init::Const(0.0)),
-        bias: true,
-    };
-    nn::linear(p, c_in, c_out, config)
+    layers::linear_initialised(
+        p,
+        c_in,
+        c_out,
+        nn::Init::Randn { mean: 0.0, stdev },
+        Some(nn::Init::Const(0.0)),
+    )
 }
 
 impl RoiHeads {
@@ -225,8 +227,8 @@ impl RoiHeads {
             config: config.clone(),
             pooler,
             pooled_levels,
-            fc6: nn::linear(&p / "box_head" / "fc6", flat, r, Default::default()),
-            fc7: nn::linear(&p / "box_head" / "fc7", r, r, Default::default()),
+            fc6: layers::linear(&p / "box_head" / "fc6", flat, r),
+            fc7: layers::linear(&p / "box_head" / "fc7", r, r),
             cls_score: gaussian_linear(&p / "box_predictor" / "cls_score", r, num_classes, 0.01),
             bbox_pred: gaussian_linear(&p / "box_predictor" / "bbox_pred", r, 4 * num_classes, 0.001),
             num_classes,

@@ -27,6 +27,7 @@ use crate::boxes::{box_loss, clip, keep_min_size, BoxCoder, BoxLoss, ImageTarget
 use crate::matching::{sample, Matcher};
 use crate::nms::batched_nms;
 use anyhow::{ensure, Result};
+use medssl_core::layers;
 use medssl_core::rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
@@ -120,13 +121,13 @@ pub struct Rpn {
 }
 
 fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64) -> nn::Conv2D {
-    let config = nn::ConvConfig {
+    let config = layers::Conv {
         padding: k / 2,
-        ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.01 },
-        bs_init: nn::Init::Const(0.0),
+        weight: nn::Init::Randn { mean: 0.0, stdev: 0.01 },
+        bias_init: Some(nn::Init::Const(0.0)),
         ..Default::default()
     };
-    nn::conv2d(p, c_in, c_out, k, config)
+    layers::conv2d(p, c_in, c_out, k, config)
 }
 
 impl Rpn {

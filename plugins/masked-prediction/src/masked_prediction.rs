@@ -188,7 +188,7 @@ impl MaskedPredictionObjective {
             &[sequence_dim],
             nn::Init::Randn { mean: 0.0, stdev: 0.02 },
         );
-        let decoder = nn::linear(&p / "decoder", volume_dim, sequence_dim, Default::default());
+        let decoder = layers::linear(&p / "decoder", volume_dim, sequence_dim);
         Ok(MaskedPredictionObjective {
             cfg,
             seed: shape.seed,
@@ -636,7 +636,7 @@ mod tests {
         let dim = 5;
         let vs = nn::VarStore::new(Device::Cpu);
         let aggregator = NeighbourMix {
-            mix: nn::linear(vs.root() / "aggregator", 2 * dim, dim, Default::default()),
+            mix: layers::linear(vs.root() / "aggregator", 2 * dim, dim),
             dim,
         };
         for normalize_targets in [false, true] {
@@ -675,7 +675,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let dim = 6;
         let aggregator = NeighbourMix {
-            mix: nn::linear(vs.root() / "aggregator", 2 * dim, dim, Default::default()),
+            mix: layers::linear(vs.root() / "aggregator", 2 * dim, dim),
             dim,
         };
         let mut objective =

@@ -53,25 +53,12 @@ impl NtXentObjective {
             cfg.hidden_dim > 0 && cfg.output_dim > 0,
             "ntxent: `hidden_dim` and `output_dim` must be positive"
         );
+        // SimCLR's projection head with PyTorch's default init (solo-learn, lightly).
         let projector = nn::seq_t()
-            .add(nn::linear(
-                &p / "projector" / "0",
-                input_dim,
-                cfg.hidden_dim,
-                Default::default(),
-            ))
-            .add(nn::batch_norm1d(
-                &p / "projector" / "1",
-                cfg.hidden_dim,
-                Default::default(),
-            ))
+            .add(layers::linear(&p / "projector" / "0", input_dim, cfg.hidden_dim))
+            .add(layers::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim))
             .add_fn(|x| x.relu())
-            .add(nn::linear(
-                &p / "projector" / "3",
-                cfg.hidden_dim,
-                cfg.output_dim,
-                Default::default(),
-            ));
+            .add(layers::linear(&p / "projector" / "3", cfg.hidden_dim, cfg.output_dim));
         Ok(NtXentObjective {
             cfg,
             consumes,

@@ -8,6 +8,11 @@
 //! take a grey image repeated), a small-input stem for 28-64 px images (3x3 stride-1 conv, no
 //! max-pool, as for CIFAR in the ResNet paper, Sec. 4.2), and a base width below 64 for
 //! tests and laptops.
+//!
+//! Initialisation as torchvision's `ResNet.__init__`: convolutions Kaiming normal (fan_out,
+//! ReLU) without bias, batch norms scale 1 and shift 0, and with `zero_init_residual` the
+//! last batch norm of every residual branch at scale 0 (torchvision's flag, off by default
+//! there and here).
 
 use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -22,6 +27,9 @@ pub struct ResNetConfig {
     pub base_width: i64,
     /// 3x3 stride-1 stem without max-pool, for 28-64 px inputs.
     pub small_input: bool,
+    /// Start the last batch norm of each residual branch at scale 0, so every block starts
+    /// as the identity (torchvision's `zero_init_residual`).
+    pub zero_init_residual: bool,
 }
 
 impl Default for ResNetConfig {
@@ -30,6 +38,7 @@ impl Default for ResNetConfig {
             input_channels: 1,
             base_width: 64,
             small_input: false,
+            zero_init_residual: false,
         }
     }
 }
@@ -50,29 +59,14 @@ impl Block {
 }
 
 fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    // torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), no bias before BN.
-    let ws_init = nn::Init::Kaiming {
-        dist: nn::init::NormalOrUniform::Normal,
-        fan: nn::init::FanInOut::FanOut,
-        non_linearity: nn::init::NonLinearity::ReLU,
+    let conv = layers::Conv {
+        stride,
+        padding,
+        bias: false,
+        weight: layers::KAIMING_NORMAL_FAN_OUT,
+        ..Default::default()
     };
-    nn::conv2d(
-        p,
-        c_in,
-        c_out,
-        k,
-        nn::ConvConfig {
-            stride,
-            padding,
-            bias: false,
-            ws_init,
-            ..Default::default()
-        },
-    )
-}
-
-fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, c, Default::default())
+    layers::conv2d(p, c_in, c_out, k, conv)
 }
 
 /// One residual block: convolutions with batch norm, and a projection shortcut where the
@@ -83,18 +77,26 @@ struct Residual {
 }
 
 impl Residual {
-    fn new(p: &nn::Path, kind: Block, c_in: i64, width: i64, stride: i64) -> Residual {
+    fn new(p: &nn::Path, kind: Block, c_in: i64, width: i64, stride: i64, zero_init_residual: bool) -> Residual {
         let c_out = width * kind.expansion();
+        let bn = |p: nn::Path, c: i64| layers::batch_norm2d(p, c);
+        let last_bn = |p: nn::Path, c: i64| {
+            if zero_init_residual {
+                layers::zeroed_batch_norm2d(p, c)
+            } else {
+                layers::batch_norm2d(p, c)
+            }
+        };
         let convs = match kind {
             Block::Basic => vec![
                 (conv(p / "conv1", c_in, width, 3, stride, 1), bn(p / "bn1", width)),
-                (conv(p / "conv2", width, width, 3, 1, 1), bn(p / "bn2", width)),
+                (conv(p / "conv2", width, width, 3, 1, 1), last_bn(p / "bn2", width)),
             ],
             // torchvision v1.5: the stride sits on the 3x3 convolution.
             Block::Bottleneck => vec![
                 (conv(p / "conv1", c_in, width, 1, 1, 0), bn(p / "bn1", width)),
                 (conv(p / "conv2", width, width, 3, stride, 1), bn(p / "bn2", width)),
-                (conv(p / "conv3", width, c_out, 1, 1, 0), bn(p / "bn3", c_out)),
+                (conv(p / "conv3", width, c_out, 1, 1, 0), last_bn(p / "bn3", c_out)),
             ],
         };
         let downsample = (stride != 1 || c_in != c_out).then(|| {
@@ -149,7 +151,7 @@ impl ResNet {
         } else {
             (conv(&p / "conv1", cfg.input_channels, w, 7, 2, 3), 2, 2)
         };
-        let bn1 = bn(&p / "bn1", w);
+        let bn1 = layers::batch_norm2d(&p / "bn1", w);
         let mut levels = vec![Level {
             name: "stem".into(),
             channels: w,
@@ -171,6 +173,7 @@ impl ResNet {
                         c_in,
                         width,
                         if b == 0 { stride } else { 1 },
+                        cfg.zero_init_residual,
                     );
                     c_in = width * kind.expansion();
                     block
@@ -338,6 +341,21 @@ mod tests {
         let (_, enc) = build_named("resnet18", "base_width = 4\ninput_channels = 3");
         let out = enc.forward(&Tensor::randn([1, 1, 32, 32], (Kind::Float, Device::Cpu)), false);
         assert_eq!(out.pooled.size(), vec![1, 32]);
+    }
+
+    #[test]
+    fn zero_init_residual_zeroes_the_last_norm_of_each_branch_only() {
+        for (name, last) in [("resnet18", "bn2"), ("resnet50", "bn3")] {
+            let (vs, _) = build_named(name, "base_width = 4\nzero_init_residual = true");
+            for (var, t) in vs.variables() {
+                let Some(norm) = var.strip_suffix(".weight").filter(|_| t.dim() == 1) else {
+                    continue;
+                };
+                let zero = norm.starts_with("layer") && norm.ends_with(last) && !norm.contains("downsample");
+                let expected = if zero { 0.0 } else { 1.0 };
+                assert!(t.eq(expected).all().int64_value(&[]) == 1, "{name} {var}");
+            }
+        }
     }
 
     #[test]

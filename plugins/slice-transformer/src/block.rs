@@ -108,7 +108,7 @@ pub struct HeadProjections {
 
 impl HeadProjections {
     pub fn new(p: &nn::Path, width: i64, heads: i64) -> Self {
-        let linear = |name: &str| nn::linear(p / name, width, width, Default::default());
+        let linear = |name: &str| layers::linear(p / name, width, width);
         HeadProjections {
             query: linear("query"),
             key: linear("key"),
@@ -329,11 +329,11 @@ impl<A: SliceAttention> SliceTransformer<A> {
             .map(|(i, &slices)| {
                 let p = p / "layers" / i;
                 Ok(Block {
-                    norm_attention: nn::layer_norm(&p / "norm_attention", vec![width], Default::default()),
+                    norm_attention: layers::layer_norm(&p / "norm_attention", vec![width]),
                     attention: attention(&(&p / "attention"), slices)?,
-                    norm_ffn: nn::layer_norm(&p / "norm_ffn", vec![width], Default::default()),
-                    ffn_in: nn::linear(&p / "ffn_in", width, spec.ffn_dim, Default::default()),
-                    ffn_out: nn::linear(&p / "ffn_out", spec.ffn_dim, width, Default::default()),
+                    norm_ffn: layers::layer_norm(&p / "norm_ffn", vec![width]),
+                    ffn_in: layers::linear(&p / "ffn_in", width, spec.ffn_dim),
+                    ffn_out: layers::linear(&p / "ffn_out", spec.ffn_dim, width),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -341,11 +341,11 @@ impl<A: SliceAttention> SliceTransformer<A> {
             input_dim,
             width,
             dropout: spec.dropout,
-            input: nn::linear(p / "input", input_dim, width, Default::default()),
-            input_norm: nn::batch_norm1d(p / "input_norm", width, Default::default()),
+            input: layers::linear(p / "input", input_dim, width),
+            input_norm: layers::batch_norm1d(p / "input_norm", width),
             blocks,
             pyramid_strides: spec.pyramid_strides.clone(),
-            norm: nn::layer_norm(p / "norm", vec![width], Default::default()),
+            norm: layers::layer_norm(p / "norm", vec![width]),
         })
     }
 

@@ -195,24 +195,24 @@ pub struct OffsetNetwork {
 impl OffsetNetwork {
     fn new(p: &nn::Path, width: i64, cfg: &DeformableAttentionConfig) -> Self {
         let stride = cfg.reference_stride;
-        let depthwise = nn::conv1d(
+        let depthwise = layers::conv1d(
             p / "depthwise",
             width,
             width,
             stride + 2 * cfg.offset_context,
-            nn::ConvConfig {
+            layers::Conv {
                 stride,
                 groups: width,
                 ..Default::default()
             },
         );
         // No bias, as DAT: a query of zeros (padding) asks for no shift.
-        let pointwise = nn::conv1d(
+        let pointwise = layers::conv1d(
             p / "pointwise",
             width,
             cfg.offset_groups,
             1,
-            nn::ConvConfig {
+            layers::Conv {
                 bias: false,
                 ..Default::default()
             },

@@ -118,35 +118,14 @@ impl SwavObjective {
             cfg.level,
             global_views_key(cfg.level)
         );
+        // SwAV's `resnet50.py`: PyTorch's default init for the head's linear layers and the
+        // prototypes (`nn.Linear(output_dim, nmb_prototypes, bias=False)`), batch norm at 1/0.
         let projector = nn::seq_t()
-            .add(nn::linear(
-                &p / "projector" / "0",
-                input_dim,
-                cfg.hidden_dim,
-                Default::default(),
-            ))
-            .add(nn::batch_norm1d(
-                &p / "projector" / "1",
-                cfg.hidden_dim,
-                Default::default(),
-            ))
+            .add(layers::linear(&p / "projector" / "0", input_dim, cfg.hidden_dim))
+            .add(layers::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim))
             .add_fn(|x| x.relu())
-            .add(nn::linear(
-                &p / "projector" / "3",
-                cfg.hidden_dim,
-                cfg.output_dim,
-                Default::default(),
-            ));
-        let prototypes = nn::linear(
-            &p / "prototypes",
-            cfg.output_dim,
-            cfg.prototypes,
-            nn::LinearConfig {
-                bias: false,
-                ..Default::default()
-            },
-        )
-        .ws;
+            .add(layers::linear(&p / "projector" / "3", cfg.hidden_dim, cfg.output_dim));
+        let prototypes = layers::linear_without_bias(&p / "prototypes", cfg.output_dim, cfg.prototypes).ws;
         normalize_rows_(&prototypes);
         let (queue, filled) = if cfg.queue_length > 0 {
             let queue = p.zeros_no_train("queue", &[global_views as i64, cfg.queue_length as i64, cfg.output_dim]);

@@ -55,28 +55,18 @@ struct ConvBlock {
 impl ConvBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64) -> ConvBlock {
         let conv = |p: nn::Path, c_in: i64| {
-            let config = nn::ConvConfig {
+            let config = layers::Conv {
                 padding: 1,
                 // Batch norm follows, so a bias would only duplicate its shift.
                 bias: false,
-                ws_init: nn::Init::Kaiming {
-                    dist: nn::init::NormalOrUniform::Normal,
-                    fan: nn::init::FanInOut::FanOut,
-                    non_linearity: nn::init::NonLinearity::ReLU,
-                },
+                weight: layers::KAIMING_NORMAL_FAN_OUT,
                 ..Default::default()
             };
-            nn::conv2d(p, c_in, c_out, 3, config)
+            layers::conv2d(p, c_in, c_out, 3, config)
         };
         let layers = vec![
-            (
-                conv(p / "conv1", c_in),
-                nn::batch_norm2d(p / "bn1", c_out, Default::default()),
-            ),
-            (
-                conv(p / "conv2", c_out),
-                nn::batch_norm2d(p / "bn2", c_out, Default::default()),
-            ),
+            (conv(p / "conv1", c_in), layers::batch_norm2d(p / "bn1", c_out)),
+            (conv(p / "conv2", c_out), layers::batch_norm2d(p / "bn2", c_out)),
         ];
         ConvBlock { layers }
     }
@@ -168,7 +158,7 @@ impl UNet {
                 }
             })
             .collect();
-        let classifier = nn::conv2d(p / "classifier", width, shape.num_classes, 1, Default::default());
+        let classifier = layers::conv2d(p / "classifier", width, shape.num_classes, 1, Default::default());
         Ok(UNet {
             start,
             stages,

@@ -64,13 +64,13 @@ impl VicRegObjective {
         // The paper's expander: two Linear-BN-ReLU blocks and a final linear layer.
         let e = &p / "expander";
         let expander = nn::seq_t()
-            .add(nn::linear(&e / "0", input_dim, d, Default::default()))
-            .add(nn::batch_norm1d(&e / "1", d, Default::default()))
+            .add(layers::linear(&e / "0", input_dim, d))
+            .add(layers::batch_norm1d(&e / "1", d))
             .add_fn(|x| x.relu())
-            .add(nn::linear(&e / "3", d, d, Default::default()))
-            .add(nn::batch_norm1d(&e / "4", d, Default::default()))
+            .add(layers::linear(&e / "3", d, d))
+            .add(layers::batch_norm1d(&e / "4", d))
             .add_fn(|x| x.relu())
-            .add(nn::linear(&e / "6", d, d, Default::default()));
+            .add(layers::linear(&e / "6", d, d));
         Ok(VicRegObjective {
             cfg,
             consumes,

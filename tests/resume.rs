@@ -105,3 +105,180 @@ fn resume_of_a_folder_that_is_no_run_is_a_clear_error() {
     let out = medssl().arg("resume").arg(tmp.path()).output().unwrap();
     common::assert_fails_with(&out, &["config.toml", "is missing", "run directory"]);
 }
+
+/// A finished TINY run in `dir/run`: 8 steps, a checkpoint after each, the last two kept.
+fn finished_run(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = write(dir, "c.toml", TINY);
+    let run_dir = dir.join("run");
+    let out = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    run_dir
+}
+
+fn checkpoint_bytes(run_dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(run_dir.join("checkpoints")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            for file in ["tensors.safetensors", "state.json"] {
+                files.push((
+                    format!("{}/{file}", path.display()),
+                    std::fs::read(path.join(file)).unwrap(),
+                ));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_deleted_latest_resumes_from_the_newest_checkpoint_not_from_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = finished_run(tmp.path());
+    let metrics = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
+    std::fs::remove_file(run_dir.join("checkpoints/latest")).unwrap();
+    let out = medssl().arg("resume").arg(&run_dir).output().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("newest complete checkpoint") && common::stderr(&out).contains("step-00000008"),
+        "{}",
+        common::stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(run_dir.join("metrics.jsonl")).unwrap(),
+        metrics,
+        "the run restarted"
+    );
+}
+
+#[test]
+fn a_latest_pointing_outside_the_checkpoints_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = finished_run(tmp.path());
+    let before = checkpoint_bytes(&run_dir);
+    std::fs::create_dir_all(tmp.path().join("x")).unwrap();
+    for name in ["../../x", "/tmp", "step-8"] {
+        std::fs::write(run_dir.join("checkpoints/latest"), name).unwrap();
+        let out = medssl().arg("resume").arg(&run_dir).output().unwrap();
+        common::assert_fails_with(&out, &["checkpoints/latest", name, "not a checkpoint of this folder"]);
+    }
+    assert_eq!(checkpoint_bytes(&run_dir), before);
+}
+
+#[test]
+fn a_state_this_config_cannot_have_written_is_refused() {
+    for (key, value, words) in [
+        ("stage_step", "999999", "999999 steps into stage"),
+        ("stage", "9", "stage index 9"),
+        ("global_step", "7", "global step 7"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run_dir = finished_run(tmp.path());
+        let state_path = run_dir.join("checkpoints/step-00000008/state.json");
+        let mut state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+        state[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(&state_path, serde_json::to_string(&state).unwrap()).unwrap();
+        let before = checkpoint_bytes(&run_dir);
+        let out = medssl().arg("resume").arg(&run_dir).output().unwrap();
+        common::assert_fails_with(&out, &["step-00000008/state.json", words]);
+        assert_eq!(checkpoint_bytes(&run_dir), before, "{key}");
+    }
+}
+
+#[test]
+fn force_replaces_a_run_directory_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(tmp.path(), "c.toml", TINY);
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("volume.nii"), b"precious").unwrap();
+    let out = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&data)
+        .arg("--force")
+        .output()
+        .unwrap();
+    common::assert_fails_with(&out, &["refusing to replace", "not a medssl run directory"]);
+    assert_eq!(std::fs::read(data.join("volume.nii")).unwrap(), b"precious");
+
+    // A file in the way is no folder to run in, forced or not.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&file)
+        .arg("--force")
+        .output()
+        .unwrap();
+    common::assert_fails_with(&out, &["is not a folder"]);
+
+    // A real run directory is replaced.
+    let run_dir = finished_run(tmp.path());
+    std::fs::write(run_dir.join("stale"), b"x").unwrap();
+    let out = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--force")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(!run_dir.join("stale").exists());
+}
+
+#[test]
+fn a_live_run_directory_refuses_a_second_writer_with_the_holders_pid() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Long enough to outlast the second writers' start-up; it is killed at the end.
+    let path = write(tmp.path(), "c.toml", &TINY.replace("epochs = 2", "epochs = 500"));
+    let run_dir = tmp.path().join("live");
+    let mut child = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended too early");
+        assert!(Instant::now() < deadline, "the run did not start in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = format!("pid {}", child.id());
+    let resume = medssl().arg("resume").arg(&run_dir).output().unwrap();
+    let forced = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--force")
+        .output()
+        .unwrap();
+    let still_running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(still_running, "the run ended before the second writers were tried");
+    common::assert_fails_with(&resume, &["in use", &pid]);
+    common::assert_fails_with(&forced, &["in use", &pid]);
+    assert!(run_dir.join("config.toml").exists(), "--force cleared a live run");
+}

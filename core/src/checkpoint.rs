@@ -147,6 +147,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Whether `name` is a checkpoint folder's name: `step-` and at least 8 digits.
+fn is_checkpoint_name(name: &str) -> bool {
+    name.strip_prefix("step-")
+        .is_some_and(|digits| digits.len() >= 8 && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The checkpoint folder of a run.
 pub struct Checkpoints {
     dir: PathBuf,
@@ -191,7 +197,7 @@ impl Checkpoints {
     fn prune(&self, latest: &str) -> Result<()> {
         let mut names: Vec<String> = std::fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("step-"))
+            .filter(|n| is_checkpoint_name(n))
             .collect();
         names.sort();
         let excess = names.len().saturating_sub(self.keep);
@@ -201,18 +207,65 @@ impl Checkpoints {
         Ok(())
     }
 
-    /// The latest complete checkpoint, if any.
+    /// The latest complete checkpoint, if any: the one `latest` names, or, where `latest`
+    /// is missing or names a folder that is gone (a kill between a checkpoint's rename and
+    /// the pointer's update), the newest `step-*` folder, with a warning. Every `step-*`
+    /// folder is complete: checkpoints are written under a temporary name and renamed. A
+    /// pointer naming anything but a `step-NNNNNNNN` folder of this directory (`../../x`)
+    /// is refused.
     pub fn latest(&self) -> Result<Option<PathBuf>> {
         let pointer = self.dir.join("latest");
-        if !pointer.exists() {
+        if pointer.exists() {
+            let text =
+                std::fs::read_to_string(&pointer).with_context(|| format!("cannot read `{}`", pointer.display()))?;
+            let name = text.trim();
+            if !is_checkpoint_name(name) {
+                bail!(
+                    "`{}` names `{name}`, which is not a checkpoint of this folder (expected `step-` and 8 digits): the file was edited or is corrupt",
+                    pointer.display()
+                );
+            }
+            let path = self.dir.join(name);
+            if path.is_dir() {
+                return Ok(Some(path));
+            }
+            let newest = self.newest()?;
+            match &newest {
+                Some(found) => tracing::warn!(
+                    "`{}` names `{name}`, which does not exist: using the newest complete checkpoint, `{}`",
+                    pointer.display(),
+                    found.display()
+                ),
+                None => bail!(
+                    "`{}` names `{name}`, which does not exist, and no other checkpoint is left",
+                    pointer.display()
+                ),
+            }
+            return Ok(newest);
+        }
+        let newest = self.newest()?;
+        if let Some(found) = &newest {
+            tracing::warn!(
+                "`{}` is missing: using the newest complete checkpoint, `{}`",
+                pointer.display(),
+                found.display()
+            );
+        }
+        Ok(newest)
+    }
+
+    /// The newest `step-*` folder, if any.
+    fn newest(&self) -> Result<Option<PathBuf>> {
+        if !self.dir.is_dir() {
             return Ok(None);
         }
-        let name = std::fs::read_to_string(&pointer).with_context(|| format!("cannot read `{}`", pointer.display()))?;
-        let path = self.dir.join(name.trim());
-        if !path.is_dir() {
-            bail!("`{}` names `{}`, which does not exist", pointer.display(), name.trim());
-        }
-        Ok(Some(path))
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot read `{}`", self.dir.display()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| is_checkpoint_name(n) && self.dir.join(n).is_dir())
+            .collect();
+        names.sort_by_key(|n| n[5..].parse::<u64>().unwrap_or(0));
+        Ok(names.pop().map(|n| self.dir.join(n)))
     }
 }
 

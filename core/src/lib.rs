@@ -25,6 +25,7 @@ pub mod probe;
 pub mod registry;
 pub mod resize;
 pub mod rng;
+pub mod run_dir;
 pub mod segmentation;
 pub mod slice_features;
 pub mod sources;

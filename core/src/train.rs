@@ -14,6 +14,7 @@ use crate::metrics::{self, MetricsLog};
 use crate::objective::{Consumes, Progress, SliceSequence, StepInput};
 use crate::optim::{self, Optimizer};
 use crate::rng::{self, domain};
+use crate::run_dir::{self, RunLock};
 use anyhow::{bail, Context, Result};
 use figment::providers::Serialized;
 use serde_json::{json, Map, Value};
@@ -472,6 +473,8 @@ impl Run {
                         fingerprint
                     );
                 }
+                self.check_position(&state)
+                    .with_context(|| format!("checkpoint state `{}`", latest.join("state.json").display()))?;
                 optimizer_state = self.restore(&latest, tensors)?;
                 for (key, value) in &state.objectives {
                     if let Some(objective) = self.model.objectives.get_mut(key) {
@@ -533,6 +536,42 @@ impl Run {
         bar.finish_and_clear();
         let summary = self.finish(run_dir, started.elapsed().as_secs_f64(), position.global_step)?;
         Ok(summary)
+    }
+
+    /// Refuses a checkpoint position that this config cannot have produced: a stage index
+    /// past the last stage, more steps in a stage than it has, or a global step that is not
+    /// the sum of the stages before plus the steps into this one.
+    fn check_position(&self, state: &TrainingState) -> Result<()> {
+        let steps: Vec<usize> = self
+            .cfg
+            .run
+            .stages
+            .iter()
+            .zip(&self.stage_data)
+            .map(|(s, data)| s.epochs * data.steps_per_epoch())
+            .collect();
+        let stages = steps.len();
+        anyhow::ensure!(
+            state.stage <= stages,
+            "stage index {} but the config has {stages} stages: the file is corrupt or from another config",
+            state.stage
+        );
+        let in_stage = steps.get(state.stage).copied().unwrap_or(0);
+        anyhow::ensure!(
+            state.stage_step <= in_stage,
+            "{} steps into stage {} but that stage has {in_stage} steps: the file is corrupt or from another config",
+            state.stage_step,
+            state.stage
+        );
+        let expected = steps[..state.stage].iter().sum::<usize>() + state.stage_step;
+        anyhow::ensure!(
+            state.global_step == expected,
+            "global step {} but stage {} at step {} means global step {expected}: the file is corrupt or from another config",
+            state.global_step,
+            state.stage,
+            state.stage_step
+        );
+        Ok(())
     }
 
     /// Copies checkpoint tensors into the model; returns the optimizer's part.
@@ -961,22 +1000,16 @@ fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// Creates a fresh run directory. An existing non-empty one is refused unless `force`,
-/// which empties it first.
-pub fn create_run_dir(dir: &Path, force: bool) -> Result<()> {
-    if dir.exists() {
-        let empty = dir.is_dir() && std::fs::read_dir(dir)?.next().is_none();
-        if !empty {
-            if !force {
-                bail!(
-                    "run directory `{}` already exists; use `medssl resume {}` to continue it, or --force to replace it",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-            std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear `{}`", dir.display()))?;
-        }
-    }
+/// Creates a fresh run directory and locks it for this process. An existing non-empty one
+/// is refused unless `force`, which replaces it only if it is a run directory no process
+/// holds ([`run_dir::create`]).
+pub fn create_run_dir(dir: &Path, force: bool) -> Result<RunLock> {
+    let lock = run_dir::create(
+        dir,
+        force,
+        &format!("use `medssl resume {}` to continue it", dir.display()),
+    )?;
     std::fs::create_dir_all(dir.join(CHECKPOINT_DIR))
-        .with_context(|| format!("cannot create run directory `{}`", dir.display()))
+        .with_context(|| format!("cannot create run directory `{}`", dir.display()))?;
+    Ok(lock)
 }

@@ -308,7 +308,8 @@ fn execute(command: Command) -> Result<()> {
                 )
             });
             let run = Run::prepare(cfg)?;
-            train::create_run_dir(&dir, force)?;
+            // Held until the run ends: a second writer is refused with this pid.
+            let _lock = train::create_run_dir(&dir, force)?;
             medssl_core::checkpoint::write_atomic(&dir.join(train::CONFIG_FILE), run.resolved_config().as_bytes())?;
             tracing::info!("run directory: {}", dir.display());
             report(run.train(&dir, false)?);
@@ -537,6 +538,7 @@ fn execute(command: Command) -> Result<()> {
             let config = run_dir.join(train::CONFIG_FILE);
             let cfg = LoadedConfig::load_resolved(&config)
                 .with_context(|| format!("cannot resume `{}`", run_dir.display()))?;
+            let _lock = medssl_core::run_dir::RunLock::acquire(&run_dir)?;
             let run = Run::prepare(cfg)?;
             report(run.train(&run_dir, true)?);
             Ok(())

@@ -374,7 +374,8 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     // Check the first repeat's subset before anything is written.
     protocol.subset(0)?;
 
-    prepare_out_dir(&options.out, options.force)?;
+    // Held until the fine-tune ends; `--force` replaces only a folder medssl wrote.
+    let _lock = crate::run_dir::create(&options.out, options.force, "pass --out another folder")?;
     let filled = [
         ("head".to_string(), head_resolved),
         ("data.train".to_string(), train_set.resolved.clone()),
@@ -468,19 +469,6 @@ pub fn check(loaded: &LoadedFinetune, run_cfg: &LoadedConfig) -> Result<Task> {
     data::open(&loaded.data_section("train")?)?;
     data::open(&loaded.data_section("eval")?)?;
     Ok(network.task)
-}
-
-/// Creates the fine-tuning directory; an existing non-empty one needs `force`.
-fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
-    if dir.exists() && (!dir.is_dir() || std::fs::read_dir(dir)?.next().is_some()) {
-        ensure!(
-            force,
-            "`{}` already exists; pass --force to replace it, or --out another folder",
-            dir.display()
-        );
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear `{}`", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))
 }
 
 /// One training batch: inputs, their validity masks (volumes) and targets.

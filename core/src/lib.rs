@@ -21,6 +21,7 @@ pub mod loader;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod precision;
 pub mod probe;
 pub mod registry;
 pub mod resize;
@@ -49,6 +50,7 @@ pub mod prelude {
     pub use crate::objective::{
         Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
     };
+    pub use crate::precision::loss_kind;
     pub use crate::register;
     pub use crate::registry::default_toml;
     pub use anyhow::{bail, ensure, Context, Result};

@@ -488,15 +488,16 @@ fn reseed_empty(assignments: &mut [i64], similarity: &[f32], k: usize) -> Vec<(u
 
 /// Mean cross-entropy of `softmax(z . prototypes^T / temperature)` against `targets` over
 /// the rows whose target is not negative (zero when there is none). `z` `[M, D]`,
-/// `prototypes` `[K, D]`, `targets` `[M]` int64.
+/// `prototypes` `[K, D]`, `targets` `[M]` int64. In fp32 (f64 `z` stays f64).
 pub fn cluster_loss(z: &Tensor, prototypes: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
-    let log_prob = (z.matmul(&prototypes.tr()) / temperature).log_softmax(1, Kind::Float);
+    let kind = loss_kind(z);
+    let log_prob = (z.matmul(&prototypes.tr()) / temperature).log_softmax(1, kind);
     let valid = targets.ge(0);
     let picked = log_prob
         .gather(1, &targets.clamp_min(0).unsqueeze(1), false)
         .squeeze_dim(1)
         .masked_fill(&valid.logical_not(), 0.0);
-    -picked.sum(Kind::Float) / valid.sum(Kind::Float).clamp_min(1.0)
+    -picked.sum(kind) / valid.sum(kind).clamp_min(1.0)
 }
 
 impl Objective for DeepClusterV2Objective {

@@ -68,8 +68,10 @@ impl NtXentObjective {
 }
 
 /// NT-Xent over `views` (each `[N, D]`, already projected): mean over anchors of the mean
-/// over positives of `-log softmax`, with self-similarity excluded.
+/// over positives of `-log softmax`, with self-similarity excluded. In fp32 (f64 views stay
+/// f64).
 pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
+    let kind = loss_kind(&views[0]);
     let v = views.len() as i64;
     let n = views[0].size()[0];
     let z = Tensor::cat(views, 0);
@@ -78,7 +80,7 @@ pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
     let device = z.device();
     let eye = Tensor::eye(v * n, (Kind::Bool, device));
     let logits = logits.masked_fill(&eye, f64::NEG_INFINITY);
-    let log_prob = logits.log_softmax(1, Kind::Float);
+    let log_prob = logits.log_softmax(1, kind);
     let sample = Tensor::arange(v * n, (Kind::Int64, device)).remainder(n);
     let positives = sample
         .unsqueeze(0)
@@ -86,8 +88,8 @@ pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
         .logical_and(&eye.logical_not());
     let pos_log_prob = log_prob
         .masked_fill(&positives.logical_not(), 0.0)
-        .sum_dim_intlist(1, false, Kind::Float);
-    -(pos_log_prob / (v - 1) as f64).mean(Kind::Float)
+        .sum_dim_intlist(1, false, kind);
+    -(pos_log_prob / (v - 1) as f64).mean(kind)
 }
 
 impl Objective for NtXentObjective {

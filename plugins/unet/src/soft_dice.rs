@@ -22,27 +22,29 @@ use medssl_core::prelude::*;
 const EPSILON: f64 = 1e-7;
 
 /// The soft Dice loss of `logits` `[N, K, H, W]` against int64 class ids `targets`
-/// `[N, H, W]` in `0..K`, as the module documentation defines it: a scalar in [0, 1].
+/// `[N, H, W]` in `0..K`, as the module documentation defines it: a scalar in [0, 1]. In
+/// fp32 (f64 logits stay f64).
 pub fn soft_dice_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
     let classes = logits.size()[1];
-    let probabilities = logits.softmax(1, Kind::Float);
-    let truth = targets.one_hot(classes).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+    let kind = loss_kind(logits);
+    let probabilities = logits.softmax(1, kind);
+    let truth = targets.one_hot(classes).permute([0, 3, 1, 2]).to_kind(kind);
     let predicted = logits.argmax(1, false).one_hot(classes).permute([0, 3, 1, 2]);
     // Per-class sums over every pixel of every image: [K].
     let per_class = |t: &Tensor, kind: Kind| t.sum_dim_intlist([0i64, 2, 3].as_slice(), false, kind);
-    let intersection = per_class(&(&probabilities * &truth), Kind::Float);
-    let truth_total = per_class(&truth, Kind::Float);
-    let dice = intersection * 2.0 / (per_class(&probabilities, Kind::Float) + &truth_total).clamp_min(EPSILON);
+    let intersection = per_class(&(&probabilities * &truth), kind);
+    let truth_total = per_class(&truth, kind);
+    let dice = intersection * 2.0 / (per_class(&probabilities, kind) + &truth_total).clamp_min(EPSILON);
     let present = truth_total
         .gt(0.0)
         .logical_or(&per_class(&predicted, Kind::Int64).gt(0))
-        .to_kind(Kind::Float)
+        .to_kind(kind)
         .narrow(0, 1, classes - 1);
     let foreground = dice.narrow(0, 1, classes - 1);
-    let count = present.sum(Kind::Float);
+    let count = present.sum(kind);
     // (1 - dice) summed over C, over |C|; 0 when C is empty.
     let misses: Tensor = (foreground.neg() + 1.0) * &present;
-    misses.sum(Kind::Float) / count.clamp_min(1.0)
+    misses.sum(kind) / count.clamp_min(1.0)
 }
 
 #[cfg(test)]

@@ -2,4 +2,4 @@
 
 mod vicreg;
 
-pub use vicreg::{VicRegConfig, VicRegObjective};
+pub use vicreg::{covariance, invariance, variance, VicRegConfig, VicRegObjective};

@@ -2,7 +2,10 @@
 //! for Self-Supervised Learning", ICLR 2022, Eq. 1-6).
 //!
 //! For two batches of expanded embeddings Z, Z' (n rows, d columns):
-//! - invariance s(Z, Z') = mean over rows of ||z_i - z'_i||^2 (Eq. 5);
+//! - invariance s(Z, Z') = mean over the n x d entries of (z_ij - z'_ij)^2: Eq. 5 (whose
+//!   1/n sum_i ||z_i - z'_i||^2 is d times this) as the paper's Algorithm 1 and every
+//!   reference implementation compute it (`F.mse_loss`: facebookresearch/vicreg, solo-learn,
+//!   lightly), the form the paper's lambda = 25 goes with;
 //! - variance v(Z) = mean over columns of max(0, gamma - sqrt(Var(z^j) + eps)) (Eq. 1-2);
 //! - covariance c(Z) = sum of the squared off-diagonal entries of Z's covariance, over d
 //!   (Eq. 3-4);
@@ -82,25 +85,23 @@ impl VicRegObjective {
 /// Eq. 1-2: hinge on the standard deviation of every column.
 pub fn variance(z: &Tensor, target_std: f64) -> Tensor {
     let std = (z.var_dim(0, true, false) + 1e-4).sqrt();
-    (-std + target_std).relu().mean(Kind::Float)
+    (-std + target_std).relu().mean(loss_kind(z))
 }
 
 /// Eq. 3-4: squared off-diagonal covariances, summed and divided by the width.
 pub fn covariance(z: &Tensor) -> Tensor {
     let (n, d) = z.size2().expect("[n, d]");
-    let centred = z - z.mean_dim(0, true, Kind::Float);
+    let kind = loss_kind(z);
+    let centred = z - z.mean_dim(0, true, kind);
     let cov = centred.tr().matmul(&centred) / (n - 1).max(1) as f64;
-    let off_diagonal =
-        cov.pow_tensor_scalar(2).sum(Kind::Float) - cov.diagonal(0, 0, 1).pow_tensor_scalar(2).sum(Kind::Float);
+    let off_diagonal = cov.pow_tensor_scalar(2).sum(kind) - cov.diagonal(0, 0, 1).pow_tensor_scalar(2).sum(kind);
     off_diagonal / d as f64
 }
 
-/// Eq. 5: mean squared distance between matching rows.
+/// Eq. 5 as the reference code computes it (`F.mse_loss`): the mean over rows and columns
+/// of the squared differences between matching rows.
 pub fn invariance(z: &Tensor, z_other: &Tensor) -> Tensor {
-    (z - z_other)
-        .pow_tensor_scalar(2)
-        .sum_dim_intlist(1, false, Kind::Float)
-        .mean(Kind::Float)
+    (z - z_other).pow_tensor_scalar(2).mean(loss_kind(z))
 }
 
 impl Objective for VicRegObjective {
@@ -162,8 +163,9 @@ mod tests {
         // A collapsed batch pays the full hinge, gamma - sqrt(eps), in every column.
         let collapsed = matrix(&[[3.0, 3.0], [3.0, 3.0]]);
         assert!((variance(&collapsed, 1.0).double_value(&[]) - (1.0 - 0.01)).abs() < 1e-5);
+        // Every entry moves by 1: the mean squared difference is 1.
         let shifted = &z + 1.0;
-        assert!((invariance(&z, &shifted).double_value(&[]) - 2.0).abs() < 1e-6);
+        assert!((invariance(&z, &shifted).double_value(&[]) - 1.0).abs() < 1e-6);
     }
 
     proptest! {

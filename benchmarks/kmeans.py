@@ -3,7 +3,7 @@ L2-normalised embeddings (default 20000 x 128) into each prototype set (default 
 10 spherical k-means iterations each: assign by largest cosine, centroid = normalised mean of
 its members, an empty cluster keeps its centroid, then a last assignment; fp32, eager mode, the
 straightforward vectorised form of the reference implementation's loop. Prints
-{"ms": median over --repeats, "peak_rss_mb": ...} as the Rust command does.
+{"ms": median over --repeats, "peak_rss_mib": ...} as the Rust command does.
 
     .venv/bin/python benchmarks/kmeans.py
 """
@@ -58,7 +58,7 @@ def main():
     report = {
         "ms": statistics.median(times),
         # ru_maxrss is the peak resident set in KiB on Linux (VmHWM, as the Rust side reads).
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "min_ms": min(times),
         "max_ms": max(times),
         "repeats": len(times),
@@ -72,7 +72,7 @@ def main():
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"k-means: {report['ms']:.0f} ms; peak memory {report['peak_rss_mb']:.0f} MiB")
+        print(f"k-means: {report['ms']:.0f} ms; peak memory {report['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -266,3 +266,46 @@ fn a_truncated_or_incompatible_checkpoint_is_refused_and_kept() {
     assert_fails_with(&out, &["incompatible"]);
     assert_eq!(std::fs::read(&tensors).unwrap(), good);
 }
+
+#[test]
+fn a_closed_pipe_ends_quietly_and_a_full_disk_is_an_ordinary_error() {
+    use std::io::Read;
+    let mut child = medssl()
+        .args(["list", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap(); // then closed, as `head -c 10`
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(common::stderr(&out).is_empty(), "{}", common::stderr(&out));
+
+    if std::path::Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let out = medssl().args(["list", "--json"]).stdout(full).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = common::stderr(&out);
+        assert!(
+            err.contains("cannot write to standard output") && !err.contains("internal failure"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn running_out_of_memory_names_the_stage_and_what_to_lower() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write(tmp.path(), "tiny.toml", TINY);
+    // 4 x 32 ResNet channels at 300000 x 300000 pixels: far beyond any machine.
+    let out = run(
+        &config,
+        &tmp.path().join("run"),
+        &["--set", "data.views.slice_size=300000"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(!err.contains("internal failure"), "{err}");
+    assert!(err.contains("out of memory") && err.contains("batch_size"), "{err}");
+}

@@ -2,7 +2,10 @@
 //! variant it declares) compose and train one step with a finite loss and a non-zero
 //! gradient on every trainable tensor; and any registered head composes with every encoder
 //! (and, for heads of volume tasks, every aggregator) the same way. New plugins join this
-//! test by registering; nothing here names them.
+//! test by registering; nothing here names them: it links every plugin through
+//! `medssl_plugins`, as the binary does, and checks that it sees the whole expected set.
+
+mod common;
 
 use medssl_core::aggregator::AggregatorShape;
 use medssl_core::config::{LoadedConfig, Section};
@@ -15,20 +18,7 @@ use medssl_core::train::Run;
 use proptest::prelude::*;
 use tch::{nn, Device, Kind, Tensor};
 
-use medssl_attention_pool as _;
-use medssl_classifier as _;
-use medssl_deepcluster_v2 as _;
-use medssl_faster_rcnn as _;
-use medssl_masked_prediction as _;
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_readers as _;
-use medssl_resnet as _;
-use medssl_slice_transformer as _;
-use medssl_swav as _;
-use medssl_unet as _;
-use medssl_vicreg as _;
+use medssl_plugins as _;
 
 /// Every (role name, smoke config) pair of one role.
 fn variants<E: registry::Registered>(
@@ -123,6 +113,12 @@ fn probe(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize) -> R
         }
     }
     Ok(())
+}
+
+/// Every plugin takes part: this binary registers the exact set the registry test expects.
+#[test]
+fn every_plugin_is_linked_here() {
+    assert_eq!(common::registered(), common::expected_components());
 }
 
 #[test]

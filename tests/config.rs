@@ -65,7 +65,7 @@ fn layers_override_in_order_and_errors_name_their_source() {
     assert_eq!((cfg.run.optimizer.lr, cfg.run.seed), (0.5, 7));
     let cfg = LoadedConfig::load(&path, &["optimizer.lr=0.25".into(), "run.log_every=3".into()]).unwrap();
     assert_eq!(
-        (cfg.run.optimizer.lr, cfg.run.seed, cfg.run.run.log_every),
+        (cfg.run.optimizer.lr, cfg.run.seed, cfg.run.options.log_every),
         (0.25, 7, 3)
     );
 

@@ -11,20 +11,7 @@ use medssl_core::finetune::{self, config::LoadedFinetune};
 use medssl_core::train::Run;
 use std::path::{Path, PathBuf};
 
-use medssl_attention_pool as _;
-use medssl_classifier as _;
-use medssl_deepcluster_v2 as _;
-use medssl_faster_rcnn as _;
-use medssl_masked_prediction as _;
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_readers as _;
-use medssl_resnet as _;
-use medssl_slice_transformer as _;
-use medssl_swav as _;
-use medssl_unet as _;
-use medssl_vicreg as _;
+use medssl_plugins as _;
 
 fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -7,10 +7,7 @@ mod common;
 use medssl_core::config::LoadedConfig;
 use medssl_core::train::Run;
 
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_resnet as _;
+use medssl_plugins as _;
 
 const MIX: &str = r#"
 seed = 3

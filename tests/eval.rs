@@ -10,11 +10,7 @@ use medssl_core::config::LoadedConfig;
 use medssl_core::rng::{self, domain};
 use serde_json::Value;
 
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_readers as _;
-use medssl_resnet as _;
+use medssl_plugins as _;
 
 /// TINY trained for one epoch a stage: 4 steps.
 fn config() -> String {
@@ -225,7 +221,7 @@ fn the_backbone_is_the_models_encoder_and_aggregator() {
     let model = Model::build(&cfg, Backbone::build(&cfg, tch::Device::Cpu).unwrap(), 8).unwrap();
     tch::manual_seed(seed);
     let backbone = Backbone::build(&cfg, tch::Device::Cpu).unwrap();
-    let model_vars = model.vs.variables();
+    let model_vars = model.backbone.vs.variables();
     let mut names: Vec<String> = backbone.vs.variables().into_keys().collect();
     names.sort();
     assert!(names.iter().any(|n| n.starts_with("encoder.")));

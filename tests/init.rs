@@ -17,20 +17,7 @@ use medssl_core::registry::{self, Registered};
 use std::collections::BTreeMap;
 use tch::{nn, Device, Kind, Tensor};
 
-use medssl_attention_pool as _;
-use medssl_classifier as _;
-use medssl_deepcluster_v2 as _;
-use medssl_faster_rcnn as _;
-use medssl_masked_prediction as _;
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_readers as _;
-use medssl_resnet as _;
-use medssl_slice_transformer as _;
-use medssl_swav as _;
-use medssl_unet as _;
-use medssl_vicreg as _;
+use medssl_plugins as _;
 
 /// What a variable starts as.
 #[derive(Debug, Clone, Copy)]

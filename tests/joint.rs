@@ -6,12 +6,10 @@ mod common;
 
 use medssl_core::checkpoint;
 use medssl_core::config::LoadedConfig;
-use medssl_core::train::{self, Run, METRICS_FILE};
+use medssl_core::run_dir::METRICS_FILE;
+use medssl_core::train::{self, Run};
 
-use medssl_attention_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_resnet as _;
+use medssl_plugins as _;
 
 /// Stage `slices` trains f_intra on 2D views; stage `inter` trains only the aggregator on
 /// multi-level features of 3D views.
@@ -106,7 +104,7 @@ fn the_stage_that_trains_the_aggregator_leaves_the_encoder_bit_identical() {
     train::create_run_dir(&dir, false).unwrap();
     run.train(&dir, false).unwrap();
     // The skipped stage shows no loss in the report, not NaN.
-    let report = std::fs::read_to_string(dir.join(train::REPORT_FILE)).unwrap();
+    let report = std::fs::read_to_string(dir.join(medssl_core::run_dir::REPORT_FILE)).unwrap();
     assert!(!report.contains("NaN") && report.contains("| — | — |"), "{report}");
     let (after, _) = checkpoint::load(&dir).unwrap();
     let after: Vec<(String, tch::Tensor)> = after

@@ -1,50 +1,36 @@
-//! Registry completeness: the exact set of components the `medssl` binary links. A plugin
+//! Registry completeness: the exact set of components (tests/common's `COMPONENTS`) that
+//! this test binary and the `medssl` binary link, both through `medssl_plugins`. A plugin
 //! crate dropped by the linker (nothing referenced it) fails here instead of vanishing.
 
 mod common;
 
 use medssl_core::registry;
 
-use medssl_attention_pool as _;
-use medssl_classifier as _;
-use medssl_deepcluster_v2 as _;
-use medssl_faster_rcnn as _;
-use medssl_masked_prediction as _;
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_readers as _;
-use medssl_resnet as _;
-use medssl_slice_transformer as _;
-use medssl_swav as _;
-use medssl_unet as _;
-use medssl_vicreg as _;
+use medssl_plugins as _;
 
 #[test]
 fn the_exact_set_of_components_is_registered() {
-    assert_eq!(registry::encoders().names(), ["resnet18", "resnet34", "resnet50"]);
-    assert_eq!(
-        registry::aggregators().names(),
-        ["attention-pool", "deformable-attention", "full-attention", "mean-pool"]
-    );
-    assert_eq!(
-        registry::objectives().names(),
-        ["deepcluster-v2", "masked-prediction", "ntxent", "swav", "vicreg"]
-    );
-    assert_eq!(registry::heads().names(), ["faster-rcnn", "unet", "volume-classifier"]);
-    assert_eq!(
-        registry::datasets().names(),
-        [
-            "decathlon",
-            "dicom",
-            "image-folder",
-            "medmnist",
-            "nifti",
-            "npy",
-            "phantom"
-        ]
-    );
-    registry::catalogue().expect("no duplicate names");
+    assert_eq!(common::registered(), common::expected_components());
+}
+
+/// The real binary links what this test binary links: a plugin missing from
+/// `medssl_plugins`, or a `medssl` that does not reference that crate, fails here.
+#[test]
+fn the_binary_lists_the_exact_set_of_components() {
+    let out = common::medssl().args(["list", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let roles = json.as_object().expect("a JSON object of roles");
+    assert_eq!(roles.len(), common::COMPONENTS.len(), "roles: {json}");
+    for &(role, expected) in common::COMPONENTS {
+        let names: Vec<&str> = roles[role]
+            .as_array()
+            .unwrap_or_else(|| panic!("missing role {role}: {json}"))
+            .iter()
+            .map(|row| row["name"].as_str().expect("a name"))
+            .collect();
+        assert_eq!(names, expected, "{role} listed by `medssl list --json`");
+    }
 }
 
 #[test]

@@ -282,3 +282,87 @@ fn a_live_run_directory_refuses_a_second_writer_with_the_holders_pid() {
     common::assert_fails_with(&forced, &["in use", &pid]);
     assert!(run_dir.join("config.toml").exists(), "--force cleared a live run");
 }
+
+#[test]
+fn an_edited_config_is_refused_on_resume_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = finished_run(tmp.path());
+    let config = run_dir.join("config.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut table: toml::Table = toml::from_str(&original).unwrap();
+    let set = |table: &mut toml::Table, section: Option<&str>, key: &str, value: toml::Value| {
+        let target = match section {
+            Some(s) => table.get_mut(s).and_then(toml::Value::as_table_mut).unwrap(),
+            None => table,
+        };
+        target.insert(key.to_string(), value);
+    };
+    set(&mut table, Some("optimizer"), "lr", toml::Value::Float(0.5));
+    set(&mut table, None, "seed", toml::Value::Integer(7));
+    // `[run]` may change freely: where and how often the run writes.
+    set(&mut table, Some("run"), "log_every", toml::Value::Integer(3));
+    std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
+    let before = checkpoint_bytes(&run_dir);
+    let out = medssl().arg("resume").arg(&run_dir).output().unwrap();
+    common::assert_fails_with(
+        &out,
+        &[
+            "config.toml",
+            "`optimizer.lr` 0.05 -> 0.5",
+            "`seed` 1 -> 7",
+            "--allow-config-change",
+        ],
+    );
+    assert!(!common::stderr(&out).contains("log_every"), "{}", common::stderr(&out));
+    assert_eq!(checkpoint_bytes(&run_dir), before);
+
+    let out = medssl()
+        .arg("resume")
+        .arg(&run_dir)
+        .arg("--allow-config-change")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("no longer an exact resume"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    // Untouched, a resume is quiet.
+    let second = tmp.path().join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let run_dir = finished_run(&second);
+    let out = medssl().arg("resume").arg(&run_dir).output().unwrap();
+    assert!(
+        out.status.success() && !common::stderr(&out).contains("differs"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+#[test]
+fn intervals_of_zero_and_one_sample_batches_are_refused_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(tmp.path(), "c.toml", TINY);
+    for (set, words) in [
+        ("run.checkpoint_every=0", &["run.checkpoint_every", "at least 1"][..]),
+        ("run.log_every=0", &["run.log_every", "at least 1"][..]),
+        (
+            "data.loader.batch_size=1",
+            &["batch of 1 sample", "batch norm", "batch_size"][..],
+        ),
+    ] {
+        let dir = tmp.path().join(set.replace(['.', '='], "_"));
+        let out = medssl()
+            .arg("run")
+            .arg(&path)
+            .arg("--run-dir")
+            .arg(&dir)
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        common::assert_fails_with(&out, words);
+        assert!(!dir.join("checkpoints").exists(), "{set}: something was written");
+    }
+}

@@ -4,7 +4,7 @@
 //! In the paper this is f_inter (Sec. 3.2, Eq. 6-10): a transformer over the slice axis whose
 //! output is L2-normalised and pooled into the volume embedding.
 
-use crate::config::Section;
+use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
 

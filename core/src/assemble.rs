@@ -5,15 +5,17 @@
 
 use crate::aggregator::{Aggregator, AggregatorShape};
 use crate::config::LoadedConfig;
-use crate::encoder::{Encoder, EncoderShape};
+use crate::encoder::{Encoder, EncoderOutput, EncoderShape};
 use crate::loader::DataPipeline;
 use crate::objective::{Consumes, Objective, ObjectiveShape};
 use crate::registry::{self, Registered};
+use crate::run_dir;
 use crate::slice_features::{SliceFeatureConfig, SliceFeatures, LEVELS_KEY};
 use crate::sources::{Source, SourceOptions, Sources, SOURCE_OPTION_KEYS};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use tch::{nn, Device};
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
 
 /// Channels of every image the data pipeline produces (medical images are grey-scale).
 pub const IMAGE_CHANNELS: i64 = 1;
@@ -135,15 +137,75 @@ impl Backbone {
             resolved,
         })
     }
+
+    /// Copies the checkpoint's `model.encoder.*` and `model.aggregator.*` tensors into this
+    /// backbone's `encoder.*` and `aggregator.*` variables, strictly
+    /// ([`run_dir::load_variables`]). The store may hold more than the backbone (a
+    /// fine-tune's head): only the backbone's variables come from the checkpoint.
+    pub fn load(&self, tensors: &[(String, Tensor)], source: &Path) -> Result<()> {
+        let groups = ["encoder.", "aggregator."];
+        let variables: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| groups.iter().any(|g| name.starts_with(g)))
+            .collect();
+        run_dir::load_variables(&variables, tensors, "model.", &groups, source)
+    }
+
+    /// The encoder's levels and pooled embedding of `images` `[N, C, H, W]`. With `train`
+    /// the encoder runs in training mode under autograd; without, it runs frozen: eval mode
+    /// (batch norm's running statistics) and no autograd.
+    pub fn embed_images(&self, images: &Tensor, train: bool) -> EncoderOutput {
+        if train {
+            self.encoder.forward(images, true)
+        } else {
+            tch::no_grad(|| self.encoder.forward(images, false))
+        }
+    }
+
+    /// The slices of `volumes` `[B, C, T, H, W]` through the encoder ([`Self::embed_images`]),
+    /// and the sequence `[B, T, F]` of their (multi-level) features that the aggregator
+    /// reads (Eq. 9).
+    pub fn embed_slices(&self, volumes: &Tensor, train_encoder: bool) -> (EncoderOutput, Tensor) {
+        let size = volumes.size();
+        let (b, t) = (size[0], size[2]);
+        let slices = volumes.transpose(1, 2).reshape([b * t, size[1], size[3], size[4]]);
+        let out = self.embed_images(&slices, train_encoder);
+        let sequence = self.slice_features.compute(&out).view([b, t, -1]);
+        (out, sequence)
+    }
+
+    /// The volume embedding `[B, F]` of `volumes` `[B, C, T, H, W]` whose real slices are
+    /// `valid` `[B, T]`: the aggregator over the slice sequence (Eq. 10), in training mode
+    /// with `train_aggregator`; without an aggregator, the mean of the real slices' pooled
+    /// encoder embeddings. Also returns the slices' encoder output.
+    pub fn embed_volumes(
+        &self,
+        volumes: &Tensor,
+        valid: &Tensor,
+        train_encoder: bool,
+        train_aggregator: bool,
+    ) -> (EncoderOutput, Tensor) {
+        let (out, sequence) = self.embed_slices(volumes, train_encoder);
+        let volume = match &self.aggregator {
+            Some(aggregator) => aggregator.forward(&sequence, Some(valid), train_aggregator).volume,
+            None => {
+                let size = volumes.size();
+                let weights = valid.to_kind(Kind::Float).unsqueeze(-1);
+                let pooled = out.pooled.view([size[0], size[2], -1]);
+                (pooled * &weights).sum_dim_intlist(1, false, Kind::Float)
+                    / weights.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0)
+            }
+        };
+        (out, volume)
+    }
 }
 
-/// The trainable part of a run.
+/// The trainable part of a run: the backbone and the objectives, under one variable store
+/// (the backbone's).
 pub struct Model {
-    pub vs: nn::VarStore,
-    pub encoder: Box<dyn Encoder>,
-    pub aggregator: Option<Box<dyn Aggregator>>,
-    /// What a slice contributes to a sequence the aggregator reads (Eq. 9).
-    pub slice_features: SliceFeatures,
+    pub backbone: Backbone,
     pub objectives: BTreeMap<String, Box<dyn Objective>>,
     /// Each component section as resolved (defaults filled in), for the run's config.toml.
     pub resolved: Vec<(String, toml::Value)>,
@@ -153,14 +215,9 @@ impl Model {
     /// Builds the objectives the config names on top of `backbone`. `num_samples` sizes
     /// memory banks.
     pub fn build(cfg: &LoadedConfig, backbone: Backbone, num_samples: usize) -> Result<Model> {
-        let Backbone {
-            vs,
-            encoder,
-            aggregator,
-            slice_features,
-            mut resolved,
-        } = backbone;
-        let root = vs.root();
+        let mut resolved = backbone.resolved.clone();
+        let (encoder, aggregator) = (&backbone.encoder, &backbone.aggregator);
+        let root = backbone.vs.root();
         let views = cfg.run.data.views.resolved()?;
 
         let shape = ObjectiveShape {
@@ -200,10 +257,7 @@ impl Model {
             objectives.insert(key.clone(), objective);
         }
         Ok(Model {
-            vs,
-            encoder,
-            aggregator,
-            slice_features,
+            backbone,
             objectives,
             resolved,
         })
@@ -212,7 +266,13 @@ impl Model {
     /// Fingerprint of the architecture: every variable's name and shape. Two configs that
     /// give the same fingerprint can exchange checkpoints.
     pub fn fingerprint(&self) -> String {
-        let mut vars: Vec<(String, Vec<i64>)> = self.vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        let mut vars: Vec<(String, Vec<i64>)> = self
+            .backbone
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
         vars.sort();
         let text = vars
             .iter()

@@ -1,9 +1,10 @@
 //! Stand-alone benchmarks of core's pipelines (`medssl bench loader`). Training-step
 //! throughput of a config is `Run::bench`.
 
-use crate::config::Section;
 use crate::loader::{DataPipeline, LoaderConfig, Needs, OnError};
+use crate::objective::Consumes;
 use crate::registry;
+use crate::section::Section;
 use crate::sources::{Source, SourceOptions, Sources};
 use crate::views::ViewConfig;
 use anyhow::{Context, Result};
@@ -19,7 +20,7 @@ pub struct LoaderBench {
     pub epochs: usize,
     pub seconds: f64,
     pub volumes_per_s: f64,
-    pub peak_rss_mb: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
     pub threads: usize,
 }
 
@@ -76,10 +77,7 @@ pub fn loader(
     let pass = |epoch: usize| -> Result<f64> {
         let started = Instant::now();
         let mut seen = 0;
-        let needs = Needs {
-            volume_views: true,
-            ..Default::default()
-        };
+        let needs = Needs::of([Consumes::VolumeViews]);
         for batch in pipeline.epoch(epoch, 0, needs) {
             seen += batch?.ids.size()[0] as usize;
         }
@@ -98,7 +96,14 @@ pub fn loader(
         epochs,
         seconds,
         volumes_per_s: (volumes * epochs) as f64 / seconds.max(1e-9),
-        peak_rss_mb: crate::train::peak_rss_mib(),
+        peak_rss_mib: peak_rss_mib(),
         threads,
     })
+}
+/// Peak resident set size of this process, from /proc (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

@@ -36,6 +36,10 @@ pub struct TrainingState {
     /// Fingerprint of the parts of the config that shape the model, to refuse a
     /// checkpoint from another architecture with a clear message.
     pub model_fingerprint: String,
+    /// The resolved config the run was trained with, so that `resume` can refuse a
+    /// `config.toml` edited since (absent in checkpoints written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {
@@ -312,6 +316,7 @@ mod tests {
             optimizer_steps: step as i64,
             objectives: BTreeMap::from([("x".to_string(), serde_json::json!({"k": 1}))]),
             model_fingerprint: "abc".into(),
+            config: None,
         }
     }
 

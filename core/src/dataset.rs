@@ -3,7 +3,7 @@
 //! Readers are called from loader threads, so they are `Send + Sync` and return owned CPU
 //! tensors. Intensities come back as float32, normalised as the reader's config says.
 
-use crate::config::Section;
+use crate::section::Section;
 use anyhow::Result;
 use tch::Tensor;
 

@@ -4,7 +4,7 @@
 //! An encoder declares its levels and their widths so that aggregators, decoders and
 //! detection heads are built from what it says, never from magic numbers.
 
-use crate::config::Section;
+use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
 

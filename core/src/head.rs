@@ -9,15 +9,15 @@
 //! task's metrics. A head is built from what the backbone declares ([`HeadShape`]: the
 //! encoder's levels and widths, the aggregator's width), never from magic numbers.
 
-use crate::config::Section;
 use crate::detection::{Detections, ImageTargets};
 use crate::encoder::{EncoderOutput, Level};
+use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
 
 /// What a head predicts: which inputs a fine-tune gives it, what its targets are and how it
 /// is scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
     /// Per-pixel class logits `[N, K, H, W]` of 2D images (a volume's slices), from the

@@ -5,8 +5,8 @@
 //! (`normalize = "none"` where the reader has the option), and the report gives shapes,
 //! spacing, stored type, intensity range and label values.
 
-use crate::config::Section;
 use crate::registry::{self, Registered};
+use crate::section::Section;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeSet;

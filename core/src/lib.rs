@@ -3,6 +3,7 @@
 //! with checkpoints and exact resume, run metrics, and frozen-feature evaluation (probes).
 //! No model code lives here: models are plugins that depend on this crate only.
 
+pub mod activity;
 pub mod aggregator;
 pub mod assemble;
 pub mod bench;
@@ -20,13 +21,16 @@ pub mod layers;
 pub mod loader;
 pub mod metrics;
 pub mod objective;
+pub mod ops;
 pub mod optim;
 pub mod precision;
 pub mod probe;
+pub mod projection_head;
 pub mod registry;
 pub mod resize;
 pub mod rng;
 pub mod run_dir;
+pub mod section;
 pub mod segmentation;
 pub mod slice_features;
 pub mod sources;
@@ -41,7 +45,6 @@ pub use toml;
 /// What a plugin needs, in one import.
 pub mod prelude {
     pub use crate::aggregator::{Aggregator, AggregatorEntry, AggregatorOutput, AggregatorShape};
-    pub use crate::config::Section;
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
     pub use crate::detection::{Detections, ImageTargets};
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
@@ -50,9 +53,12 @@ pub mod prelude {
     pub use crate::objective::{
         Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
     };
+    pub use crate::ops::l2_normalize;
     pub use crate::precision::loss_kind;
+    pub use crate::projection_head::{projection_head, projection_head_without_first_bias};
     pub use crate::register;
     pub use crate::registry::default_toml;
+    pub use crate::section::Section;
     pub use anyhow::{bail, ensure, Context, Result};
     pub use tch::{nn, Device, Kind, Tensor};
 }

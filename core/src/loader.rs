@@ -2,6 +2,7 @@
 //! augmentation on worker threads behind a bounded prefetch window, so batches arrive in
 //! order and memory stays bounded whatever the dataset size.
 
+use crate::objective::Consumes;
 use crate::rng::{self, domain};
 use crate::sources::Sources;
 use crate::views::{self, ViewConfig};
@@ -48,12 +49,35 @@ impl Default for LoaderConfig {
     }
 }
 
-/// Which inputs this step's objectives need.
+/// What a batch carries: the inputs ([`Consumes`]) its stage's objectives consume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Needs {
-    pub slice_views: bool,
-    pub volume_views: bool,
-    pub sequence: bool,
+    slice_views: bool,
+    volume_views: bool,
+    sequence: bool,
+}
+
+impl Needs {
+    /// The inputs of objectives that consume `consumes`.
+    pub fn of(consumes: impl IntoIterator<Item = Consumes>) -> Needs {
+        let mut needs = Needs::default();
+        for c in consumes {
+            match c {
+                Consumes::SliceViews => needs.slice_views = true,
+                Consumes::VolumeViews => needs.volume_views = true,
+                Consumes::SliceSequence => needs.sequence = true,
+            }
+        }
+        needs
+    }
+
+    pub fn contains(&self, input: Consumes) -> bool {
+        match input {
+            Consumes::SliceViews => self.slice_views,
+            Consumes::VolumeViews => self.volume_views,
+            Consumes::SliceSequence => self.sequence,
+        }
+    }
 }
 
 /// One batch of owned CPU tensors.
@@ -196,7 +220,7 @@ impl DataPipeline {
             ids.push(id as i64);
             labels.push(sample.label.unwrap_or(-1));
             let coords = |view: u64| [domain::VIEW, epoch as u64, id as u64, view];
-            if needs.slice_views {
+            if needs.contains(Consumes::SliceViews) {
                 let depth = volume.size()[0];
                 let index = rng::generator(self.seed, &[domain::SLICE, epoch as u64, id as u64]).random_range(0..depth);
                 slices.push(
@@ -208,17 +232,17 @@ impl DataPipeline {
                         .collect::<Vec<_>>(),
                 );
             }
-            if needs.volume_views {
+            if needs.contains(Consumes::VolumeViews) {
                 volumes.push(
                     (0..self.views.volume_views)
                         .map(|v| {
-                            let view = 1000 + v as u64;
+                            let view = rng::VOLUME_VIEW_BASE + v as u64;
                             views::volume_view(volume, &mut rng::generator(self.seed, &coords(view)), &self.views)
                         })
                         .collect::<Vec<_>>(),
                 );
             }
-            if needs.sequence {
+            if needs.contains(Consumes::SliceSequence) {
                 sequences.push(views::sequence_view(volume, &self.views));
             }
         }
@@ -395,11 +419,7 @@ mod tests {
     #[test]
     fn batches_come_in_order_and_the_window_bounds_memory() {
         let p = pipeline(OnError::Skip);
-        let needs = Needs {
-            slice_views: true,
-            volume_views: true,
-            sequence: true,
-        };
+        let needs = Needs::of([Consumes::SliceViews, Consumes::VolumeViews, Consumes::SliceSequence]);
         let order = p.order(0);
         let mut batches = p.epoch(0, 0, needs);
         let mut seen = Vec::new();
@@ -429,14 +449,7 @@ mod tests {
     fn an_unreadable_sample_fails_with_its_name_under_the_fail_policy() {
         let p = pipeline(OnError::Fail);
         let err = p
-            .epoch(
-                0,
-                0,
-                Needs {
-                    slice_views: true,
-                    ..Default::default()
-                },
-            )
+            .epoch(0, 0, Needs::of([Consumes::SliceViews]))
             .find_map(|b| b.err())
             .unwrap();
         let text = format!("{err:#}");
@@ -449,10 +462,7 @@ mod tests {
     #[test]
     fn resuming_mid_epoch_gives_the_same_batches() {
         let p = pipeline(OnError::Skip);
-        let needs = Needs {
-            slice_views: true,
-            ..Default::default()
-        };
+        let needs = Needs::of([Consumes::SliceViews]);
         let full: Vec<Batch> = p.epoch(2, 0, needs).map(Result::unwrap).collect();
         let resumed: Vec<Batch> = p.epoch(2, 3, needs).map(Result::unwrap).collect();
         assert_eq!(full.len(), 5);

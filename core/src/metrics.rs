@@ -253,6 +253,17 @@ pub fn epoch_table(records: &[Map<String, Value>]) -> String {
     out
 }
 
+/// Arithmetic mean (0 for no values).
+pub fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Standard deviation with Bessel's correction (n - 1); 0 for one value.
+pub fn sample_std(values: &[f64]) -> f64 {
+    let m = mean(values);
+    (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (values.len().max(2) - 1) as f64).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! [`Objective::load_state`].
 
 use crate::aggregator::Aggregator;
-use crate::config::Section;
+use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
 
@@ -52,6 +52,14 @@ impl ViewLevel {
         match self {
             ViewLevel::Slice => shape.global_slice_views,
             ViewLevel::Volume => shape.volume_views,
+        }
+    }
+
+    /// The config key that sets [`ViewLevel::global_views`], for messages.
+    pub fn global_views_key(self) -> &'static str {
+        match self {
+            ViewLevel::Slice => "data.views.slice_views",
+            ViewLevel::Volume => "data.views.volume_views",
         }
     }
 

@@ -5,7 +5,8 @@
 //! linkme rather than inventory because an entry is a plain `static` placed in a link
 //! section: no code runs before `main`, the entries are `const`, and iteration is a slice.
 //! The price is shared by both crates: a plugin crate that nothing references is dropped by
-//! the linker, so binaries name each plugin (`use medssl_resnet as _;`) and a test asserts
+//! the linker, so one facade crate (`medssl-plugins`, plugins/all) names each plugin
+//! (`use medssl_resnet as _;`), binaries and tests reference the facade, and a test asserts
 //! the exact set of names.
 
 use anyhow::{bail, Result};

@@ -47,7 +47,17 @@ fn resize_axis(data: Vec<f32>, outer: usize, length: usize, inner: usize, output
         return data;
     }
     let taps = taps(length, output);
-    let mut out = vec![0.0f32; outer * output * inner];
+    // A failed allocation would abort the process without a word; as a panic it reaches the
+    // binary's hook, which reports it as running out of memory, naming what to lower.
+    let len = outer * output * inner;
+    let mut out = Vec::new();
+    if out.try_reserve_exact(len).is_err() {
+        panic!(
+            "can't allocate memory: resizing to {output} along an axis needs {} bytes",
+            len.saturating_mul(4)
+        );
+    }
+    out.resize(len, 0.0f32);
     for o in 0..outer {
         let source = &data[o * length * inner..(o + 1) * length * inner];
         let target = &mut out[o * output * inner..(o + 1) * output * inner];

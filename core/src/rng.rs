@@ -25,6 +25,10 @@ pub fn generator(seed: u64, coordinates: &[u64]) -> ChaCha8Rng {
 
 /// Domain tags, so that e.g. the data order of epoch 3 and the views of sample 3 never share
 /// a stream.
+/// View ids of 3D views start here, so that a sample's 3D view `v` never draws from the
+/// generator of its 2D view `v` (2D views are numbered from 0).
+pub const VOLUME_VIEW_BASE: u64 = 1000;
+
 pub mod domain {
     pub const ORDER: u64 = 1;
     pub const VIEW: u64 = 2;

@@ -11,6 +11,7 @@
 //! sees the section). Empty, the default, feeds the encoder's pooled embedding unchanged.
 
 use crate::encoder::{Encoder, EncoderOutput};
+use crate::ops::l2_normalize;
 use anyhow::{ensure, Result};
 use tch::Tensor;
 
@@ -84,7 +85,7 @@ impl SliceFeatures {
             .iter()
             .map(|&i| {
                 let pooled = out.levels[i].mean_dim([2i64, 3].as_slice(), false, out.levels[i].kind());
-                &pooled / pooled.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+                l2_normalize(&pooled)
             })
             .collect();
         Tensor::cat(&parts, 1)

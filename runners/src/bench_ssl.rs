@@ -6,13 +6,14 @@
 //! runs in a process of its own, so the peak resident memory reported is the benchmark's.
 
 use anyhow::{Context, Result};
+use medssl_core::bench::peak_rss_mib;
 use medssl_core::config::{OptimizerConfig, Section};
 use medssl_core::encoder::EncoderShape;
 use medssl_core::objective::{ObjectiveShape, Progress, StepInput};
+use medssl_core::ops::l2_normalize;
 use medssl_core::optim::Optimizer;
 use medssl_core::registry;
-use medssl_core::train::peak_rss_mib;
-use medssl_deepcluster_v2::{initial_centroids, normalize, spherical_kmeans};
+use medssl_deepcluster_v2::{initial_centroids, spherical_kmeans};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
@@ -30,7 +31,7 @@ pub struct SwavStep {
 pub struct SwavStepReport {
     /// Median over the timed steps.
     pub ms_per_step: f64,
-    pub peak_rss_mb: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
     pub min_ms: f64,
     pub max_ms: f64,
     /// Medians of the step's phases: encoder forward; projection, codes and loss; backward;
@@ -155,7 +156,7 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
     let (median, min, max) = summarise(&mut times);
     Ok(SwavStepReport {
         ms_per_step: median,
-        peak_rss_mb: peak_rss_mib(),
+        peak_rss_mib: peak_rss_mib(),
         min_ms: min,
         max_ms: max,
         phases_ms: Phases {
@@ -186,7 +187,7 @@ pub struct KmeansBench {
 pub struct KmeansReport {
     /// Median over the repeats of the time to cluster the bank once per prototype set.
     pub ms: f64,
-    pub peak_rss_mb: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
     pub min_ms: f64,
     pub max_ms: f64,
     pub repeats: usize,
@@ -203,7 +204,7 @@ pub struct KmeansReport {
 /// objective's seeded initial centroids.
 pub fn kmeans(args: &KmeansBench) -> Result<KmeansReport> {
     tch::manual_seed(0);
-    let bank = normalize(&Tensor::randn([args.samples, args.dim], (Kind::Float, args.device)));
+    let bank = l2_normalize(&Tensor::randn([args.samples, args.dim], (Kind::Float, args.device)));
     let ids: Vec<i64> = (0..args.samples).collect();
     let mut times = Vec::with_capacity(args.repeats);
     for repeat in 0..args.repeats.max(1) {
@@ -225,7 +226,7 @@ pub fn kmeans(args: &KmeansBench) -> Result<KmeansReport> {
     let (median, min, max) = summarise(&mut times);
     Ok(KmeansReport {
         ms: median,
-        peak_rss_mb: peak_rss_mib(),
+        peak_rss_mib: peak_rss_mib(),
         min_ms: min,
         max_ms: max,
         repeats: times.len(),

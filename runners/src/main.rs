@@ -1,8 +1,9 @@
 //! The `medssl` command: pre-training runs, resume, and the component catalogue.
 //!
-//! This is the one place that links every plugin crate. A plugin that nothing references is
-//! dropped by the linker with its registrations, so each is named below; the registry test
-//! (tests/registry.rs) fails if one goes missing.
+//! It links every plugin crate through `medssl_plugins` (plugins/all, the one plugin link
+//! list): a plugin that nothing references is dropped by the linker with its registrations.
+//! The registry test (tests/registry.rs) compares `medssl list --json` with the exact set of
+//! names, so a plugin missing from that list fails it.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -19,20 +20,7 @@ mod eval;
 mod finetune;
 mod sweep;
 
-use medssl_attention_pool as _;
-use medssl_classifier as _;
-use medssl_deepcluster_v2 as _;
-use medssl_faster_rcnn as _;
-use medssl_masked_prediction as _;
-use medssl_mean_pool as _;
-use medssl_ntxent as _;
-use medssl_phantom as _;
-use medssl_readers as _;
-use medssl_resnet as _;
-use medssl_slice_transformer as _;
-use medssl_swav as _;
-use medssl_unet as _;
-use medssl_vicreg as _;
+use medssl_plugins as _;
 
 #[derive(Parser)]
 #[command(
@@ -111,6 +99,10 @@ enum Command {
     Resume {
         /// The run directory.
         run_dir: PathBuf,
+        /// Resume although the run's config.toml was edited since its checkpoint (the keys
+        /// are listed in a warning; the run is then no longer an exact resume).
+        #[arg(long)]
+        allow_config_change: bool,
     },
     /// List the registered components by role.
     List {
@@ -266,6 +258,30 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown failure");
+        // `println!` panics when standard output fails: a closed pipe (`medssl list | head`)
+        // ends the command quietly, like any Unix tool; any other failure (a full disk) is
+        // an ordinary error.
+        if let Some(cause) = message.strip_prefix("failed printing to stdout: ") {
+            if cause.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to standard output: {cause}");
+            std::process::exit(1);
+        }
+        // libtorch's allocation failures reach us as tch panics (and, from several loader
+        // threads at once, more than once: one report is enough).
+        if medssl_core::activity::is_out_of_memory(message) {
+            static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if REPORTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let during = medssl_core::activity::current()
+                .map(|a| format!(" during {a}"))
+                .unwrap_or_default();
+            let first = message.lines().next().unwrap_or(message);
+            eprintln!("error: out of memory{during}: {first}\nlower `data.loader.batch_size` (or the stage's `batch_size`), the view sizes (`data.views.*`) or the model's width");
+            std::process::exit(1);
+        }
         eprintln!("error: internal failure{location}: {message}\n(this is a bug in medssl or a plugin; please report it with the command and config)");
     }));
     let cli = Cli::parse();
@@ -299,7 +315,7 @@ fn execute(command: Command) -> Result<()> {
             force,
         } => {
             let cfg = LoadedConfig::load(&config, &set)?;
-            let dir = run_dir.or_else(|| cfg.run.run.dir.clone()).unwrap_or_else(|| {
+            let dir = run_dir.or_else(|| cfg.run.options.dir.clone()).unwrap_or_else(|| {
                 Path::new("runs").join(
                     config
                         .file_stem()
@@ -310,7 +326,10 @@ fn execute(command: Command) -> Result<()> {
             let run = Run::prepare(cfg)?;
             // Held until the run ends: a second writer is refused with this pid.
             let _lock = train::create_run_dir(&dir, force)?;
-            medssl_core::checkpoint::write_atomic(&dir.join(train::CONFIG_FILE), run.resolved_config().as_bytes())?;
+            medssl_core::checkpoint::write_atomic(
+                &dir.join(medssl_core::run_dir::CONFIG_FILE),
+                run.resolved_config().as_bytes(),
+            )?;
             tracing::info!("run directory: {}", dir.display());
             report(run.train(&dir, false)?);
             Ok(())
@@ -327,7 +346,7 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Check { config, set } => {
             let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;
-            for stage in 0..run.stages() {
+            for stage in 0..run.stage_count() {
                 if run.stage_epochs(stage) == 0 {
                     println!("stage {stage}: epochs = 0, skipped");
                     continue;
@@ -365,9 +384,9 @@ fn execute(command: Command) -> Result<()> {
         } => {
             let mut run = Run::prepare(LoadedConfig::load(&config, &set)?)?;
             anyhow::ensure!(
-                stage < run.stages(),
+                stage < run.stage_count(),
                 "--stage {stage}: the config has {} stage(s)",
-                run.stages()
+                run.stage_count()
             );
             let bench = run.bench(stage, steps)?;
             if json {
@@ -411,7 +430,7 @@ fn execute(command: Command) -> Result<()> {
                     bench.seconds,
                     bench.volumes_per_s,
                     bench.threads,
-                    bench.peak_rss_mb.unwrap_or(f64::NAN)
+                    bench.peak_rss_mib.unwrap_or(f64::NAN)
                 );
             }
             Ok(())
@@ -445,7 +464,7 @@ fn execute(command: Command) -> Result<()> {
                     bench.ms_per_step,
                     bench.min_ms,
                     bench.max_ms,
-                    bench.peak_rss_mb.unwrap_or(f64::NAN)
+                    bench.peak_rss_mib.unwrap_or(f64::NAN)
                 );
             }
             Ok(())
@@ -486,7 +505,7 @@ fn execute(command: Command) -> Result<()> {
                     bench.clusters,
                     bench.ms,
                     bench.repeats,
-                    bench.peak_rss_mb.unwrap_or(f64::NAN)
+                    bench.peak_rss_mib.unwrap_or(f64::NAN)
                 );
             }
             Ok(())
@@ -534,12 +553,18 @@ fn execute(command: Command) -> Result<()> {
         } => boxes::run(args),
         Command::Eval { command } => eval::run(command),
         Command::Finetune(args) => finetune::run(args),
-        Command::Resume { run_dir } => {
-            let config = run_dir.join(train::CONFIG_FILE);
+        Command::Resume {
+            run_dir,
+            allow_config_change,
+        } => {
+            let config = run_dir.join(medssl_core::run_dir::CONFIG_FILE);
             let cfg = LoadedConfig::load_resolved(&config)
                 .with_context(|| format!("cannot resume `{}`", run_dir.display()))?;
             let _lock = medssl_core::run_dir::RunLock::acquire(&run_dir)?;
-            let run = Run::prepare(cfg)?;
+            let mut run = Run::prepare(cfg)?;
+            if allow_config_change {
+                run.allow_config_change();
+            }
             report(run.train(&run_dir, true)?);
             Ok(())
         }
@@ -582,6 +607,6 @@ fn report(summary: train::Summary) {
         "finished {} steps in {:.1} s{loss}; report: {}",
         summary.steps,
         summary.seconds,
-        summary.run_dir.join(train::REPORT_FILE).display()
+        summary.run_dir.join(medssl_core::run_dir::REPORT_FILE).display()
     );
 }

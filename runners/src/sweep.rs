@@ -15,6 +15,7 @@
 //! trained with this variant's overrides (its saved config is checked); `--force` retrains.
 
 use anyhow::{bail, ensure, Context, Result};
+use medssl_core::finetune::Init;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -233,7 +234,7 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
                 seed.map(|s| format!(", pre-training seed {s}")).unwrap_or_default(),
                 dir.display()
             );
-            if force || !dir.join(medssl_core::train::REPORT_FILE).is_file() {
+            if force || !dir.join(medssl_core::run_dir::REPORT_FILE).is_file() {
                 pretrain(&exe, &sweep.base, &dir, &overrides).with_context(|| format!("variant `{}`", variant.name))?;
             } else {
                 check_reused(&dir, &overrides).with_context(|| format!("variant `{}`", variant.name))?;
@@ -289,7 +290,7 @@ pub fn run(file: &Path, out: &Path, extra: &[String], force: bool) -> Result<()>
 /// `config.toml`. Keys under `run.` (threads, checkpoints kept) do not change what is
 /// learned and are not compared.
 fn check_reused(dir: &Path, overrides: &[&String]) -> Result<()> {
-    let path = dir.join(medssl_core::train::CONFIG_FILE);
+    let path = dir.join(medssl_core::run_dir::CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("`{}` holds a finished run but no readable config", path.display()))?;
     let saved: toml::Value =
@@ -350,6 +351,7 @@ fn pretrain(exe: &Path, base: &Path, dir: &Path, overrides: &[&String]) -> Resul
 /// per-seed scores are kept.
 fn row(evaluation: &Evaluation, variant: &Variant, results: &[(Option<u64>, PathBuf, Value)]) -> Value {
     type Score = fn(&Value) -> Value;
+    // `results` hold the reports as `evaluate` and `finetune` parsed and checked them.
     let (keys, sides): (&[&str], [(&str, Score); 2]) = if evaluation.is_finetune() {
         (
             &["value"],
@@ -392,8 +394,8 @@ fn row(evaluation: &Evaluation, variant: &Variant, results: &[(Option<u64>, Path
         for key in keys {
             let values: Vec<f64> = per_seed.iter().filter_map(|s| s[*key].as_f64()).collect();
             if values.len() == per_seed.len() {
-                combined[*key] = json!(medssl_core::eval::mean(&values));
-                combined[format!("{key}_std")] = json!(medssl_core::eval::sample_std(&values));
+                combined[*key] = json!(medssl_core::metrics::mean(&values));
+                combined[format!("{key}_std")] = json!(medssl_core::metrics::sample_std(&values));
             }
         }
         out[*side] = combined;
@@ -436,13 +438,9 @@ fn evaluate(exe: &Path, evaluation: &Evaluation, run_dir: &Path) -> Result<Value
         bail!("`medssl eval` failed ({}); its log is above", output.status);
     }
     let text = String::from_utf8_lossy(&output.stdout);
-    let value: Value = serde_json::from_str(text.trim())
-        .with_context(|| format!("`medssl eval --json` printed something that is not JSON: {text}"))?;
-    ensure!(
-        value.get("pretrained").is_some() && value.get("random_init").is_some(),
-        "`medssl eval --json` gave no `pretrained`/`random_init` rows: {value}"
-    );
-    Ok(value)
+    let report: medssl_core::eval::Report = serde_json::from_str(text.trim())
+        .with_context(|| format!("`medssl eval --json` printed something that is not its report: {text}"))?;
+    Ok(serde_json::to_value(report)?)
 }
 
 /// `medssl finetune CONFIG --pretrained RUN_DIR ... --json`, parsed; the fine-tune's own
@@ -477,13 +475,14 @@ fn finetune(exe: &Path, evaluation: &Evaluation, run_dir: &Path) -> Result<Value
         bail!("`medssl finetune` failed ({}); its log is above", output.status);
     }
     let text = String::from_utf8_lossy(&output.stdout);
-    let value: Value = serde_json::from_str(text.trim())
-        .with_context(|| format!("`medssl finetune --json` printed something that is not JSON: {text}"))?;
+    let report: medssl_core::finetune::report::Report = serde_json::from_str(text.trim())
+        .with_context(|| format!("`medssl finetune --json` printed something that is not its report: {text}"))?;
+    let inits: Vec<Init> = report.rows.iter().map(|r| r.init).collect();
     ensure!(
-        value["rows"].as_array().is_some_and(|rows| rows.len() == 2),
-        "`medssl finetune --json` gave no pretrained/scratch rows: {value}"
+        inits == [Init::Pretrained, Init::Scratch],
+        "`medssl finetune --json` gave rows {inits:?}, expected a pretrained and a scratch row"
     );
-    Ok(value)
+    Ok(serde_json::to_value(report)?)
 }
 
 /// A fine-tune row's primary metric in the probes' shape: `value` and `value_std`.

@@ -7,6 +7,49 @@ pub mod decathlon;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Every registered component, by role (as `medssl list --json` names the roles), each
+/// role's names sorted: what the plugins linked through `medssl_plugins` register. A plugin
+/// left out of that crate, or a binary that does not link it, fails the tests comparing
+/// against this.
+pub const COMPONENTS: &[(&str, &[&str])] = &[
+    ("encoders", &["resnet18", "resnet34", "resnet50"]),
+    (
+        "aggregators",
+        &["attention-pool", "deformable-attention", "full-attention", "mean-pool"],
+    ),
+    (
+        "objectives",
+        &["deepcluster-v2", "masked-prediction", "ntxent", "swav", "vicreg"],
+    ),
+    ("heads", &["faster-rcnn", "unet", "volume-classifier"]),
+    (
+        "datasets",
+        &[
+            "decathlon",
+            "dicom",
+            "image-folder",
+            "medmnist",
+            "nifti",
+            "npy",
+            "phantom",
+        ],
+    ),
+];
+
+/// The components registered in this test binary, by role, in the shape of [`COMPONENTS`].
+pub fn registered() -> Vec<(&'static str, Vec<&'static str>)> {
+    medssl_core::registry::catalogue()
+        .expect("no duplicate names")
+        .into_iter()
+        .map(|(role, rows)| (role, rows.iter().map(|r| r.name).collect()))
+        .collect()
+}
+
+/// [`COMPONENTS`] in the shape of [`registered`].
+pub fn expected_components() -> Vec<(&'static str, Vec<&'static str>)> {
+    COMPONENTS.iter().map(|&(role, names)| (role, names.to_vec())).collect()
+}
+
 /// A config that trains a tiny model on 8 generated phantom volumes: two stages, 4 steps
 /// each, checkpoint after every step. Fast enough for tests on a 2-core CPU.
 pub const TINY: &str = r#"

@@ -8,10 +8,10 @@
 //! volume and scores the merged volume at its own size. Classification turns each volume
 //! into the pre-training run's slice sequence (`views::sequence_view`).
 
-use crate::config::Section;
 use crate::dataset::{Dataset, Volume};
 use crate::registry::{self, Registered};
 use crate::rng::{self, domain};
+use crate::section::Section;
 use crate::views::{self, ViewConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;

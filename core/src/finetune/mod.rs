@@ -33,13 +33,13 @@ use crate::checkpoint;
 use crate::config::{LoadedConfig, Section};
 use crate::detection::ap::{self, ApReport};
 use crate::encoder::EncoderOutput;
-use crate::eval::{load_backbone, locate};
 use crate::head::{Head, HeadInput, HeadShape, Prediction, Targets, Task};
 use crate::metrics::MetricsLog;
 use crate::optim::{self, Optimizer};
 use crate::probe::{metrics as class_metrics, split};
 use crate::registry::{self, Registered};
 use crate::rng::{self, domain};
+use crate::run_dir::{self, CONFIG_FILE, METRICS_FILE, REPORT_FILE, WEIGHTS_DIR};
 use crate::segmentation;
 use anyhow::{bail, ensure, Context, Result};
 use config::{FinetuneConfig, LoadedFinetune};
@@ -55,15 +55,11 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// Files of a fine-tuning directory.
-pub const CONFIG_FILE: &str = "config.toml";
-pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const REPORT_FILE: &str = "report.md";
 pub const RESULTS_FILE: &str = "results.json";
 pub const CURVES_FILE: &str = "learning_curves.png";
 pub const SEGMENTATION_FILE: &str = "segmentation.png";
 /// `precision_recall_<init>.png`: a detection row's curves (first repeat).
 pub const PRECISION_RECALL_PREFIX: &str = "precision_recall";
-pub const WEIGHTS_DIR: &str = "weights";
 
 /// What `medssl finetune` was asked.
 #[derive(Debug, Clone)]
@@ -81,9 +77,11 @@ pub struct FinetuneOptions {
 }
 
 /// Where a row's backbone weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Init {
+    /// (The default only so that a report read back can leave its curves out.)
+    #[default]
     Pretrained,
     Scratch,
 }
@@ -218,16 +216,12 @@ impl Network {
     ) -> Result<T> {
         let size = x.size();
         let image_size = [size[size.len() - 2], size[size.len() - 1]];
+        // Volume tasks need the aggregator; `Network::build` refuses them without one.
         let features = |x: &Tensor| -> (EncoderOutput, Option<Tensor>) {
             match valid {
-                None => (self.backbone.encoder.forward(x, train_backbone), None),
+                None => (self.backbone.embed_images(x, train_backbone), None),
                 Some(valid) => {
-                    let (b, t) = (size[0], size[2]);
-                    let slices = x.transpose(1, 2).reshape([b * t, size[1], size[3], size[4]]);
-                    let out = self.backbone.encoder.forward(&slices, train_backbone);
-                    let sequence = self.backbone.slice_features.compute(&out).view([b, t, -1]);
-                    let aggregator = self.backbone.aggregator.as_ref().expect("checked at build");
-                    let volume = aggregator.forward(&sequence, Some(valid), train_backbone).volume;
+                    let (out, volume) = self.backbone.embed_volumes(x, valid, train_backbone, train_backbone);
                     (out, Some(volume))
                 }
             }
@@ -282,7 +276,7 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     let started = Instant::now();
     let loaded = LoadedFinetune::load(&options.config, &options.overrides)?;
     let cfg = loaded.cfg.clone();
-    let located = locate(&options.pretrained, options.run_config.as_deref()).context("--pretrained")?;
+    let located = run_dir::locate(&options.pretrained, options.run_config.as_deref()).context("--pretrained")?;
     let run_cfg = LoadedConfig::load_resolved(&located.config)
         .with_context(|| format!("the pre-training run's config `{}`", located.config.display()))?;
     let device = crate::device::resolve(&cfg.device).context("config key `device`")?;
@@ -296,7 +290,7 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     let (network, head_resolved) = Network::build(&run_cfg, &head_section, cfg.classes, device, cfg.seed)?;
     let task = network.task;
     let checkpoint = checkpoint::read_safetensors(&located.tensors)?;
-    load_backbone(&network.backbone, &checkpoint, &located.tensors)?;
+    network.backbone.load(&checkpoint, &located.tensors)?;
     drop(network);
 
     let train_section = loaded.data_section("train")?;
@@ -631,7 +625,7 @@ impl Protocol {
         let seed = self.seed(run);
         let (network, _) = Network::build(&self.run_cfg, &self.head_section, self.cfg.classes, self.device, seed)?;
         if init == Init::Pretrained {
-            load_backbone(&network.backbone, &self.checkpoint, &self.checkpoint_path)?;
+            network.backbone.load(&self.checkpoint, &self.checkpoint_path)?;
         }
         let scale = self.cfg.train.backbone_lr_scale;
         let train_backbone = scale > 0.0;

@@ -5,13 +5,13 @@
 
 use super::data::MaskedVolume;
 use super::Init;
-use crate::eval::{mean, sample_std};
 use crate::head::Task;
 use crate::metrics::{chart_builder, draw_legend, legend_mark};
+use crate::metrics::{mean, sample_std};
 use crate::segmentation::{self, VolumeScores};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -62,7 +62,7 @@ pub fn segmentation_scores(per_volume: &[VolumeScores], classes: i64) -> BTreeMa
 }
 
 /// One epoch of a trial's learning curve.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CurvePoint {
     pub epoch: usize,
     /// Mean training loss over the epoch.
@@ -72,7 +72,7 @@ pub struct CurvePoint {
 }
 
 /// A trial's learning curve.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Curve {
     pub init: Init,
     pub run: usize,
@@ -81,7 +81,7 @@ pub struct Curve {
 }
 
 /// One row of one repeat, trained and scored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trial {
     pub init: Init,
     pub run: usize,
@@ -99,7 +99,7 @@ pub struct Trial {
 }
 
 /// Mean ± sample std (n - 1) of one metric over repeats, with each repeat's value.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub mean: f64,
     pub std: f64,
@@ -117,7 +117,7 @@ impl Summary {
 }
 
 /// A row of the table: one initialisation over every repeat.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub init: Init,
     /// The primary metric's mean, std and per-repeat values.
@@ -130,7 +130,7 @@ pub struct Row {
 }
 
 /// A set, as the report describes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SetInfo {
     pub format: String,
     pub volumes: usize,
@@ -139,7 +139,7 @@ pub struct SetInfo {
 }
 
 /// How the fine-tune was run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Setup {
     pub task: Task,
     pub head: String,
@@ -163,7 +163,7 @@ pub struct Setup {
 }
 
 /// What `medssl finetune` reports; `--json` prints it and `results.json` keeps it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub metric: String,
     pub rows: Vec<Row>,

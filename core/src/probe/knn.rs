@@ -5,6 +5,7 @@
 //! (their AUC is the probe's). Wu et al. use k = 200, DINO (Caron et al. 2021) k = 20, both
 //! with tau = 0.07; the default here is k = 20.
 
+use crate::ops::l2_normalize;
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -51,10 +52,7 @@ pub fn probabilities(
     cfg: &KnnConfig,
 ) -> Result<Tensor> {
     cfg.check()?;
-    let unit = |x: &Tensor| {
-        let x = x.to_kind(Kind::Float);
-        &x / x.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12)
-    };
+    let unit = |x: &Tensor| l2_normalize(&x.to_kind(Kind::Float));
     let device = train.device();
     let train = unit(train);
     let labels = labels.to_device(device).to_kind(Kind::Int64);

@@ -107,10 +107,6 @@ impl AttentionPoolAggregator {
     }
 }
 
-fn l2_normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
-}
-
 impl Aggregator for AttentionPoolAggregator {
     fn input_dim(&self) -> i64 {
         self.input_dim

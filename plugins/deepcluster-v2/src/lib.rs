@@ -2,7 +2,7 @@
 //! then cross-entropy against the cluster assignments, at the slice or the volume level.
 
 mod deepcluster_v2;
+mod kmeans;
 
-pub use deepcluster_v2::{
-    cluster_loss, initial_centroids, normalize, spherical_kmeans, DeepClusterV2Config, DeepClusterV2Objective, KMeans,
-};
+pub use deepcluster_v2::{cluster_loss, DeepClusterV2Config, DeepClusterV2Objective};
+pub use kmeans::{initial_centroids, spherical_kmeans, KMeans};

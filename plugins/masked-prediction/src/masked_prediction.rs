@@ -160,10 +160,6 @@ pub fn masked_l2(predictions: &Tensor, targets: &Tensor, mask: &Tensor) -> Tenso
     (per_slice * mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
 }
 
-fn l2_normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
-}
-
 impl MaskedPredictionObjective {
     /// `key` is the config section (`objectives.KEY`), for messages.
     pub fn new(p: nn::Path, cfg: MaskedPredictionConfig, shape: &ObjectiveShape, key: &str) -> Result<Self> {

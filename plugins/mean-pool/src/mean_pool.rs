@@ -35,7 +35,7 @@ impl Aggregator for MeanPoolAggregator {
 
     fn forward(&self, slices: &Tensor, valid: Option<&Tensor>, _train: bool) -> AggregatorOutput {
         let slices = if self.cfg.normalize {
-            slices / slices.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+            l2_normalize(slices)
         } else {
             slices.shallow_clone()
         };

@@ -54,11 +54,7 @@ impl NtXentObjective {
             "ntxent: `hidden_dim` and `output_dim` must be positive"
         );
         // SimCLR's projection head with PyTorch's default init (solo-learn, lightly).
-        let projector = nn::seq_t()
-            .add(layers::linear(&p / "projector" / "0", input_dim, cfg.hidden_dim))
-            .add(layers::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim))
-            .add_fn(|x| x.relu())
-            .add(layers::linear(&p / "projector" / "3", cfg.hidden_dim, cfg.output_dim));
+        let projector = projection_head(&p / "projector", &[input_dim, cfg.hidden_dim, cfg.output_dim]);
         Ok(NtXentObjective {
             cfg,
             consumes,
@@ -75,7 +71,7 @@ pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
     let v = views.len() as i64;
     let n = views[0].size()[0];
     let z = Tensor::cat(views, 0);
-    let z = &z / z.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+    let z = l2_normalize(&z);
     let logits = z.matmul(&z.tr()) / temperature;
     let device = z.device();
     let eye = Tensor::eye(v * n, (Kind::Bool, device));

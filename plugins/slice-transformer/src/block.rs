@@ -245,11 +245,6 @@ pub fn sinusoidal_positions(n: i64, width: i64, device: Device) -> Tensor {
     Tensor::cat(&[angles.sin(), angles.cos().narrow(1, 0, width / 2)], 1)
 }
 
-/// `x / ||x||` along the last axis.
-pub fn l2_normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
-}
-
 /// Masked mean over windows of `stride` slices (the last window may be shorter): `[B, n, C]`
 /// to `[B, ceil(n / stride), C]`, and the pooled validity (a window with any valid slice).
 fn pyramid_pool(x: &Tensor, valid: &Tensor, stride: i64) -> (Tensor, Tensor) {

@@ -116,15 +116,11 @@ impl SwavObjective {
             global_views > 0,
             "swav: the run makes no global views at the {:?} level ({}): the codes need at least one",
             cfg.level,
-            global_views_key(cfg.level)
+            cfg.level.global_views_key()
         );
         // SwAV's `resnet50.py`: PyTorch's default init for the head's linear layers and the
         // prototypes (`nn.Linear(output_dim, nmb_prototypes, bias=False)`), batch norm at 1/0.
-        let projector = nn::seq_t()
-            .add(layers::linear(&p / "projector" / "0", input_dim, cfg.hidden_dim))
-            .add(layers::batch_norm1d(&p / "projector" / "1", cfg.hidden_dim))
-            .add_fn(|x| x.relu())
-            .add(layers::linear(&p / "projector" / "3", cfg.hidden_dim, cfg.output_dim));
+        let projector = projection_head(&p / "projector", &[input_dim, cfg.hidden_dim, cfg.output_dim]);
         let prototypes = layers::linear_without_bias(&p / "prototypes", cfg.output_dim, cfg.prototypes).ws;
         normalize_rows_(&prototypes);
         let (queue, filled) = if cfg.queue_length > 0 {
@@ -169,20 +165,10 @@ impl SwavObjective {
     }
 }
 
-/// The config key that sets the number of global views at `level`.
-fn global_views_key(level: ViewLevel) -> &'static str {
-    match level {
-        ViewLevel::Slice => "data.views.slice_views",
-        ViewLevel::Volume => "data.views.volume_views",
-    }
-}
-
 /// Scales every row of `w` to unit L2 norm, in place and without gradient.
 fn normalize_rows_(w: &Tensor) {
     tch::no_grad(|| {
-        let norm = w.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
-        let normalized = w / norm;
-        w.shallow_clone().copy_(&normalized);
+        w.shallow_clone().copy_(&l2_normalize(w));
     });
 }
 
@@ -287,13 +273,13 @@ impl Objective for SwavObjective {
             global == self.global_views && global <= views.len(),
             "swav: built for {} global views ({}), but this step has {global} global of {} views",
             self.global_views,
-            global_views_key(self.cfg.level),
+            self.cfg.level.global_views_key(),
             views.len()
         );
         // One pass of the head over every view, as SwAV's reference code does.
         let sizes: Vec<i64> = views.iter().map(|v| v.size()[0]).collect();
         let z = Tensor::cat(views, 0).apply_t(&self.projector, true);
-        let z = &z / z.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+        let z = l2_normalize(&z);
         let prototypes = if progress.step < self.cfg.freeze_prototypes_steps {
             self.prototypes.detach()
         } else {

@@ -65,15 +65,7 @@ impl VicRegObjective {
         );
         let d = cfg.expander_dim;
         // The paper's expander: two Linear-BN-ReLU blocks and a final linear layer.
-        let e = &p / "expander";
-        let expander = nn::seq_t()
-            .add(layers::linear(&e / "0", input_dim, d))
-            .add(layers::batch_norm1d(&e / "1", d))
-            .add_fn(|x| x.relu())
-            .add(layers::linear(&e / "3", d, d))
-            .add(layers::batch_norm1d(&e / "4", d))
-            .add_fn(|x| x.relu())
-            .add(layers::linear(&e / "6", d, d));
+        let expander = projection_head(&p / "expander", &[input_dim, d, d, d]);
         Ok(VicRegObjective {
             cfg,
             consumes,

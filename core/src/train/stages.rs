@@ -1,0 +1,592 @@
+//! The stage loop: every step's batch, forward passes shared by the objectives, the
+//! optimizer step, the metrics log, checkpoints, and resuming from one.
+
+use super::{Run, Summary, Terms};
+use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
+use crate::config::{OptimizerConfig, StageConfig};
+use crate::loader::Batch;
+use crate::metrics::MetricsLog;
+use crate::objective::{Progress, SliceSequence, StepInput};
+use crate::optim::{self, Optimizer};
+use crate::rng::{self, domain};
+use crate::run_dir::{self, CHECKPOINT_DIR, METRICS_FILE};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Instant;
+use tch::Tensor;
+
+/// A batch's embeddings, computed once per step and shared by every objective.
+pub(super) struct Embedded {
+    pub(super) ids: Tensor,
+    pub(super) slice_views: Vec<Tensor>,
+    pub(super) global_slice_views: usize,
+    pub(super) volume_views: Vec<Tensor>,
+    pub(super) sequence: Option<Tensor>,
+    pub(super) valid: Option<Tensor>,
+    pub(super) train_aggregator: bool,
+}
+
+impl Embedded {
+    pub(super) fn input<'a>(&'a self, aggregator: Option<&'a dyn crate::aggregator::Aggregator>) -> StepInput<'a> {
+        StepInput {
+            ids: &self.ids,
+            slice_views: (!self.slice_views.is_empty()).then_some(self.slice_views.as_slice()),
+            global_slice_views: self.global_slice_views,
+            volume_views: (!self.volume_views.is_empty()).then_some(self.volume_views.as_slice()),
+            slice_sequence: match (&self.sequence, &self.valid, aggregator) {
+                (Some(embeddings), Some(valid), Some(aggregator)) => Some(SliceSequence {
+                    embeddings,
+                    valid,
+                    aggregator,
+                    train: self.train_aggregator,
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The name of the first tensor of `tensors` with a NaN or infinite value: one sum each, so
+/// the check costs a few reductions a step.
+fn first_non_finite(tensors: &[(String, Tensor)]) -> Option<&str> {
+    if tensors.is_empty() {
+        return None;
+    }
+    let sums: Vec<Tensor> = tensors.iter().map(|(_, t)| t.sum(tch::Kind::Double)).collect();
+    let sums = Vec::<f64>::try_from(Tensor::stack(&sums, 0)).unwrap_or_default();
+    sums.iter()
+        .zip(tensors)
+        .find(|(s, _)| !s.is_finite())
+        .map(|(_, (name, _))| name.as_str())
+}
+
+/// The message for a run that diverged at `step` of `stage`: what happened, the learning
+/// rate, and the last good checkpoint (or that there is none yet).
+fn diverged(what: &str, stage: &StageConfig, step: usize, lr: f64, store: &Checkpoints) -> String {
+    let last_good = match store.latest() {
+        Ok(Some(path)) => format!(
+            "the last good checkpoint, `{}`, is kept: resume from it with a lower `lr` (edit it with `medssl resume --allow-config-change`)",
+            path.display()
+        ),
+        _ => "no checkpoint was written yet".to_string(),
+    };
+    format!(
+        "stage `{}`, step {step} (lr {lr:.3e}): {what}; stopping: {last_good}",
+        stage.name
+    )
+}
+
+/// The keys whose values differ between two resolved configs (`key: old -> new`), outside
+/// the `[run]` table.
+fn config_changes(before: &str, after: &str) -> Result<Vec<String>> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (k, v) in table {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |text: &str| -> Result<BTreeMap<String, String>> {
+        let value: toml::Value = toml::from_str(text).context("a resolved config that is not TOML")?;
+        let mut flat = BTreeMap::new();
+        flatten("", &value, &mut flat);
+        flat.retain(|k, _| !k.starts_with("run."));
+        Ok(flat)
+    };
+    let (before, after) = (parse(before)?, parse(after)?);
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    Ok(keys
+        .into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
+            format!("`{k}` {} -> {}", show(before.get(k)), show(after.get(k)))
+        })
+        .collect())
+}
+
+/// One stage's training: the stage, its optimizer, where it starts, and where it writes.
+struct StageRun<'a> {
+    index: usize,
+    stage: StageConfig,
+    optimizer_cfg: OptimizerConfig,
+    optimizer: Optimizer,
+    /// Steps of the stage already done (a resumed run).
+    start: usize,
+    /// Steps of the whole run, for the log lines.
+    run_steps: usize,
+    store: &'a Checkpoints,
+    log: &'a mut MetricsLog,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl Run {
+    /// Trains in `run_dir`: from the start, or from its latest checkpoint when `resume`.
+    pub fn train(mut self, run_dir: &Path, resume: bool) -> Result<Summary> {
+        let started = Instant::now();
+        let store = Checkpoints::new(run_dir.join(CHECKPOINT_DIR), self.cfg.run.options.keep_checkpoints);
+        let fingerprint = self.model.fingerprint();
+        let mut position = TrainingState {
+            format: FORMAT,
+            stage: 0,
+            stage_step: 0,
+            global_step: 0,
+            optimizer_steps: 0,
+            objectives: BTreeMap::new(),
+            model_fingerprint: fingerprint.clone(),
+            config: Some(self.resolved_config.clone()),
+        };
+        let mut optimizer_state = Vec::new();
+        if resume {
+            if let Some(latest) = store.latest()? {
+                let (tensors, state) = checkpoint::load(&latest)?;
+                if state.model_fingerprint != fingerprint {
+                    bail!(
+                        "checkpoint `{}` was written for another model (fingerprint {}, this config gives {}): its config is incompatible",
+                        latest.display(),
+                        state.model_fingerprint,
+                        fingerprint
+                    );
+                }
+                self.check_position(&state)
+                    .with_context(|| format!("checkpoint state `{}`", latest.join("state.json").display()))?;
+                self.check_config_unchanged(&state, run_dir)?;
+                optimizer_state = self.restore(&latest, tensors)?;
+                for (key, value) in &state.objectives {
+                    if let Some(objective) = self.model.objectives.get_mut(key) {
+                        objective
+                            .load_state(value.clone())
+                            .with_context(|| format!("checkpoint `{}`: objective `{key}`", latest.display()))?;
+                    }
+                }
+                tracing::info!("resuming from {} (global step {})", latest.display(), state.global_step);
+                position = state;
+                position.config = Some(self.resolved_config.clone());
+            } else {
+                tracing::info!("no checkpoint in {}: starting from the beginning", run_dir.display());
+            }
+        }
+        let mut log = MetricsLog::open(&run_dir.join(METRICS_FILE), resume.then_some(position.global_step))?;
+        let run_steps: usize = self.stage_steps().iter().sum();
+        let bar = progress_bar(run_steps, position.global_step);
+
+        for stage_index in position.stage..self.cfg.run.stages.len() {
+            let stage = self.cfg.run.stages[stage_index].clone();
+            if stage.epochs == 0 {
+                tracing::info!("stage `{}` has epochs = 0: skipped", stage.name);
+                continue;
+            }
+            let optimizer_cfg = self.stage_optimizer(stage_index)?;
+            let mut optimizer = Optimizer::new(&optimizer_cfg, self.stage_parameters(&stage))?;
+            if stage_index == position.stage && position.stage_step > 0 {
+                optimizer.load_state(std::mem::take(&mut optimizer_state), position.optimizer_steps)?;
+            }
+            let start = if stage_index == position.stage {
+                position.stage_step
+            } else {
+                0
+            };
+            let stage_run = StageRun {
+                index: stage_index,
+                stage,
+                optimizer_cfg,
+                optimizer,
+                start,
+                run_steps,
+                store: &store,
+                log: &mut log,
+                bar: &bar,
+            };
+            self.train_stage(stage_run, &mut position)?;
+            // Stage done: the next one starts with fresh optimizer state.
+            position.stage = stage_index + 1;
+            position.stage_step = 0;
+            position.optimizer_steps = 0;
+            self.save(&store, &mut position, None)?;
+        }
+        bar.finish_and_clear();
+        let summary = self.finish(run_dir, started.elapsed().as_secs_f64(), position.global_step)?;
+        Ok(summary)
+    }
+
+    /// Refuses to resume under a `config.toml` edited since the checkpoint was written (a
+    /// changed `lr`, `batch_size` or `seed` would silently make a different run), naming
+    /// every changed key, unless `allow_config_change`, which warns as loudly. The `[run]`
+    /// table (where and how often the run writes, its threads) may change freely.
+    fn check_config_unchanged(&self, state: &TrainingState, run_dir: &Path) -> Result<()> {
+        let Some(trained) = &state.config else {
+            return Ok(());
+        };
+        let changes = config_changes(trained, &self.resolved_config)?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let listed = changes.join("; ");
+        let file = run_dir.join(crate::run_dir::CONFIG_FILE);
+        if self.allow_config_change {
+            tracing::warn!(
+                "`{}` differs from the config the checkpoint was trained with ({listed}): resuming anyway (--allow-config-change); this is no longer an exact resume of the same run",
+                file.display()
+            );
+            return Ok(());
+        }
+        bail!(
+            "`{}` differs from the config the checkpoint was trained with: {listed}; resuming would silently train a different run: restore those keys, or pass --allow-config-change to resume under the edited config (no longer an exact resume)",
+            file.display()
+        )
+    }
+
+    /// Refuses a checkpoint position that this config cannot have produced: a stage index
+    /// past the last stage, more steps in a stage than it has, or a global step that is not
+    /// the sum of the stages before plus the steps into this one.
+    pub(super) fn check_position(&self, state: &TrainingState) -> Result<()> {
+        let steps = self.stage_steps();
+        let stages = steps.len();
+        anyhow::ensure!(
+            state.stage <= stages,
+            "stage index {} but the config has {stages} stages: the file is corrupt or from another config",
+            state.stage
+        );
+        let in_stage = steps.get(state.stage).copied().unwrap_or(0);
+        anyhow::ensure!(
+            state.stage_step <= in_stage,
+            "{} steps into stage {} but that stage has {in_stage} steps: the file is corrupt or from another config",
+            state.stage_step,
+            state.stage
+        );
+        let expected = steps[..state.stage].iter().sum::<usize>() + state.stage_step;
+        anyhow::ensure!(
+            state.global_step == expected,
+            "global step {} but stage {} at step {} means global step {expected}: the file is corrupt or from another config",
+            state.global_step,
+            state.stage,
+            state.stage_step
+        );
+        Ok(())
+    }
+
+    /// Copies checkpoint tensors into the model, strictly; returns the optimizer's part.
+    pub(super) fn restore(&mut self, from: &Path, tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        let variables: Vec<(String, Tensor)> = self.model.backbone.vs.variables().into_iter().collect();
+        run_dir::load_variables(&variables, &tensors, "model.", &[], from)?;
+        Ok(tensors
+            .into_iter()
+            .filter_map(|(name, t)| Some((name.strip_prefix("optim.")?.to_string(), t)))
+            .collect())
+    }
+
+    /// Runs the memory pass that objectives ask for (one pass over the epoch's batches
+    /// without gradients, every module in eval mode), then each objective's epoch-start hook.
+    pub(super) fn start_epoch(&mut self, stage_index: usize, progress: &Progress) -> Result<()> {
+        let stage = self.cfg.run.stages[stage_index].clone();
+        let stage = &stage;
+        let wanting: Vec<String> = stage
+            .objectives
+            .keys()
+            .filter(|k| self.model.objectives[k.as_str()].needs_memory_pass(progress))
+            .cloned()
+            .collect();
+        if !wanting.is_empty() {
+            tracing::info!("memory pass over epoch {} for {}", progress.epoch, wanting.join(", "));
+            let data = self.stage_data[stage_index].clone();
+            for batch in data.epoch(progress.epoch, 0, self.needs(stage)) {
+                let batch = batch.with_context(|| format!("memory pass of stage `{}`", stage.name))?;
+                let embedded = tch::no_grad(|| self.embed(stage, &batch, true));
+                let aggregator = self.model.backbone.aggregator.as_deref();
+                for key in &wanting {
+                    let objective = self.model.objectives.get_mut(key).expect("checked");
+                    tch::no_grad(|| objective.observe(&embedded.input(aggregator), progress))
+                        .with_context(|| format!("objective `{key}` in its memory pass"))?;
+                }
+            }
+        }
+        for key in stage.objectives.keys() {
+            let objective = self
+                .model
+                .objectives
+                .get_mut(key)
+                .expect("stages are checked against objectives");
+            objective
+                .on_epoch_start(progress)
+                .with_context(|| format!("objective `{key}` at epoch start"))?;
+        }
+        Ok(())
+    }
+
+    /// Trains one stage from its step `start` to its end, logging and checkpointing as it
+    /// goes; `position` follows every step.
+    fn train_stage(&mut self, stage_run: StageRun, position: &mut TrainingState) -> Result<()> {
+        let StageRun {
+            index: stage_index,
+            stage,
+            optimizer_cfg: opt_cfg,
+            mut optimizer,
+            start,
+            run_steps: total_run_steps,
+            store,
+            log,
+            bar,
+        } = stage_run;
+        let (stage, opt_cfg, optimizer) = (&stage, &opt_cfg, &mut optimizer);
+        let data = self.stage_data[stage_index].clone();
+        crate::activity::set(format!("stage `{}` (batch size {})", stage.name, data.batch_size()));
+        let steps_per_epoch = data.steps_per_epoch();
+        let total = stage.epochs * steps_per_epoch;
+        let needs = self.needs(stage);
+        // Checked after every step with the loss: a diverging batch norm would otherwise run
+        // on until the next checkpoint refused it.
+        let statistics: Vec<(String, Tensor)> = self
+            .model
+            .backbone
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".running_mean") || name.ends_with(".running_var"))
+            .collect();
+        let options = self.cfg.run.options.clone();
+        let mut step = start;
+        let mut last_step_end = Instant::now();
+        while step < total {
+            let epoch = step / steps_per_epoch;
+            let batches = data.epoch(epoch, step % steps_per_epoch, needs);
+            for batch in batches {
+                let batch = batch.with_context(|| format!("stage `{}`, epoch {epoch}", stage.name))?;
+                let progress = Progress {
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                };
+                if step.is_multiple_of(steps_per_epoch) {
+                    self.start_epoch(stage_index, &progress)?;
+                }
+                tch::manual_seed(
+                    rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,
+                );
+                let lr = optim::learning_rate(opt_cfg, step, total, steps_per_epoch);
+                let (loss, terms, health) = self.loss(stage, &batch, &progress)?;
+                let value = loss.double_value(&[]);
+                if !value.is_finite() {
+                    bail!(
+                        "{}",
+                        diverged(
+                            &format!("the loss became {value} (terms: {terms:?})"),
+                            stage,
+                            position.global_step + 1,
+                            lr,
+                            store
+                        )
+                    );
+                }
+                anyhow::ensure!(
+                    batch.ids.size()[0] >= 2,
+                    "stage `{}`, step {}: only {} sample of the batch was readable (the others skipped under `on_error = \"skip\"`); batch norm cannot train on one sample",
+                    stage.name,
+                    position.global_step + 1,
+                    batch.ids.size()[0]
+                );
+                optimizer.zero_grad();
+                loss.backward();
+                let grad_norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
+                optimizer.step(lr);
+                for key in stage.objectives.keys() {
+                    self.model
+                        .objectives
+                        .get_mut(key)
+                        .expect("checked")
+                        .on_step_end(&progress)?;
+                }
+                if let Some(name) = first_non_finite(&statistics) {
+                    bail!(
+                        "{}",
+                        diverged(
+                            &format!("batch norm statistics `{name}` became non-finite"),
+                            stage,
+                            position.global_step + 1,
+                            lr,
+                            store
+                        )
+                    );
+                }
+                step += 1;
+                position.stage = stage_index;
+                position.stage_step = step;
+                position.global_step += 1;
+                let batch_size = batch.ids.size()[0] as f64;
+                if position.global_step.is_multiple_of(options.log_every.max(1)) || step == total {
+                    let mut record = Map::new();
+                    record.insert("stage".into(), json!(stage.name));
+                    record.insert("stage_index".into(), json!(stage_index));
+                    record.insert("epoch".into(), json!(epoch));
+                    record.insert("step".into(), json!(position.global_step));
+                    record.insert("loss".into(), json!(value));
+                    for (name, v) in &terms {
+                        record.insert(format!("loss/{name}"), json!(v));
+                    }
+                    for (name, v) in &health {
+                        record.insert(format!("health/{name}"), json!(v));
+                    }
+                    record.insert("lr".into(), json!(lr));
+                    record.insert("grad_norm".into(), json!(grad_norm));
+                    // Wall time since the previous step ended: data waiting included.
+                    record.insert(
+                        "samples_per_s".into(),
+                        json!(batch_size / last_step_end.elapsed().as_secs_f64().max(1e-9)),
+                    );
+                    log.write(&record)?;
+                    if bar.is_hidden() {
+                        tracing::info!(
+                            "stage {} epoch {epoch} step {}/{total_run_steps}: loss {value:.4} lr {lr:.2e}",
+                            stage.name,
+                            position.global_step,
+                        );
+                    } else {
+                        bar.set_message(format!("{} loss {value:.4}", stage.name));
+                    }
+                }
+                bar.inc(1);
+                last_step_end = Instant::now();
+                if position.global_step.is_multiple_of(options.checkpoint_every.max(1)) && step < total {
+                    self.save(store, position, Some(&*optimizer))?;
+                }
+                if step >= total {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch's embeddings that the stage's objectives consume, each computed once.
+    /// With `observe`, every module runs in eval mode (the caller disables autograd).
+    pub(super) fn embed(&self, stage: &StageConfig, batch: &Batch, observe: bool) -> Embedded {
+        let device = self.device;
+        let train_encoder = !observe && stage.train.iter().any(|m| m == "encoder");
+        let train_aggregator = !observe && stage.train.iter().any(|m| m == "aggregator");
+        let backbone = &self.model.backbone;
+        let slice_views = batch
+            .slice_views
+            .iter()
+            .map(|v| backbone.embed_images(&v.to_device(device), train_encoder).pooled)
+            .collect();
+        // Volume views need an aggregator; `Model::build` refuses objectives that consume
+        // them without one.
+        let volume_views = match &backbone.aggregator {
+            Some(_) => batch
+                .volume_views
+                .iter()
+                .zip(&batch.volume_valid)
+                .map(|(v, valid)| {
+                    let valid = valid.to_device(device);
+                    backbone
+                        .embed_volumes(&v.to_device(device), &valid, train_encoder, train_aggregator)
+                        .1
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let sequence = batch
+            .sequence
+            .as_ref()
+            .map(|(voxels, _)| backbone.embed_slices(&voxels.to_device(device), train_encoder).1);
+        let valid = batch.sequence.as_ref().map(|(_, valid)| valid.to_device(device));
+        Embedded {
+            ids: batch.ids.to_device(device),
+            slice_views,
+            global_slice_views: self.data.views.slice_views,
+            volume_views,
+            sequence,
+            valid,
+            train_aggregator,
+        }
+    }
+
+    /// The weighted sum of the stage's objectives over one batch, each term, and the
+    /// embeddings' health.
+    pub(super) fn loss(
+        &mut self,
+        stage: &StageConfig,
+        batch: &Batch,
+        progress: &Progress,
+    ) -> Result<(Tensor, Terms, Terms)> {
+        let embedded = self.embed(stage, batch, false);
+        let aggregator = self.model.backbone.aggregator.as_deref();
+        let mut total: Option<Tensor> = None;
+        let mut terms = Vec::new();
+        for (key, weight) in &stage.objectives {
+            let objective = self.model.objectives.get_mut(key).expect("checked");
+            let loss = objective
+                .loss(&embedded.input(aggregator), progress)
+                .with_context(|| format!("objective `{key}`"))?;
+            terms.push((key.clone(), loss.total.double_value(&[])));
+            for (name, v) in loss.terms {
+                terms.push((format!("{key}/{name}"), v));
+            }
+            let weighted = loss.total * *weight;
+            total = Some(match total {
+                Some(t) => t + weighted,
+                None => weighted,
+            });
+        }
+        Ok((
+            total.expect("a stage has at least one objective"),
+            terms,
+            embedded.health(),
+        ))
+    }
+
+    pub(super) fn save(
+        &self,
+        store: &Checkpoints,
+        position: &mut TrainingState,
+        optimizer: Option<&Optimizer>,
+    ) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .model
+            .backbone
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), t))
+            .collect();
+        if let Some(optimizer) = optimizer {
+            let (state, steps) = optimizer.state();
+            tensors.extend(state.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+            position.optimizer_steps = steps;
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        position.objectives = self
+            .model
+            .objectives
+            .iter()
+            .map(|(k, o)| (k.clone(), o.state()))
+            .collect();
+        store.save(&tensors, position)?;
+        Ok(())
+    }
+}
+
+fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(done as u64);
+    bar
+}

@@ -366,3 +366,36 @@ fn intervals_of_zero_and_one_sample_batches_are_refused_up_front() {
         assert!(!dir.join("checkpoints").exists(), "{set}: something was written");
     }
 }
+
+#[test]
+fn divergence_stops_the_run_naming_stage_step_lr_and_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(tmp.path(), "c.toml", TINY);
+    let dir = tmp.path().join("diverged");
+    // An absurd learning rate: the weights, then the loss or batch norm's statistics, leave
+    // the finite numbers within a few steps. No checkpoint before the stage's end.
+    let out = medssl()
+        .arg("run")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(&dir)
+        .args([
+            "--set",
+            "optimizer.lr=1e30",
+            "--set",
+            "optimizer.warmup_epochs=0",
+            "--set",
+            "run.checkpoint_every=100",
+        ])
+        .output()
+        .unwrap();
+    common::assert_fails_with(
+        &out,
+        &[
+            "stage `slices`, step 2 (lr 8.536e29)",
+            "became",
+            "stopping",
+            "no checkpoint was written yet",
+        ],
+    );
+}

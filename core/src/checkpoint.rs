@@ -151,6 +151,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// The crash-resume tests' injected failure (the variable is outside the `MEDSSL_` prefix,
+/// which belongs to config layers): with `INJECT_MEDSSL_ABORT=POINT:N` the process
+/// aborts (no unwinding, no destructors, as a `kill -9`) at that point of global step N:
+/// `step` right after the step's update, before its checkpoint; `checkpoint` inside its
+/// checkpoint, written under the temporary name and not yet renamed. Unset in normal use.
+pub fn abort_if_asked(point: &str, global_step: usize) {
+    if std::env::var("INJECT_MEDSSL_ABORT").is_ok_and(|at| at == format!("{point}:{global_step}")) {
+        eprintln!("INJECT_MEDSSL_ABORT: aborting at {point} {global_step}");
+        std::process::abort();
+    }
+}
+
 /// Whether `name` is a checkpoint folder's name: `step-` and at least 8 digits.
 fn is_checkpoint_name(name: &str) -> bool {
     name.strip_prefix("step-")
@@ -186,6 +198,7 @@ impl Checkpoints {
         write_safetensors(&tmp.join("tensors.safetensors"), tensors)?;
         write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
         sync_dir(&tmp)?;
+        abort_if_asked("checkpoint", state.global_step);
         let target = self.dir.join(&name);
         if target.exists() {
             std::fs::remove_dir_all(&target)?;

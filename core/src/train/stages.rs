@@ -424,6 +424,7 @@ impl Run {
                 position.stage = stage_index;
                 position.stage_step = step;
                 position.global_step += 1;
+                checkpoint::abort_if_asked("step", position.global_step);
                 let batch_size = batch.ids.size()[0] as f64;
                 if position.global_step.is_multiple_of(options.log_every.max(1)) || step == total {
                     let mut record = Map::new();

@@ -11,6 +11,31 @@ fn config() -> String {
     TINY.replace("epochs = 2", "epochs = 3")
 }
 
+/// `medssl run CONFIG --run-dir DIR`, started in the background and returned once it has
+/// logged `steps` steps (the test fails if it ends first or takes over two minutes).
+fn run_until_logged(config: &std::path::Path, dir: &std::path::Path, steps: usize) -> std::process::Child {
+    let mut child = medssl()
+        .arg("run")
+        .arg(config)
+        .arg("--run-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < steps
+    {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before step {steps}");
+        assert!(Instant::now() < deadline, "the run did not reach step {steps} in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
 #[test]
 fn killed_and_resumed_equals_uninterrupted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -30,31 +55,8 @@ fn killed_and_resumed_equals_uninterrupted() {
 
     // Start the same run and kill it with SIGKILL once it has logged step 5 (mid-stage 1).
     let killed = tmp.path().join("killed");
-    let mut child = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     let metrics = killed.join("metrics.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let steps = std::fs::read_to_string(&metrics)
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if steps >= 5 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(Instant::now() < deadline, "the run did not reach step 5 in time");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = run_until_logged(&path, &killed, 5);
     child.kill().unwrap(); // SIGKILL on Unix: no chance to clean up.
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child must have been killed, not finished");
@@ -245,25 +247,7 @@ fn a_live_run_directory_refuses_a_second_writer_with_the_holders_pid() {
     // Long enough to outlast the second writers' start-up; it is killed at the end.
     let path = write(tmp.path(), "c.toml", &TINY.replace("epochs = 2", "epochs = 500"));
     let run_dir = tmp.path().join("live");
-    let mut child = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 1
-    {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended too early");
-        assert!(Instant::now() < deadline, "the run did not start in time");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = run_until_logged(&path, &run_dir, 1);
     let pid = format!("pid {}", child.id());
     let resume = medssl().arg("resume").arg(&run_dir).output().unwrap();
     let forced = medssl()

@@ -9,9 +9,9 @@
 //! box regression, summed with weight 1 each as in torchvision); [`FasterRcnn::detect`]
 //! gives each image's boxes, scores and labels.
 //!
-//! Registered as the head `faster-rcnn` (task [`Task::Detection`]); config: `[head.fpn]` ([`FpnConfig`]),
-//! `[head.anchors]` ([`AnchorConfig`], one size list per pyramid level, the pooled level
-//! included), `[head.rpn]` ([`RpnConfig`]), `[head.roi]` ([`RoiHeadsConfig`]).
+//! Registered as the head `faster-rcnn` (task [`Task::Detection`]); config: `[head.fpn]`
+//! ([`FpnConfig`]), `[head.anchors]` ([`AnchorConfig`], one size list per pyramid level, the
+//! pooled level included), `[head.rpn]` ([`RpnConfig`]), `[head.roi]` ([`RoiHeadsConfig`]).
 //!
 //! `num_classes` counts the background (torchvision's convention): with C object categories
 //! the labels of [`ImageTargets`] are 1..=C and `num_classes = C + 1`.

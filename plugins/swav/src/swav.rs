@@ -178,9 +178,9 @@ fn normalize_rows_(w: &Tensor) {
 ///
 /// It alternates the reference code's normalisations of Q = exp(logits)^T (prototypes to
 /// 1 / K, then samples to 1 / B) and ends with every sample's column scaled to sum 1, but
-/// in the log domain, in fp32 (f64 input stays f64) and without gradient: any finite input gives finite codes
-/// (exp(1e4) would overflow the reference code), and the last step is a softmax, so each
-/// sample's code sums to 1 to rounding. With zero iterations it is a per-sample softmax.
+/// in the log domain, in fp32 (f64 input stays f64) and without gradient: any finite input
+/// gives finite codes (exp(1e4) would overflow the reference code), and the last step is a
+/// softmax, so each sample's code sums to 1 to rounding. With zero iterations it is a per-sample softmax.
 pub fn sinkhorn_knopp(logits: &Tensor, iterations: usize) -> Tensor {
     tch::no_grad(|| {
         let (b, k) = logits.size2().expect("sinkhorn_knopp takes [B, K] logits");

@@ -30,7 +30,7 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
         let options: SourceOptions = section.take(&SOURCE_OPTION_KEYS).parse()?;
         let entry = registry::datasets()
             .get(&section.name)
-            .with_context(|| format!("config key `data.sources.{key}.format`"))?;
+            .with_context(|| section.selector_context())?;
         let dataset = (entry.build)(&section)?;
         let mut table = section.resolved("format", &entry.default_config())?;
         if let (toml::Value::Table(table), Ok(toml::Value::Table(core))) = (&mut table, toml::Value::try_from(&options))
@@ -81,7 +81,7 @@ impl Backbone {
         let section = cfg.section("encoder", "name")?;
         let entry = registry::encoders()
             .get(&section.name)
-            .context("config key `encoder.name`")?;
+            .with_context(|| section.selector_context())?;
         let encoder = (entry.build)(
             &section,
             &root / "encoder",
@@ -106,7 +106,7 @@ impl Backbone {
                 let slice_features = SliceFeatures::new(&feature_cfg, encoder.as_ref())?;
                 let entry = registry::aggregators()
                     .get(&section.name)
-                    .context("config key `aggregator.name`")?;
+                    .with_context(|| section.selector_context())?;
                 let shape = AggregatorShape {
                     input_dim: slice_features.dim(),
                     slices: views.volume_slices,
@@ -236,7 +236,7 @@ impl Model {
             let section = cfg.section(&path, "name")?;
             let entry = registry::objectives()
                 .get(&section.name)
-                .with_context(|| format!("config key `{path}.name`"))?;
+                .with_context(|| section.selector_context())?;
             let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape)?;
             resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
             if aggregator.is_none() && objective.consumes() != Consumes::SliceViews {

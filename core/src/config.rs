@@ -55,6 +55,7 @@ pub struct RunOptions {
     /// How many checkpoints to keep.
     pub keep_checkpoints: usize,
     /// CPU threads for libtorch's intra-op parallelism (0: libtorch's default).
+    #[serde(deserialize_with = "threads")]
     pub threads: i32,
     /// Refuse a run in which a module with parameters is trained by no stage (it would stay
     /// at its random initialisation); without it the run starts with a warning.
@@ -95,18 +96,77 @@ pub struct OptimizerConfig {
     /// Peak learning rate, reached after warm-up.
     pub lr: f64,
     /// Learning rate at the end of the cosine decay.
+    #[serde(deserialize_with = "non_negative")]
     pub final_lr: f64,
+    #[serde(deserialize_with = "non_negative")]
     pub momentum: f64,
+    #[serde(deserialize_with = "non_negative")]
     pub weight_decay: f64,
     /// Adam's betas.
+    #[serde(deserialize_with = "betas")]
     pub betas: [f64; 2],
+    #[serde(deserialize_with = "positive")]
     pub eps: f64,
     /// LARS trust coefficient.
+    #[serde(deserialize_with = "positive")]
     pub trust_coefficient: f64,
     /// Linear warm-up length, in epochs (fractions allowed).
+    #[serde(deserialize_with = "non_negative")]
     pub warmup_epochs: f64,
     /// Clip the global gradient norm to this value (0: no clipping).
+    #[serde(deserialize_with = "non_negative")]
     pub clip_grad_norm: f64,
+}
+
+/// A finite number `>= 0`: a negative weight decay or warm-up is a typo, never a setting.
+fn non_negative<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Float(v),
+            &"a finite number >= 0",
+        ))
+    }
+}
+
+/// A finite number `> 0`.
+fn positive<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Float(v),
+            &"a finite number > 0",
+        ))
+    }
+}
+
+/// Adam's two betas, each in [0, 1).
+fn betas<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<[f64; 2], D::Error> {
+    let v = <[f64; 2]>::deserialize(d)?;
+    match v.iter().find(|b| !(0.0..1.0).contains(*b)) {
+        None => Ok(v),
+        Some(&b) => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Float(b),
+            &"two betas, each in [0, 1)",
+        )),
+    }
+}
+
+/// libtorch's thread count: 0 (its default) or more.
+fn threads<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<i32, D::Error> {
+    let v = i32::deserialize(d)?;
+    if v >= 0 {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Signed(v.into()),
+            &"a number of threads, 0 (libtorch's default) or more",
+        ))
+    }
 }
 
 impl Default for OptimizerConfig {

@@ -43,6 +43,12 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_lowercase();
+    if let Some(what) = crate::paths::not_a_file_or_folder(path) {
+        bail!(
+            "`{}` {what}; expected a file or folder of images or volumes",
+            path.display()
+        );
+    }
     if path.is_file() {
         return Ok(match () {
             _ if name.ends_with(".nii") || name.ends_with(".nii.gz") => "nifti",
@@ -52,9 +58,6 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
             _ if [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e)) => "image-folder",
             _ => bail!("`{}`: cannot tell the format from the file name; expected .nii, .nii.gz, .npy, .npz, .dcm, .png or .jpg", path.display()),
         });
-    }
-    if !path.is_dir() {
-        bail!("`{}` does not exist", path.display());
     }
     if path.join("imagesTr").is_dir() {
         return Ok("decathlon");
@@ -88,11 +91,11 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
 
 /// Inspects `path` (as `format`, or the recognised one), decoding at most `limit` samples.
 pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspection> {
-    let format = match format {
-        Some(f) => f,
-        None => guess_format(path)?,
+    let entry = match format {
+        Some(f) => registry::datasets().get(f).with_context(|| format!("--format `{f}`"))?,
+        None => registry::datasets().get(guess_format(path)?)?,
     };
-    let entry = registry::datasets().get(format)?;
+    let format = entry.name();
     let path_text = toml::Value::String(path.display().to_string()).to_string();
     // Raw intensities where the reader can leave them; readers without the key are built
     // with their path alone.

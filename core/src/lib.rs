@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod objective;
 pub mod ops;
 pub mod optim;
+pub mod paths;
 pub mod precision;
 pub mod probe;
 pub mod projection_head;

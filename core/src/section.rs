@@ -45,12 +45,18 @@ pub fn section_of(figment: &Figment, key: &str, selector: &'static str) -> Resul
         ),
         None => bail!("config section `[{key}]` has no `{selector}` key naming its component"),
     };
+    let selector_key = format!("{key}.{selector}");
+    let source = figment
+        .find_metadata(&selector_key)
+        .map(|m| format!(" (from {})", describe_source(m, &selector_key)))
+        .unwrap_or_default();
     Ok(Section {
         key: key.to_string(),
         name,
         body: Value::Dict(tag, dict),
         figment: figment.clone(),
         paths: Default::default(),
+        origin: Some(format!("config key `{selector_key}`{source}")),
     })
 }
 
@@ -66,6 +72,9 @@ pub struct Section {
     /// Paths this section's component resolved, by field: the run directory records them
     /// absolute, so `resume` finds the data from any working directory.
     paths: Rc<RefCell<BTreeMap<String, PathBuf>>>,
+    /// The key that named the component and the layer it came from, for messages about the
+    /// name (`config key `encoder.name` (from command-line override `--set ...`)`).
+    origin: Option<String>,
 }
 
 impl Section {
@@ -84,7 +93,16 @@ impl Section {
             body: value,
             figment,
             paths: Default::default(),
+            origin: None,
         })
+    }
+
+    /// The key that named this section's component, with the layer it came from (the file,
+    /// an environment variable, a `--set`): the context of an unknown name.
+    pub fn selector_context(&self) -> String {
+        self.origin
+            .clone()
+            .unwrap_or_else(|| format!("config section `[{}]`", self.key))
     }
 
     /// Moves `keys` out of this section into a new one with the same key and sources, for
@@ -171,7 +189,11 @@ pub(crate) fn describe_value(value: &Value) -> String {
         Value::String(_, s) => format!("the string \"{s}\""),
         Value::Char(_, c) => format!("the character '{c}'"),
         Value::Bool(_, b) => format!("the boolean {b}"),
-        Value::Num(_, n) => format!("the number {:?}", n),
+        Value::Num(_, n) => match (n.to_i128(), n.to_f64()) {
+            (Some(i), _) => format!("the number {i}"),
+            (None, Some(f)) => format!("the number {f}"),
+            _ => format!("the number {n:?}"),
+        },
         Value::Empty(_, _) => "an empty value".into(),
         Value::Dict(_, _) => "a table".into(),
         Value::Array(_, _) => "an array".into(),
@@ -200,8 +222,8 @@ pub fn describe_error(figment: &Figment, error: figment::Error, prefix: &str) ->
         let source = e
             .metadata
             .as_ref()
-            .map(describe_source)
-            .or_else(|| figment.find_metadata(&key).map(describe_source));
+            .map(|m| describe_source(m, &key))
+            .or_else(|| figment.find_metadata(&key).map(|m| describe_source(m, &key)));
         let what = match &e.kind {
             Kind::UnknownField(field, expected) => format!(
                 "unknown key `{field}`; expected one of: {}",
@@ -226,10 +248,18 @@ pub fn describe_error(figment: &Figment, error: figment::Error, prefix: &str) ->
     anyhow!(messages.join("\n"))
 }
 
-fn describe_source(metadata: &figment::Metadata) -> String {
+/// The layer `metadata` describes, for the value at dotted `key`: the file, the environment
+/// variable by name (`MEDSSL_` keys split at `__`), or the `--set`.
+fn describe_source(metadata: &figment::Metadata, key: &str) -> String {
     match &metadata.source {
         Some(figment::Source::File(path)) => format!("file `{}`", path.display()),
         Some(figment::Source::Custom(custom)) => custom.clone(),
+        _ if metadata.name.ends_with("environment variable(s)") && !key.is_empty() => {
+            format!(
+                "environment variable `MEDSSL_{}`",
+                key.replace('.', "__").to_uppercase()
+            )
+        }
         _ => metadata.name.to_string(),
     }
 }

@@ -294,6 +294,13 @@ impl Sources {
             source.dataset.describe(index),
             volume.voxels.size()
         );
+        anyhow::ensure!(
+            volume.voxels.size().iter().all(|&n| n > 0),
+            "data source `{}`: {} holds no voxels: its shape [D, H, W] is {:?}, with an axis of length 0",
+            source.key,
+            source.dataset.describe(index),
+            volume.voxels.size()
+        );
         let voxels = match (source.options.target_spacing, volume.spacing) {
             (Some(target), Some(spacing)) => resample_to_spacing(&volume.voxels, spacing, target),
             _ => volume.voxels,

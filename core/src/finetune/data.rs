@@ -81,7 +81,7 @@ pub fn open(section: &Section) -> Result<OpenedSet> {
         .map(|path| keys.resolve_path("boxes", &path));
     let entry = registry::datasets()
         .get(&section.name)
-        .with_context(|| format!("config key `{}.format`", section.key))?;
+        .with_context(|| section.selector_context())?;
     let dataset = (entry.build)(&section)?;
     ensure!(
         !dataset.is_empty(),

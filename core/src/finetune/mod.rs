@@ -144,7 +144,7 @@ impl Network {
             Backbone::build(run_cfg, device).context("building the pre-training run's backbone from its config")?;
         let entry = registry::heads()
             .get(&head_section.name)
-            .context("config key `head.name`")?;
+            .with_context(|| head_section.selector_context())?;
         tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::HEAD]) as i64);
         let shape = HeadShape {
             levels: backbone.encoder.levels().to_vec(),

@@ -146,7 +146,7 @@ impl Dataset for Decathlon {
         let image = nifti_file::decode(&pair.image, self.slice_axis, Some(self.channel))
             .with_context(|| format!("cannot decode NIfTI image `{}`", pair.image.display()))?;
         let mut volume = Volume::new(
-            intensity::normalize(&image.voxels, self.window, self.normalize),
+            intensity::normalize(&image.voxels, self.window, self.normalize, &self.describe(index)),
             image.spacing,
         );
         volume.dtype = Some(image.dtype);

@@ -124,7 +124,10 @@ impl Dataset for DicomSeries {
         };
         let (voxels, spacing, dtype) = read_series(&series.files)
             .with_context(|| format!("cannot read DICOM series `{}`", series.folder.display()))?;
-        let mut volume = Volume::new(intensity::normalize(&voxels, self.window, self.normalize), spacing);
+        let mut volume = Volume::new(
+            intensity::normalize(&voxels, self.window, self.normalize, &self.describe(index)),
+            spacing,
+        );
         volume.dtype = dtype;
         Ok(volume)
     }

@@ -24,13 +24,30 @@ pub fn extension(path: &Path) -> Option<String> {
 /// empty result is not an error here: callers say what they expected.
 pub fn files_in(folder: &Path, accept: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(folder).with_context(|| format!("cannot list folder `{}`", folder.display()))?;
-    let mut files = Vec::new();
+    let (mut files, mut unreadable) = (Vec::new(), Vec::new());
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list folder `{}`", folder.display()))?;
         let path = entry.path();
-        if path.is_file() && !is_hidden(&path) && accept(&path) {
-            files.push(path);
+        if is_hidden(&path) || !accept(&path) {
+            continue;
         }
+        if path.is_file() {
+            files.push(path);
+        } else if let Some(what) = medssl_core::paths::not_a_file_or_folder(&path) {
+            // A name that fits but no regular file behind it (a link loop, a FIFO): said,
+            // not silently dropped.
+            unreadable.push(format!("`{}` {what}", path.display()));
+        }
+    }
+    unreadable.sort();
+    ensure!(
+        !files.is_empty() || unreadable.is_empty(),
+        "folder `{}` holds no readable file of the expected kind: {}",
+        folder.display(),
+        unreadable.join("; ")
+    );
+    for skipped in &unreadable {
+        tracing::warn!("skipping {skipped}");
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(files)
@@ -54,9 +71,12 @@ pub fn subfolders(folder: &Path) -> Result<Vec<PathBuf>> {
 /// Fails unless `path` is an existing folder; `expected` says what it should hold.
 pub fn ensure_folder(path: &Path, expected: &str) -> Result<()> {
     ensure!(!path.as_os_str().is_empty(), "no path given; expected {expected}");
+    if let Some(what) = medssl_core::paths::not_a_file_or_folder(path) {
+        bail!("`{}` {what}; expected {expected}", path.display());
+    }
     ensure!(
         path.is_dir(),
-        "`{}` does not exist or is not a folder; expected {expected}",
+        "`{}` is a file, not a folder; expected {expected}",
         path.display()
     );
     Ok(())

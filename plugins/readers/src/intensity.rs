@@ -58,10 +58,17 @@ impl From<Window> for Vec<f64> {
 }
 
 /// Clips to `window` (when given), then rescales as `normalization` says, in float32.
-pub fn normalize(voxels: &Tensor, window: Option<Window>, normalization: Normalization) -> Tensor {
+/// NaN and infinite voxels become 0 first, with a warning naming `source` (the file or
+/// series) and their count, once per source and process.
+pub fn normalize(voxels: &Tensor, window: Option<Window>, normalization: Normalization, source: &str) -> Tensor {
     // NaN marks "no data" in some float files; one of them would turn the whole sample's
     // statistics into NaN.
+    warn_non_finite(voxels, source);
     let mut voxels = voxels.to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0);
+    if voxels.numel() == 0 {
+        // Nothing to rescale (the data source refuses such a sample by its shape).
+        return voxels;
+    }
     if let Some(Window { low, high }) = window {
         voxels = voxels.clamp(low, high);
     }
@@ -90,6 +97,35 @@ pub fn normalize(voxels: &Tensor, window: Option<Window>, normalization: Normali
             }
         }
     }
+}
+
+/// Counts the NaN and infinite voxels of a floating-point `voxels` (integers have none) and,
+/// the first time `source` has any in this process, warns with the counts: they are read
+/// as 0, which a user whose mask of "no data" is NaN expects, and one whose file is damaged
+/// must hear about.
+fn warn_non_finite(voxels: &Tensor, source: &str) -> usize {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static WARNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    if !voxels.is_floating_point() {
+        return 0;
+    }
+    let nan = voxels.isnan().sum(Kind::Int64).int64_value(&[]) as usize;
+    let infinite = voxels.isinf().sum(Kind::Int64).int64_value(&[]) as usize;
+    if nan + infinite == 0 {
+        return 0;
+    }
+    let first = WARNED
+        .lock()
+        .map_or(true, |mut warned| warned.insert(source.to_string()));
+    if first {
+        tracing::warn!(
+            "`{source}`: {} of {} voxels are not finite ({nan} NaN, {infinite} infinite); they are read as 0",
+            nan + infinite,
+            voxels.numel()
+        );
+    }
+    nan + infinite
 }
 
 /// The `fractions` percentiles (ascending) of all voxels, by nearest rank: the values
@@ -135,13 +171,13 @@ mod tests {
 
     #[test]
     fn zscore_gives_zero_mean_unit_variance_and_minmax_the_unit_range() {
-        let zscore = normalize(&ramp(), None, Normalization::ZScore);
+        let zscore = normalize(&ramp(), None, Normalization::ZScore, "test");
         assert!(zscore.mean(Kind::Double).double_value(&[]).abs() < 1e-5);
         assert!((zscore.to_kind(Kind::Double).std(false).double_value(&[]) - 1.0).abs() < 1e-4);
-        let minmax = normalize(&ramp(), None, Normalization::MinMax);
+        let minmax = normalize(&ramp(), None, Normalization::MinMax, "test");
         assert_eq!(minmax.min().double_value(&[]), 0.0);
         assert_eq!(minmax.max().double_value(&[]), 1.0);
-        let raw = normalize(&ramp().to_kind(Kind::Int16), None, Normalization::Raw);
+        let raw = normalize(&ramp().to_kind(Kind::Int16), None, Normalization::Raw, "test");
         assert_eq!(raw.kind(), Kind::Float);
         assert_eq!(raw.double_value(&[9, 9, 9]), 999.0);
     }
@@ -150,10 +186,15 @@ mod tests {
     fn zscore_clips_outliers_and_constant_samples_become_zero() {
         let spiky = ramp().fmod(7.0);
         let _ = spiky.get(3).get(3).get(3).fill_(1e6);
-        assert!(normalize(&spiky, None, Normalization::ZScore).max().double_value(&[]) < 3.0);
+        assert!(
+            normalize(&spiky, None, Normalization::ZScore, "test")
+                .max()
+                .double_value(&[])
+                < 3.0
+        );
         let flat = Tensor::full([2, 3, 4], 5.0, (Kind::Float, Device::Cpu));
         for normalization in [Normalization::ZScore, Normalization::MinMax] {
-            let out = normalize(&flat, None, normalization);
+            let out = normalize(&flat, None, normalization, "test");
             assert_eq!(out.abs().max().double_value(&[]), 0.0);
         }
     }
@@ -181,12 +222,18 @@ mod tests {
             low: -1000.0,
             high: 1000.0,
         });
-        let clipped = normalize(&values, window, Normalization::Raw);
+        let clipped = normalize(&values, window, Normalization::Raw, "test");
         assert_eq!(
             Vec::<f32>::try_from(&clipped).unwrap(),
             [-1000.0, -1000.0, 0.0, 500.0, 1000.0, 0.0]
         );
-        let unit = normalize(&values, window, Normalization::MinMax);
+        let unit = normalize(&values, window, Normalization::MinMax, "test");
+        let damaged = Tensor::from_slice(&[1.0f32, f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+        assert_eq!(warn_non_finite(&damaged, "a damaged file"), 3);
+        assert_eq!(
+            warn_non_finite(&damaged.to_kind(Kind::Int16).zeros_like(), "integers"),
+            0
+        );
         assert_eq!(unit.double_value(&[0]), 0.0);
         assert_eq!(unit.double_value(&[4]), 1.0);
     }

@@ -93,9 +93,15 @@ impl MedMnist {
             !config.path.as_os_str().is_empty(),
             "config key `{key}.path` is missing: expected a MedMNIST .npz file"
         );
+        if let Some(what) = medssl_core::paths::not_a_file_or_folder(&config.path) {
+            bail!(
+                "config key `{key}.path`: `{}` {what}; expected a MedMNIST .npz file",
+                config.path.display()
+            );
+        }
         ensure!(
             config.path.is_file(),
-            "config key `{key}.path`: `{}` does not exist or is not a file; expected a MedMNIST .npz file",
+            "config key `{key}.path`: `{}` is a folder; expected a MedMNIST .npz file",
             config.path.display()
         );
         let path = config.path;
@@ -161,7 +167,10 @@ impl Dataset for MedMnist {
             Layout::Colour2d => intensity::luminance(&item).unsqueeze(0),
             Layout::Volume3d => item,
         };
-        let mut volume = Volume::new(intensity::normalize(&voxels, None, self.normalize), None);
+        let mut volume = Volume::new(
+            intensity::normalize(&voxels, None, self.normalize, &self.describe(index)),
+            None,
+        );
         volume.label = self.label(index);
         volume.dtype = self.dtype.clone();
         Ok(volume)

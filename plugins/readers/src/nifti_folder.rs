@@ -100,7 +100,7 @@ impl Dataset for NiftiReader {
         let decoded = nifti_file::decode(path, self.slice_axis, None)
             .with_context(|| format!("cannot decode NIfTI file `{}`", path.display()))?;
         let mut volume = Volume::new(
-            intensity::normalize(&decoded.voxels, None, self.normalize),
+            intensity::normalize(&decoded.voxels, None, self.normalize, &self.describe(index)),
             decoded.spacing,
         );
         volume.dtype = Some(decoded.dtype);

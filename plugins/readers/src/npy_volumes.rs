@@ -102,7 +102,10 @@ impl Dataset for NpyVolumes {
         };
         let (voxels, dtype) =
             decode(path, self.slice_axis).with_context(|| format!("cannot decode NPY file `{}`", path.display()))?;
-        let mut volume = Volume::new(intensity::normalize(&voxels, self.window, self.normalize), None);
+        let mut volume = Volume::new(
+            intensity::normalize(&voxels, self.window, self.normalize, &self.describe(index)),
+            None,
+        );
         volume.dtype = dtype;
         Ok(volume)
     }

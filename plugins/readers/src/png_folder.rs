@@ -104,7 +104,10 @@ impl Dataset for ImageFolder {
             );
         };
         let (grey, dtype) = decode(path).with_context(|| format!("cannot decode image `{}`", path.display()))?;
-        let mut volume = Volume::new(intensity::normalize(&grey.unsqueeze(0), None, self.normalize), None);
+        let mut volume = Volume::new(
+            intensity::normalize(&grey.unsqueeze(0), None, self.normalize, &self.describe(index)),
+            None,
+        );
         volume.dtype = Some(dtype.to_string());
         Ok(volume)
     }

@@ -398,7 +398,13 @@ fn rows() -> Vec<Row> {
             "config: unknown optimizer",
             |c| run_args(c, c.tiny("name = \"sgd\"", "name = \"adam\"")),
             1,
-            &["optimizer.name", "unknown optimizer `adam`", "adamw"],
+            &["optimizer.name", "\"adam\"", "(from file", "one of: sgd, lars, adamw"],
+        ),
+        row(
+            "config: keep_checkpoints = 0",
+            |c| run_args(c, c.tiny("keep_checkpoints = 2", "keep_checkpoints = 0")),
+            1,
+            &["run.keep_checkpoints", "at least 1"],
         ),
         row(
             "config: unknown head (fine-tuning)",

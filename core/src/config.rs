@@ -52,7 +52,7 @@ pub struct RunOptions {
     pub log_every: usize,
     /// Write a checkpoint every this many steps (and always at the end of a stage).
     pub checkpoint_every: usize,
-    /// How many checkpoints to keep.
+    /// How many checkpoints to keep (at least 1).
     pub keep_checkpoints: usize,
     /// CPU threads for libtorch's intra-op parallelism (0: libtorch's default).
     #[serde(deserialize_with = "threads")]
@@ -92,6 +92,7 @@ pub struct DataSection {
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
     /// `sgd`, `lars` or `adamw`.
+    #[serde(deserialize_with = "optimizer_name")]
     pub name: String,
     /// Peak learning rate, reached after warm-up.
     pub lr: f64,
@@ -116,6 +117,20 @@ pub struct OptimizerConfig {
     /// Clip the global gradient norm to this value (0: no clipping).
     #[serde(deserialize_with = "non_negative")]
     pub clip_grad_norm: f64,
+}
+
+/// One of the optimizers `optim.rs` implements, checked as the config is read so that the
+/// error names the layer the name came from.
+fn optimizer_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if crate::optim::RULES.contains(&name.as_str()) {
+        Ok(name)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Str(&name),
+            &format!("one of: {}", crate::optim::RULES.join(", ")).as_str(),
+        ))
+    }
 }
 
 /// A finite number `>= 0`: a negative weight decay or warm-up is a typo, never a setting.

@@ -30,6 +30,9 @@ use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::Tensor;
 
+/// The optimizers' names, as `optimizer.name` takes them.
+pub const RULES: [&str; 3] = ["sgd", "lars", "adamw"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
     Sgd,

@@ -76,10 +76,11 @@ impl Run {
         for (key, value) in [
             ("log_every", cfg.run.options.log_every),
             ("checkpoint_every", cfg.run.options.checkpoint_every),
+            ("keep_checkpoints", cfg.run.options.keep_checkpoints),
         ] {
             anyhow::ensure!(
                 value >= 1,
-                "config key `run.{key}` is 0; expected a number of steps, at least 1 (checkpoints are also written at the end of every stage)"
+                "config key `run.{key}` is 0; expected at least 1 (checkpoints are also written at the end of every stage)"
             );
         }
         let mut stage_data = Vec::new();

@@ -163,6 +163,12 @@ pub fn abort_if_asked(point: &str, global_step: usize) {
     }
 }
 
+/// A checkpoint folder's tensors and its position in the run.
+pub const TENSORS_FILE: &str = "tensors.safetensors";
+pub const STATE_FILE: &str = "state.json";
+/// The file in the checkpoints folder naming the latest checkpoint.
+pub const LATEST_FILE: &str = "latest";
+
 /// Whether `name` is a checkpoint folder's name: `step-` and at least 8 digits.
 fn is_checkpoint_name(name: &str) -> bool {
     name.strip_prefix("step-")
@@ -195,8 +201,8 @@ impl Checkpoints {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir(&tmp)?;
-        write_safetensors(&tmp.join("tensors.safetensors"), tensors)?;
-        write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        write_safetensors(&tmp.join(TENSORS_FILE), tensors)?;
+        write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
         sync_dir(&tmp)?;
         abort_if_asked("checkpoint", state.global_step);
         let target = self.dir.join(&name);
@@ -205,18 +211,14 @@ impl Checkpoints {
         }
         std::fs::rename(&tmp, &target)?;
         sync_dir(&self.dir)?;
-        write_atomic(&self.dir.join("latest"), name.as_bytes())?;
+        write_atomic(&self.dir.join(LATEST_FILE), name.as_bytes())?;
         self.prune(&name)?;
         Ok(target)
     }
 
     /// Removes all but the newest `keep` checkpoints (never the latest).
     fn prune(&self, latest: &str) -> Result<()> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.dir)?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| is_checkpoint_name(n))
-            .collect();
-        names.sort();
+        let names = self.checkpoint_names()?;
         let excess = names.len().saturating_sub(self.keep);
         for name in names.into_iter().take(excess).filter(|n| n != latest) {
             std::fs::remove_dir_all(self.dir.join(name))?;
@@ -231,7 +233,7 @@ impl Checkpoints {
     /// pointer naming anything but a `step-NNNNNNNN` folder of this directory (`../../x`)
     /// is refused.
     pub fn latest(&self) -> Result<Option<PathBuf>> {
-        let pointer = self.dir.join("latest");
+        let pointer = self.dir.join(LATEST_FILE);
         if pointer.exists() {
             let text =
                 std::fs::read_to_string(&pointer).with_context(|| format!("cannot read `{}`", pointer.display()))?;
@@ -273,29 +275,27 @@ impl Checkpoints {
 
     /// The newest `step-*` folder, if any.
     fn newest(&self) -> Result<Option<PathBuf>> {
+        Ok(self.checkpoint_names()?.pop().map(|n| self.dir.join(n)))
+    }
+
+    /// The names of the `step-*` folders, oldest (lowest step) first.
+    fn checkpoint_names(&self) -> Result<Vec<String>> {
         if !self.dir.is_dir() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let mut names: Vec<String> = std::fs::read_dir(&self.dir)
             .with_context(|| format!("cannot read `{}`", self.dir.display()))?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| is_checkpoint_name(n) && self.dir.join(n).is_dir())
             .collect();
-        names.sort_by_key(|n| n[5..].parse::<u64>().unwrap_or(0));
-        Ok(names.pop().map(|n| self.dir.join(n)))
+        names.sort_by_key(|n| n["step-".len()..].parse::<u64>().unwrap_or(0));
+        Ok(names)
     }
 }
 
-/// Loads a checkpoint folder (or a run directory, meaning its latest checkpoint).
-pub fn load(path: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
-    let dir = if path.join("checkpoints").is_dir() {
-        Checkpoints::new(path.join("checkpoints"), 1)
-            .latest()?
-            .ok_or_else(|| anyhow!("run directory `{}` has no checkpoint yet", path.display()))?
-    } else {
-        path.to_path_buf()
-    };
-    let state_path = dir.join("state.json");
+/// Loads a checkpoint folder (`run_dir::locate` finds a run directory's latest one).
+pub fn load(dir: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
+    let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).with_context(|| {
         format!(
             "`{}` is not a checkpoint: cannot read `{}`",
@@ -312,7 +312,7 @@ pub fn load(path: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
             state.format
         );
     }
-    let tensors = read_safetensors(&dir.join("tensors.safetensors"))?;
+    let tensors = read_safetensors(&dir.join(TENSORS_FILE))?;
     Ok((tensors, state))
 }
 
@@ -343,7 +343,7 @@ mod tests {
             ("c".to_string(), Tensor::from_slice(&[true, false])),
         ];
         store.save(&tensors, &state(5)).unwrap();
-        let (loaded, st) = load(dir.path()).unwrap();
+        let (loaded, st) = load(&store.latest().unwrap().unwrap()).unwrap();
         assert_eq!(st, state(5));
         for ((n1, t1), (n2, t2)) in tensors.iter().zip(&loaded) {
             assert_eq!(n1, n2);
@@ -384,13 +384,13 @@ mod tests {
         let file = path.join("tensors.safetensors");
         let bytes = std::fs::read(&file).unwrap();
         std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
-        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        let err = format!("{:#}", load(&path).unwrap_err());
         assert!(
             err.contains("tensors.safetensors") && err.contains("truncated or corrupt"),
             "{err}"
         );
         std::fs::write(path.join("state.json"), "{ not json").unwrap();
-        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        let err = format!("{:#}", load(&path).unwrap_err());
         assert!(err.contains("state.json") && err.contains("corrupt"), "{err}");
     }
 }

@@ -25,10 +25,7 @@ pub const PLOT_FILE: &str = "loss.png";
 pub const REPORT_FILE: &str = "report.md";
 /// Pre-training checkpoints: `checkpoints/step-NNNNNNNN/` and the `latest` pointer.
 pub const CHECKPOINT_DIR: &str = "checkpoints";
-pub const LATEST_FILE: &str = "latest";
-/// A checkpoint folder's tensors and its position in the run.
-pub const TENSORS_FILE: &str = "tensors.safetensors";
-pub const STATE_FILE: &str = "state.json";
+pub use crate::checkpoint::{LATEST_FILE, STATE_FILE, TENSORS_FILE};
 /// Fine-tuned weights.
 pub const WEIGHTS_DIR: &str = "weights";
 /// The lock file inside a run directory.

@@ -162,7 +162,7 @@ impl Run {
                     );
                 }
                 self.check_position(&state)
-                    .with_context(|| format!("checkpoint state `{}`", latest.join("state.json").display()))?;
+                    .with_context(|| format!("checkpoint state `{}`", latest.join(checkpoint::STATE_FILE).display()))?;
                 self.check_config_unchanged(&state, run_dir)?;
                 optimizer_state = self.restore(&latest, tensors)?;
                 for (key, value) in &state.objectives {

@@ -4,19 +4,7 @@
 
 mod common;
 
-use common::{assert_fails_with, medssl, write, TINY};
-use std::path::Path;
-
-fn run(config: &Path, run_dir: &Path, extra: &[&str]) -> std::process::Output {
-    medssl()
-        .arg("run")
-        .arg(config)
-        .arg("--run-dir")
-        .arg(run_dir)
-        .args(extra)
-        .output()
-        .unwrap()
-}
+use common::{assert_fails_with, medssl, run, write, TINY};
 
 #[test]
 fn a_run_leaves_config_metrics_checkpoints_plot_and_report() {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{medssl, write, TINY};
+use common::{medssl, run, write, TINY};
 use std::time::{Duration, Instant};
 
 /// Longer than TINY so the kill lands mid-run: 3 epochs a stage.
@@ -42,13 +42,7 @@ fn killed_and_resumed_equals_uninterrupted() {
     let path = write(tmp.path(), "c.toml", &config());
 
     let reference = tmp.path().join("reference");
-    let out = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&reference)
-        .output()
-        .unwrap();
+    let out = run(&path, &reference, &[]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     let expected = common::losses(&reference.join("metrics.jsonl"));
     assert_eq!(expected.len(), 12);
@@ -112,13 +106,7 @@ fn resume_of_a_folder_that_is_no_run_is_a_clear_error() {
 fn finished_run(dir: &std::path::Path) -> std::path::PathBuf {
     let path = write(dir, "c.toml", TINY);
     let run_dir = dir.join("run");
-    let out = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
+    let out = run(&path, &run_dir, &[]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     run_dir
 }
@@ -202,41 +190,20 @@ fn force_replaces_a_run_directory_and_nothing_else() {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("volume.nii"), b"precious").unwrap();
-    let out = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&data)
-        .arg("--force")
-        .output()
-        .unwrap();
+    let out = run(&path, &data, &["--force"]);
     common::assert_fails_with(&out, &["refusing to replace", "not a medssl run directory"]);
     assert_eq!(std::fs::read(data.join("volume.nii")).unwrap(), b"precious");
 
     // A file in the way is no folder to run in, forced or not.
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
-    let out = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&file)
-        .arg("--force")
-        .output()
-        .unwrap();
+    let out = run(&path, &file, &["--force"]);
     common::assert_fails_with(&out, &["is not a folder"]);
 
     // A real run directory is replaced.
     let run_dir = finished_run(tmp.path());
     std::fs::write(run_dir.join("stale"), b"x").unwrap();
-    let out = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .arg("--force")
-        .output()
-        .unwrap();
+    let out = run(&path, &run_dir, &["--force"]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert!(!run_dir.join("stale").exists());
 }
@@ -250,14 +217,7 @@ fn a_live_run_directory_refuses_a_second_writer_with_the_holders_pid() {
     let mut child = run_until_logged(&path, &run_dir, 1);
     let pid = format!("pid {}", child.id());
     let resume = medssl().arg("resume").arg(&run_dir).output().unwrap();
-    let forced = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .arg("--force")
-        .output()
-        .unwrap();
+    let forced = run(&path, &run_dir, &["--force"]);
     let still_running = child.try_wait().unwrap().is_none();
     child.kill().unwrap();
     child.wait().unwrap();
@@ -338,14 +298,7 @@ fn intervals_of_zero_and_one_sample_batches_are_refused_up_front() {
         ),
     ] {
         let dir = tmp.path().join(set.replace(['.', '='], "_"));
-        let out = medssl()
-            .arg("run")
-            .arg(&path)
-            .arg("--run-dir")
-            .arg(&dir)
-            .args(["--set", set])
-            .output()
-            .unwrap();
+        let out = run(&path, &dir, &["--set", set]);
         common::assert_fails_with(&out, words);
         assert!(!dir.join("checkpoints").exists(), "{set}: something was written");
     }
@@ -358,21 +311,18 @@ fn divergence_stops_the_run_naming_stage_step_lr_and_the_last_checkpoint() {
     let dir = tmp.path().join("diverged");
     // An absurd learning rate: the weights, then the loss or batch norm's statistics, leave
     // the finite numbers within a few steps. No checkpoint before the stage's end.
-    let out = medssl()
-        .arg("run")
-        .arg(&path)
-        .arg("--run-dir")
-        .arg(&dir)
-        .args([
+    let out = run(
+        &path,
+        &dir,
+        &[
             "--set",
             "optimizer.lr=1e30",
             "--set",
             "optimizer.warmup_epochs=0",
             "--set",
             "run.checkpoint_every=100",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     common::assert_fails_with(
         &out,
         &[

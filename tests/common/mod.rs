@@ -132,6 +132,18 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// `medssl run CONFIG --run-dir RUN_DIR EXTRA...`, whatever its outcome.
+pub fn run(config: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+    medssl()
+        .arg("run")
+        .arg(config)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// `medssl run` of `config` (written as `dir/<name>.toml`) into `dir/<name>`, which it returns;
 /// the run must succeed.
 pub fn pretrain(dir: &Path, name: &str, config: &str) -> PathBuf {

@@ -44,7 +44,6 @@ pub fn is_medssl_dir(dir: &Path) -> bool {
 #[derive(Debug)]
 pub struct RunLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl RunLock {
@@ -83,11 +82,7 @@ impl RunLock {
             .and_then(|_| write!(file, "{}", std::process::id()))
             .and_then(|_| file.flush())
             .with_context(|| format!("cannot write the lock file `{}`", path.display()))?;
-        Ok(RunLock { _file: file, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(RunLock { _file: file })
     }
 }
 

@@ -9,6 +9,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -86,6 +87,16 @@ fn tensor_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
 /// Writes `tensors` to a safetensors file at `path` (not atomically: callers write into a
 /// temporary folder). Used for checkpoints and exported weights.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_synced(path, &serialize_tensors(tensors)?)
+}
+
+/// [`write_safetensors`] to a file that is replaced atomically ([`write_atomic`]): a crash
+/// leaves the old file or the new one, never half of one.
+pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_atomic(path, &serialize_tensors(tensors)?)
+}
+
+fn serialize_tensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         owned.push((
@@ -99,8 +110,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         .iter()
         .map(|(name, dtype, shape, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, None)?;
-    write_synced(path, &data)
+    Ok(safetensors::serialize(views, None)?)
 }
 
 /// Reads every tensor of a safetensors file onto the CPU. A truncated or corrupt file is an
@@ -189,13 +199,24 @@ impl Checkpoints {
     /// Writes a checkpoint for `state` and makes it the latest. Refuses non-finite tensors
     /// without touching anything on disk.
     pub fn save(&self, tensors: &[(String, Tensor)], state: &TrainingState) -> Result<PathBuf> {
+        self.save_at(state.global_step, tensors, state)
+    }
+
+    /// [`Checkpoints::save`] of any serialisable state (the fine-tune's progress), in the
+    /// folder of `global_step`.
+    pub fn save_at<S: Serialize>(
+        &self,
+        global_step: usize,
+        tensors: &[(String, Tensor)],
+        state: &S,
+    ) -> Result<PathBuf> {
         for (name, t) in tensors {
             if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
                 bail!("refusing to checkpoint: tensor `{name}` has NaN or infinite values; the last good checkpoint is kept");
             }
         }
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create `{}`", self.dir.display()))?;
-        let name = format!("step-{:08}", state.global_step);
+        let name = format!("step-{global_step:08}");
         let tmp = self.dir.join(format!(".{name}.tmp"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -204,7 +225,7 @@ impl Checkpoints {
         write_safetensors(&tmp.join(TENSORS_FILE), tensors)?;
         write_synced(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
         sync_dir(&tmp)?;
-        abort_if_asked("checkpoint", state.global_step);
+        abort_if_asked("checkpoint", global_step);
         let target = self.dir.join(&name);
         if target.exists() {
             std::fs::remove_dir_all(&target)?;
@@ -295,6 +316,20 @@ impl Checkpoints {
 
 /// Loads a checkpoint folder (`run_dir::locate` finds a run directory's latest one).
 pub fn load(dir: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
+    let (tensors, state): (_, TrainingState) = load_with(dir)?;
+    if state.format != FORMAT {
+        bail!(
+            "checkpoint `{}` has format {}, this medssl reads format {FORMAT}",
+            dir.display(),
+            state.format
+        );
+    }
+    Ok((tensors, state))
+}
+
+/// Loads a checkpoint folder whose `state.json` is an `S` (checking its format is the
+/// caller's).
+pub fn load_with<S: DeserializeOwned>(dir: &Path) -> Result<(Vec<(String, Tensor)>, S)> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).with_context(|| {
         format!(
@@ -303,15 +338,8 @@ pub fn load(dir: &Path) -> Result<(Vec<(String, Tensor)>, TrainingState)> {
             state_path.display()
         )
     })?;
-    let state: TrainingState = serde_json::from_str(&text)
+    let state: S = serde_json::from_str(&text)
         .map_err(|e| anyhow!("checkpoint state `{}` is corrupt: {e}", state_path.display()))?;
-    if state.format != FORMAT {
-        bail!(
-            "checkpoint `{}` has format {}, this medssl reads format {FORMAT}",
-            dir.display(),
-            state.format
-        );
-    }
     let tensors = read_safetensors(&dir.join(TENSORS_FILE))?;
     Ok((tensors, state))
 }

@@ -357,6 +357,46 @@ impl LoadedConfig {
     }
 }
 
+/// The keys whose values differ between two resolved configs, as `key: old -> new`, leaving
+/// out the keys under the prefixes in `free` (e.g. `run.`: where and how often a run writes).
+/// What resume checks before it continues a run under a `config.toml` edited since.
+pub fn changed_keys(before: &str, after: &str, free: &[&str]) -> Result<Vec<String>> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (k, v) in table {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |text: &str| -> Result<BTreeMap<String, String>> {
+        let value: toml::Value = toml::from_str(text).context("a resolved config that is not TOML")?;
+        let mut flat = BTreeMap::new();
+        flatten("", &value, &mut flat);
+        flat.retain(|k, _| !free.iter().any(|f| k.starts_with(f)));
+        Ok(flat)
+    };
+    let (before, after) = (parse(before)?, parse(after)?);
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    Ok(keys
+        .into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
+            format!("`{k}` {} -> {}", show(before.get(k)), show(after.get(k)))
+        })
+        .collect())
+}
+
 /// The whole config of `figment` with `filled` (component sections with their defaults)
 /// laid in at their dotted keys, as TOML.
 pub fn resolved_toml_of(figment: &Figment, filled: &[(String, toml::Value)]) -> Result<String> {

@@ -20,29 +20,25 @@ impl MetricsLog {
     /// reads as one uninterrupted run.
     pub fn open(path: &Path, keep_through_step: Option<usize>) -> Result<Self> {
         if let Some(last) = keep_through_step {
-            // Kept lines are copied as written: a parse and re-print could change a float's
-            // last digit, and the log of a resumed run must equal an uninterrupted one.
-            let text = if path.exists() {
-                std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?
-            } else {
-                String::new()
-            };
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|line| match serde_json::from_str::<Value>(line) {
-                    Ok(record) => record
-                        .get("step")
-                        .and_then(Value::as_u64)
-                        .is_some_and(|s| s as usize <= last),
-                    Err(_) => false,
-                })
-                .collect();
-            let mut text = kept.join("\n");
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            crate::checkpoint::write_atomic(path, text.as_bytes())?;
+            keep_lines(path, |_, line| {
+                serde_json::from_str::<Value>(line)
+                    .ok()
+                    .and_then(|record| record.get("step")?.as_u64())
+                    .is_some_and(|s| s as usize <= last)
+            })?;
         }
+        Self::append(path)
+    }
+
+    /// Opens `path` for appending after keeping only its first `records` records: how a
+    /// resumed fine-tune drops what the interrupted one logged after its checkpoint (its
+    /// records count steps per trial, so [`MetricsLog::open`]'s step filter cannot).
+    pub fn open_keeping(path: &Path, records: usize) -> Result<Self> {
+        keep_lines(path, |index, _| index < records)?;
+        Self::append(path)
+    }
+
+    fn append(path: &Path) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,6 +59,29 @@ impl MetricsLog {
             .and_then(|_| self.file.flush())
             .with_context(|| format!("cannot write `{}`", self.path.display()))
     }
+}
+
+/// Rewrites `path` (atomically) with the lines `keep(index, line)` accepts; a torn last line
+/// is dropped. Kept lines are copied as written: a parse and re-print could change a float's
+/// last digit, and the log of a resumed run must equal an uninterrupted one.
+fn keep_lines(path: &Path, keep: impl Fn(usize, &str) -> bool) -> Result<()> {
+    let text = if path.exists() {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?
+    } else {
+        String::new()
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| serde_json::from_str::<Value>(line).is_ok())
+        .enumerate()
+        .filter(|(index, line)| keep(*index, line))
+        .map(|(_, line)| line)
+        .collect();
+    let mut text = kept.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    crate::checkpoint::write_atomic(path, text.as_bytes())
 }
 
 /// Every record of a metrics file (a missing file has none; a torn last line is ignored).

@@ -36,8 +36,12 @@ pub struct FinetuneArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Replace the fine-tuning directory if it exists.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     force: bool,
+    /// Continue the interrupted fine-tune in the fine-tuning directory, from its last
+    /// checkpoint (after every epoch); give the command and flags it was started with.
+    #[arg(long)]
+    resume: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -79,6 +83,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         run_config: args.run_config.clone(),
         out: out.clone(),
         force: args.force,
+        resume: args.resume,
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

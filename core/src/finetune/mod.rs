@@ -26,6 +26,7 @@
 pub mod config;
 pub mod data;
 pub mod detection;
+pub mod progress;
 pub mod report;
 
 use crate::assemble::Backbone;
@@ -45,6 +46,7 @@ use anyhow::{bail, ensure, Context, Result};
 use config::{FinetuneConfig, LoadedFinetune};
 use data::{stream, MaskedVolume, OpenedSet, SequenceSet, Split};
 use detection::DetectionSet;
+use progress::{FinishedTrial, Progress, TrialProgress, MODEL_PREFIX, OPTIMIZER_PREFIX};
 use rand::seq::SliceRandom;
 use report::{Curve, Report, Setup, Trial};
 use serde::Serialize;
@@ -74,6 +76,8 @@ pub struct FinetuneOptions {
     /// The fine-tuning directory.
     pub out: PathBuf,
     pub force: bool,
+    /// Continue the interrupted fine-tune in `out` (started with the same config and flags).
+    pub resume: bool,
 }
 
 /// Where a row's backbone weights come from.
@@ -368,8 +372,6 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     // Check the first repeat's subset before anything is written.
     protocol.subset(0)?;
 
-    // Held until the fine-tune ends; `--force` replaces only a folder medssl wrote.
-    let _lock = crate::run_dir::create(&options.out, options.force, "pass --out another folder")?;
     let filled = [
         ("head".to_string(), head_resolved),
         ("data.train".to_string(), train_set.resolved.clone()),
@@ -380,19 +382,51 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
         ),
     ];
     let resolved = loaded.resolved_toml(&filled)?;
-    checkpoint::write_atomic(&options.out.join(CONFIG_FILE), resolved.as_bytes())?;
-    let mut log = MetricsLog::open(&options.out.join(METRICS_FILE), None)?;
-    std::fs::create_dir_all(options.out.join(WEIGHTS_DIR))
-        .with_context(|| format!("cannot create `{}`", options.out.join(WEIGHTS_DIR).display()))?;
+    let out = options.out.as_path();
+    let trial_count = protocol.cfg.runs * 2;
+    // Held until the fine-tune ends: one process a fine-tuning directory.
+    let (_lock, mut progress, mut tensors, mut log) = if options.resume {
+        let (lock, progress::Checkpoint { progress, tensors }) =
+            open_for_resume(out, &resolved, protocol.cfg.train.epochs, trial_count)?;
+        let log = MetricsLog::open_keeping(&out.join(METRICS_FILE), progress.records)?;
+        (lock, progress, tensors, log)
+    } else {
+        // `--force` replaces only a folder medssl wrote.
+        let lock = crate::run_dir::create(out, options.force, "pass --resume to continue it, --out another folder")?;
+        checkpoint::write_atomic(&out.join(CONFIG_FILE), resolved.as_bytes())?;
+        let log = MetricsLog::open(&out.join(METRICS_FILE), None)?;
+        (lock, Progress::new(resolved), Vec::new(), log)
+    };
+    std::fs::create_dir_all(out.join(WEIGHTS_DIR))
+        .with_context(|| format!("cannot create `{}`", out.join(WEIGHTS_DIR).display()))?;
 
     let mut trials = Vec::new();
     let mut examples: BTreeMap<&'static str, Example> = BTreeMap::new();
     for run in 0..protocol.cfg.runs {
         // Both rows of a repeat train on the same subset, prepared once.
         let subset = protocol.subset(run)?;
-        let data = protocol.training_data(&subset)?;
-        for init in [Init::Pretrained, Init::Scratch] {
-            let (trial, example) = protocol.train_one(init, run, &subset, &data, &mut log, &options.out)?;
+        let mut data = None;
+        for (row, init) in [Init::Pretrained, Init::Scratch].into_iter().enumerate() {
+            if let Some(done) = progress.finished.get(run * 2 + row) {
+                // Finished before an interruption: its weights are on disk, and the first
+                // repeat's figures are drawn again from them.
+                if run == 0 {
+                    if let Some(example) = protocol.example_of(init, run, out)? {
+                        examples.insert(init.name(), example);
+                    }
+                }
+                let mut trial = done.trial.clone();
+                trial.curve = done.curve.clone();
+                trials.push(trial);
+                continue;
+            }
+            let data = match &data {
+                Some(data) => data,
+                None => data.insert(protocol.training_data(&subset)?),
+            };
+            let resumed = progress.current.take().map(|c| (c, std::mem::take(&mut tensors)));
+            let (trial, example) =
+                protocol.train_one(init, run, &subset, data, &mut log, out, &mut progress, resumed)?;
             if let Some(example) = example {
                 examples.insert(init.name(), example);
             }
@@ -419,16 +453,16 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
         input: protocol.describe_input(),
         device: format!("{device:?}"),
         seconds: started.elapsed().as_secs_f64(),
-        out: options.out.display().to_string(),
+        out: out.display().to_string(),
     };
     let report = Report::new(task, &trials, setup);
-    checkpoint::write_atomic(&options.out.join(REPORT_FILE), report.markdown().as_bytes())?;
+    checkpoint::write_atomic(&out.join(REPORT_FILE), report.markdown().as_bytes())?;
     checkpoint::write_atomic(
-        &options.out.join(RESULTS_FILE),
+        &out.join(RESULTS_FILE),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let curves: Vec<&Curve> = trials.iter().map(|t| &t.curve).collect();
-    report::plot_curves(&curves, report.metric.as_str(), &options.out.join(CURVES_FILE))?;
+    report::plot_curves(&curves, report.metric.as_str(), &out.join(CURVES_FILE))?;
     let predictions: BTreeMap<&str, Tensor> = examples
         .iter()
         .filter_map(|(init, e)| match e {
@@ -438,16 +472,82 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
         .collect();
     if let (Sets::Segmentation { eval, .. }, false) = (&protocol.sets, predictions.is_empty()) {
         if let Some(first) = eval.first() {
-            report::plot_segmentation(first, &predictions, &options.out.join(SEGMENTATION_FILE))?;
+            report::plot_segmentation(first, &predictions, &out.join(SEGMENTATION_FILE))?;
         }
     }
     for (init, example) in &examples {
         if let Example::Detection(ap_report) = example {
-            let file = options.out.join(format!("{PRECISION_RECALL_PREFIX}_{init}.png"));
+            let file = out.join(format!("{PRECISION_RECALL_PREFIX}_{init}.png"));
             ap::plot_precision_recall(ap_report, &file)?;
         }
     }
     Ok(report)
+}
+
+/// Locks the fine-tuning directory `out` to continue it, after checking that it is one and
+/// that the command resolves to the config it was started with (only `threads` may change):
+/// a changed key would silently make a different fine-tune. Returns its latest progress and
+/// checkpoint tensors, or a fresh start where it was interrupted before its first checkpoint.
+fn open_for_resume(
+    out: &Path,
+    resolved: &str,
+    epochs: usize,
+    trials: usize,
+) -> Result<(run_dir::RunLock, progress::Checkpoint)> {
+    let config_file = out.join(CONFIG_FILE);
+    ensure!(
+        out.is_dir() && config_file.is_file(),
+        "--resume: `{}` is not a fine-tuning directory (no `{CONFIG_FILE}`): run without --resume to start one",
+        out.display()
+    );
+    let lock = run_dir::RunLock::acquire(out)?;
+    let written =
+        std::fs::read_to_string(&config_file).with_context(|| format!("cannot read `{}`", config_file.display()))?;
+    let changes = crate::config::changed_keys(&written, resolved, &["threads"])?;
+    ensure!(
+        changes.is_empty(),
+        "--resume: this command resolves to another config than `{}` was fine-tuned with: {}; resume with the config and flags it was started with, or start over with --force",
+        config_file.display(),
+        changes.join("; ")
+    );
+    match progress::latest(out, epochs, trials)? {
+        Some(progress::Checkpoint { mut progress, tensors }) => {
+            let changes = crate::config::changed_keys(&progress.config, resolved, &["threads"])?;
+            ensure!(
+                changes.is_empty(),
+                "--resume: the checkpoint in `{}` was trained under another config than `{}` says ({}): the folder was edited; start over with --force",
+                out.display(),
+                config_file.display(),
+                changes.join("; ")
+            );
+            progress.config = resolved.to_string();
+            tracing::info!(
+                "resuming `{}`: {} of {trials} trials finished{}",
+                out.display(),
+                progress.finished.len(),
+                progress
+                    .current
+                    .as_ref()
+                    .map(|c| format!(", repeat {} {} after epoch {}", c.run, c.init.name(), c.epochs_done))
+                    .unwrap_or_default()
+            );
+            Ok((lock, progress::Checkpoint { progress, tensors }))
+        }
+        None => {
+            tracing::info!(
+                "resuming `{}`: no checkpoint yet, starting from the first trial",
+                out.display()
+            );
+            let progress = Progress::new(resolved.to_string());
+            Ok((
+                lock,
+                progress::Checkpoint {
+                    progress,
+                    tensors: Vec::new(),
+                },
+            ))
+        }
+    }
 }
 
 /// Builds the network `loaded` describes on the backbone of `run_cfg` and opens its two
@@ -610,8 +710,32 @@ impl Protocol {
         })
     }
 
+    /// The first repeat's figure material of a row that finished before an interruption:
+    /// its saved weights scored again (evaluation is deterministic, so this is what the
+    /// uninterrupted fine-tune kept).
+    fn example_of(&self, init: Init, run: usize, out: &Path) -> Result<Option<Example>> {
+        if matches!(self.sets, Sets::Classification { .. }) {
+            return Ok(None);
+        }
+        let (network, _) = Network::build(
+            &self.run_cfg,
+            &self.head_section,
+            self.cfg.classes,
+            self.device,
+            self.seed(run),
+        )?;
+        let file = weights_file(out, init, run);
+        let stored = checkpoint::read_safetensors(&file)?;
+        run_dir::load_variables(&network.weights(), &stored, "", &[], &file)?;
+        Ok(self.evaluate(&network, true)?.1)
+    }
+
     /// Trains one row of repeat `run` and scores it; returns the trial and, for the first
-    /// repeat, what its figures need.
+    /// repeat, what its figures need. With `resumed`, the row continues from the checkpoint
+    /// of an interrupted fine-tune (its progress and tensors). After every epoch but the last
+    /// the row is checkpointed; at its end its weights are written and it joins `progress`'s
+    /// finished trials.
+    #[allow(clippy::too_many_arguments)]
     fn train_one(
         &self,
         init: Init,
@@ -620,6 +744,8 @@ impl Protocol {
         data: &TrainingData,
         log: &mut MetricsLog,
         out: &Path,
+        progress: &mut Progress,
+        resumed: Option<(TrialProgress, Vec<(String, Tensor)>)>,
     ) -> Result<(Trial, Option<Example>)> {
         let started = Instant::now();
         let seed = self.seed(run);
@@ -650,10 +776,27 @@ impl Protocol {
             points: Vec::new(),
         };
         let mut step = 0;
+        let mut first_epoch = 0;
+        let mut earlier_seconds = 0.0;
         let mut scores = BTreeMap::new();
+        if let Some((position, tensors)) = resumed {
+            let source = out.join(run_dir::CHECKPOINT_DIR);
+            run_dir::load_variables(&network.weights(), &tensors, MODEL_PREFIX, &[], &source)?;
+            let state = tensors
+                .into_iter()
+                .filter_map(|(name, t)| Some((name.strip_prefix(OPTIMIZER_PREFIX)?.to_string(), t)))
+                .collect();
+            optimizer.load_state(state, position.optimizer_steps)?;
+            step = position.step;
+            first_epoch = position.epochs_done;
+            earlier_seconds = position.seconds;
+            scores = position.scores;
+            curve = position.curve;
+        }
+        let seconds = |started: &Instant| earlier_seconds + started.elapsed().as_secs_f64();
         let mut example = None;
         let primary = report::primary_metric(self.task);
-        for epoch in 0..epochs {
+        for epoch in first_epoch..epochs {
             let mut order: Vec<usize> = (0..n).collect();
             order.shuffle(&mut rng::generator(
                 seed,
@@ -680,6 +823,8 @@ impl Protocol {
                 optimizer.step(lr);
                 losses.push(value);
                 step += 1;
+                progress.global_step += 1;
+                checkpoint::abort_if_asked("step", progress.global_step);
             }
             let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
             let last = epoch + 1 == epochs;
@@ -700,13 +845,14 @@ impl Protocol {
             record.insert("epoch".into(), json!(epoch + 1));
             record.insert("step".into(), json!(step));
             record.insert("loss".into(), json!(loss));
-            record.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+            record.insert("seconds".into(), json!(seconds(&started)));
             if let Some(evaluated) = &evaluated {
                 for (k, v) in evaluated {
                     record.insert(format!("eval/{k}"), json!(v));
                 }
             }
             log.write(&record)?;
+            progress.records += 1;
             tracing::info!(
                 "{} repeat {}/{} epoch {}/{epochs}: loss {loss:.4}{}",
                 init.name(),
@@ -724,26 +870,50 @@ impl Protocol {
                 loss,
                 metric: evaluated.as_ref().and_then(|e| e.get(primary)).copied(),
             });
+            if !last {
+                let mut tensors: Vec<(String, Tensor)> = network
+                    .weights()
+                    .into_iter()
+                    .map(|(name, t)| (format!("{MODEL_PREFIX}{name}"), t))
+                    .collect();
+                let (state, optimizer_steps) = optimizer.state();
+                tensors.extend(
+                    state
+                        .into_iter()
+                        .map(|(name, t)| (format!("{OPTIMIZER_PREFIX}{name}"), t)),
+                );
+                progress.current = Some(TrialProgress {
+                    init,
+                    run,
+                    epochs_done: epoch + 1,
+                    step,
+                    optimizer_steps,
+                    scores: scores.clone(),
+                    curve: curve.clone(),
+                    seconds: seconds(&started),
+                });
+                progress::checkpoints(out).save_at(progress.global_step, &tensors, &*progress)?;
+            }
         }
-        checkpoint::write_safetensors(
-            &out.join(WEIGHTS_DIR)
-                .join(format!("{}-run{run}.safetensors", init.name())),
-            &network.weights(),
-        )?;
-        Ok((
-            Trial {
-                init,
-                run,
-                seed,
-                train_samples: n,
-                train_units: subset.len(),
-                steps: step,
-                metrics: scores,
-                seconds: started.elapsed().as_secs_f64(),
-                curve,
-            },
-            example,
-        ))
+        checkpoint::write_safetensors_atomic(&weights_file(out, init, run), &network.weights())?;
+        let trial = Trial {
+            init,
+            run,
+            seed,
+            train_samples: n,
+            train_units: subset.len(),
+            steps: step,
+            metrics: scores,
+            seconds: seconds(&started),
+            curve,
+        };
+        progress.current = None;
+        progress.finished.push(FinishedTrial {
+            trial: trial.clone(),
+            curve: trial.curve.clone(),
+        });
+        progress::checkpoints(out).save_at(progress.global_step, &[], &*progress)?;
+        Ok((trial, example))
     }
 
     /// Scores `network` on the evaluation set; with `keep`, also returns what the figures
@@ -877,4 +1047,10 @@ impl Protocol {
 
 fn slices(volumes: &[MaskedVolume]) -> Option<usize> {
     Some(volumes.iter().map(|v| v.voxels.size()[0] as usize).sum())
+}
+
+/// Where a finished row's weights are written: `weights/<init>-run<run>.safetensors`.
+fn weights_file(out: &Path, init: Init, run: usize) -> PathBuf {
+    out.join(WEIGHTS_DIR)
+        .join(format!("{}-run{run}.safetensors", init.name()))
 }

@@ -79,45 +79,6 @@ fn diverged(what: &str, stage: &StageConfig, step: usize, lr: f64, store: &Check
     )
 }
 
-/// The keys whose values differ between two resolved configs (`key: old -> new`), outside
-/// the `[run]` table.
-fn config_changes(before: &str, after: &str) -> Result<Vec<String>> {
-    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
-        match value {
-            toml::Value::Table(table) => {
-                for (k, v) in table {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    flatten(&key, v, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other.to_string());
-            }
-        }
-    }
-    let parse = |text: &str| -> Result<BTreeMap<String, String>> {
-        let value: toml::Value = toml::from_str(text).context("a resolved config that is not TOML")?;
-        let mut flat = BTreeMap::new();
-        flatten("", &value, &mut flat);
-        flat.retain(|k, _| !k.starts_with("run."));
-        Ok(flat)
-    };
-    let (before, after) = (parse(before)?, parse(after)?);
-    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    Ok(keys
-        .into_iter()
-        .filter(|k| before.get(*k) != after.get(*k))
-        .map(|k| {
-            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
-            format!("`{k}` {} -> {}", show(before.get(k)), show(after.get(k)))
-        })
-        .collect())
-}
-
 /// One stage's training: the stage, its optimizer, where it starts, and where it writes.
 struct StageRun<'a> {
     index: usize,
@@ -230,7 +191,7 @@ impl Run {
         let Some(trained) = &state.config else {
             return Ok(());
         };
-        let changes = config_changes(trained, &self.resolved_config)?;
+        let changes = crate::config::changed_keys(trained, &self.resolved_config, &["run."])?;
         if changes.is_empty() {
             return Ok(());
         }

@@ -7,6 +7,7 @@
 //! would panic on (see [`check_scalar_volume`]) is rejected first, as an error.
 
 use crate::files;
+use medssl_core::anyhow::anyhow;
 use medssl_core::prelude::*;
 use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, NiftiType, NiftiVolume, ReaderOptions, Unit};
 use std::path::Path;
@@ -39,7 +40,7 @@ pub struct Decoded {
 /// without it a fourth axis longer than one is an error. Trailing axes of size 1 are
 /// dropped, and a 2D image gets a third axis of one voxel.
 pub fn decode(path: &Path, slice_axis: usize, channel: Option<usize>) -> Result<Decoded> {
-    let object = ReaderOptions::new().read_file(path)?;
+    let object = ReaderOptions::new().read_file(path).map_err(readable)?;
     let header = object.header().clone();
     check_scalar_volume(&header, object.volume())?;
     let array = object.into_volume().into_ndarray::<f32>()?;
@@ -61,6 +62,23 @@ pub fn decode(path: &Path, slice_axis: usize, channel: Option<usize>) -> Result<
     let spacing = spacing_mm(&header).map(|mm| [mm[slice_axis], mm[a], mm[b]]);
     let dtype = format!("{:?}", header.data_type()?).to_lowercase();
     Ok(Decoded { voxels, spacing, dtype })
+}
+
+/// The nifti crate's error as a sentence: its I/O variant prints the inner error's debug
+/// form (`Io(Custom { kind: InvalidInput, .. })`), which says nothing to a user.
+fn readable(error: nifti::NiftiError) -> anyhow::Error {
+    match error {
+        nifti::NiftiError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            anyhow!("the file is truncated or damaged ({io}); expected a complete .nii or gzip-compressed .nii.gz")
+        }
+        nifti::NiftiError::Io(io) => anyhow!("{io}"),
+        other => anyhow!("{other}"),
+    }
 }
 
 /// The three spatial axes `[X, Y, Z]` of a file's tensor `[X, Y, Z, ...]`.

@@ -130,11 +130,18 @@ fn list_arrays(path: &Path) -> Result<Vec<PathBuf>> {
 /// Reads `path` and lays its axes out as `[slice_axis, other, other]`; also gives the stored
 /// dtype's name.
 fn decode(path: &Path, slice_axis: usize) -> Result<(Tensor, Option<String>)> {
-    let file = std::io::BufReader::new(std::fs::File::open(path)?);
-    let npy = npyz::NpyFile::new(file)?;
+    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let npy = npyz::NpyFile::new(&mut file)?;
     let header = numpy::describe_header(&npy);
     let dtype = numpy::dtype_name(&npy);
     let array = numpy::read_tensor(npy)?;
+    // npyz stops after the last element: bytes beyond it mean the header's shape or dtype
+    // does not describe the file (a wrong header, or two arrays glued together).
+    let trailing = std::io::copy(&mut file, &mut std::io::sink())?;
+    ensure!(
+        trailing == 0,
+        "{trailing} bytes follow the array's data ({header}): the header does not describe the file; expected it to end with the array"
+    );
     // Trailing axes of one element (a channel axis of 1) are dropped.
     let mut shape = array.size();
     while shape.len() > 3 && shape.last() == Some(&1) {

@@ -1,0 +1,29 @@
+//! The crate's error: what failed, and libtorch's reason.
+
+/// A failed store or process-group call. `Display` gives the operation (with its arguments:
+/// host and port, rank, key) followed by libtorch's message without its C++ backtrace.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// libtorch raised: a peer lost or timed out, a port in use, a tensor it refuses.
+    #[error("{op}: {message}")]
+    Torch {
+        /// The operation and its arguments, e.g. `TCPStore server on 127.0.0.1:29500`.
+        op: String,
+        /// The C++ exception's message.
+        message: String,
+    },
+    /// An NCCL process group was asked of a build without the `nccl` feature.
+    #[error(
+        "NCCL process group: medssl-torch-ext was built without its `nccl` feature \
+         (it needs the nvidia-cuda-crt and nvidia-cuda-cccl header wheels; see its build.rs)"
+    )]
+    NcclNotBuilt,
+}
+
+/// This crate's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches the operation to a shim error.
+pub(crate) fn context<T>(result: std::result::Result<T, String>, op: impl FnOnce() -> String) -> Result<T> {
+    result.map_err(|message| Error::Torch { op: op(), message })
+}

@@ -1,0 +1,19 @@
+//! medssl's glue over the libtorch calls that tch does not expose, starting with
+//! torch.distributed's c10d: stores ([`Store`]), process groups ([`ProcessGroup`]: Gloo on
+//! CPU, NCCL on CUDA with the `nccl` feature) and their collectives on tch tensors, including
+//! two that autograd differentiates through.
+//!
+//! The C++ lives in src/shim (compiled by build.rs against the libtorch torch-sys found);
+//! `ffi` (src/ffi.rs) is the one module that calls it, and the only `unsafe` code in the workspace.
+//! Every C++ exception is caught in the shim and surfaces here as an [`Error`].
+
+#[allow(unsafe_code)]
+mod ffi;
+
+mod error;
+mod process_group;
+mod store;
+
+pub use error::{Error, Result};
+pub use process_group::{Backend, GlooDevice, ProcessGroup};
+pub use store::{torchelastic_agent_store, Store, TcpStoreOptions, DEFAULT_STORE_TIMEOUT};

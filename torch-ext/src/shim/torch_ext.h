@@ -1,0 +1,75 @@
+// The C ABI between the C++ shim and Rust (mirrored by src/ffi.rs; keep the two in step).
+//
+// Conventions:
+// - Every function that can fail returns NULL on success or a malloc'd, NUL-terminated error
+//   message, which the caller frees with `tx_string_free`. No C++ exception crosses this ABI.
+// - Tensors are tch's `C_tensor*`, i.e. heap `at::Tensor*`. Tensors passed in are borrowed;
+//   tensors handed out through `at::Tensor** out` are new heap objects owned by the caller
+//   (tch's `Tensor::from_ptr` takes them over and frees them with `at_free`).
+// - Handles (`tx_store`, `tx_pg`) are opaque, owned by the caller, freed by their `_free`.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+#include <ATen/core/Tensor.h>
+typedef at::Tensor tx_tensor;
+extern "C" {
+#else
+typedef void tx_tensor;
+#endif
+
+typedef struct tx_store tx_store;
+typedef struct tx_pg tx_pg;
+
+void tx_string_free(char* message);
+void tx_bytes_free(uint8_t* bytes);
+
+// Stores (store.cpp). Timeouts are in milliseconds. `world_size < 0` means "not given" for
+// the TCPStore (a server then waits for nobody).
+char* tx_tcp_store_new(
+    const char* host,
+    uint16_t port,
+    int64_t world_size,
+    int is_server,
+    int wait_workers,
+    int64_t timeout_ms,
+    tx_store** out,
+    uint16_t* bound_port);
+char* tx_file_store_new(const char* path, int64_t world_size, int64_t timeout_ms, tx_store** out);
+char* tx_prefix_store_new(const tx_store* base, const char* prefix, tx_store** out);
+void tx_store_free(tx_store* store);
+char* tx_store_set(const tx_store* store, const char* key, const uint8_t* data, size_t len);
+char* tx_store_get(const tx_store* store, const char* key, uint8_t** data, size_t* len);
+
+// Process groups. `device_kind`: 0 = as torch.distributed picks (GLOO_SOCKET_IFNAME, else
+// this host's name, else loopback), 1 = the address `device_name` resolves to, 2 = the
+// network interface `device_name`.
+char* tx_pg_gloo_new(
+    const tx_store* store,
+    int rank,
+    int world_size,
+    int64_t timeout_ms,
+    int device_kind,
+    const char* device_name,
+    tx_pg** out);
+// Defined by nccl.cpp, which is compiled only with the `nccl` cargo feature.
+char* tx_pg_nccl_new(const tx_store* store, int rank, int world_size, int64_t timeout_ms, tx_pg** out);
+void tx_pg_free(tx_pg* pg);
+int tx_pg_rank(const tx_pg* pg);
+int tx_pg_world_size(const tx_pg* pg);
+
+// Blocking collectives (collectives.cpp), outside autograd.
+char* tx_all_reduce_sum(const tx_pg* pg, tx_tensor* const* tensors, size_t count);
+char* tx_all_gather(const tx_pg* pg, const tx_tensor* input, tx_tensor** out);
+char* tx_broadcast(const tx_pg* pg, tx_tensor* tensor, int root);
+char* tx_barrier(const tx_pg* pg);
+
+// Differentiable collectives (autograd.cpp).
+char* tx_differentiable_all_reduce_sum(const tx_pg* pg, const tx_tensor* input, tx_tensor** out);
+char* tx_differentiable_all_gather(const tx_pg* pg, const tx_tensor* input, tx_tensor** out);
+
+#ifdef __cplusplus
+}
+#endif

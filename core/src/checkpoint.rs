@@ -41,6 +41,13 @@ pub struct TrainingState {
     /// `config.toml` edited since (absent in checkpoints written before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// Processes that trained the run (data-parallel ranks); 1 in checkpoints from before.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {
@@ -358,6 +365,7 @@ mod tests {
             objectives: BTreeMap::from([("x".to_string(), serde_json::json!({"k": 1}))]),
             model_fingerprint: "abc".into(),
             config: None,
+            world_size: 1,
         }
     }
 

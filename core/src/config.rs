@@ -60,6 +60,9 @@ pub struct RunOptions {
     /// Refuse a run in which a module with parameters is trained by no stage (it would stay
     /// at its random initialisation); without it the run starts with a warning.
     pub strict_training: bool,
+    /// `[run.distributed]`: used when a launcher (torchrun, srun, mpirun) started several
+    /// processes.
+    pub distributed: crate::distributed::DistributedConfig,
 }
 
 impl Default for RunOptions {
@@ -71,6 +74,7 @@ impl Default for RunOptions {
             keep_checkpoints: 2,
             threads: 0,
             strict_training: false,
+            distributed: Default::default(),
         }
     }
 }

@@ -4,8 +4,23 @@ use anyhow::{bail, Result};
 use tch::Device;
 
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto`. Asking for CUDA where none is available is an
-/// error at start, not a silent fall-back to the CPU.
+/// error at start, not a silent fall-back to the CPU. Under a multi-process launch, `cuda`
+/// and `auto` take the GPU of the process's local rank (`cuda:LOCAL_RANK`), as every
+/// torchrun script does.
 pub fn resolve(name: &str) -> Result<Device> {
+    let local_rank = crate::distributed::Launch::from_env()?.local_rank;
+    match name {
+        "cuda" => resolve_index(&format!("cuda:{local_rank}"), name),
+        "auto" => match resolve_index("auto", name)? {
+            Device::Cuda(_) => resolve_index(&format!("cuda:{local_rank}"), name),
+            cpu => Ok(cpu),
+        },
+        _ => resolve_index(name, name),
+    }
+}
+
+/// [`resolve`] without the local rank; `asked` is the config's value, for messages.
+fn resolve_index(name: &str, asked: &str) -> Result<Device> {
     let cuda_count = || {
         if tch::Cuda::is_available() {
             tch::Cuda::device_count() as usize
@@ -27,10 +42,10 @@ pub fn resolve(name: &str) -> Result<Device> {
             };
             let available = cuda_count();
             if available == 0 {
-                bail!("config key `device` asks for `{name}`, but no CUDA device is available (libtorch sees none); use device = \"cpu\" or \"auto\"");
+                bail!("config key `device` asks for `{asked}`, but no CUDA device is available (libtorch sees none); use device = \"cpu\" or \"auto\"");
             }
             if index >= available {
-                bail!("config key `device` asks for `{name}`, but only {available} CUDA device(s) are available");
+                bail!("config key `device` asks for `{asked}` (here `{name}`), but only {available} CUDA device(s) are available");
             }
             Ok(Device::Cuda(index))
         }

@@ -126,6 +126,8 @@ pub fn conv2d<'a>(p: impl Borrow<nn::Path<'a>>, c_in: i64, c_out: i64, kernel: i
     nn::conv2d(p, c_in, c_out, kernel, conv.config(c_in, kernel * kernel))
 }
 
+pub use crate::batch_norm::BatchNorm;
+
 /// Batch norm as `torch.nn.BatchNorm*d`: scale 1, shift 0, momentum 0.1, eps 1e-5.
 fn batch_norm_config(scale: f64) -> nn::BatchNormConfig {
     nn::BatchNormConfig {
@@ -136,20 +138,20 @@ fn batch_norm_config(scale: f64) -> nn::BatchNormConfig {
 }
 
 /// `torch.nn.BatchNorm1d(channels)`.
-pub fn batch_norm1d<'a>(p: impl Borrow<nn::Path<'a>>, channels: i64) -> nn::BatchNorm {
-    nn::batch_norm1d(p, channels, batch_norm_config(1.0))
+pub fn batch_norm1d<'a>(p: impl Borrow<nn::Path<'a>>, channels: i64) -> BatchNorm {
+    BatchNorm::new(nn::batch_norm1d(p, channels, batch_norm_config(1.0)))
 }
 
 /// `torch.nn.BatchNorm2d(channels)`.
-pub fn batch_norm2d<'a>(p: impl Borrow<nn::Path<'a>>, channels: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, channels, batch_norm_config(1.0))
+pub fn batch_norm2d<'a>(p: impl Borrow<nn::Path<'a>>, channels: i64) -> BatchNorm {
+    BatchNorm::new(nn::batch_norm2d(p, channels, batch_norm_config(1.0)))
 }
 
 /// A `BatchNorm2d` whose scale starts at 0: the last one of a residual branch under
 /// torchvision's `zero_init_residual`, so that every block starts as the identity (Goyal et
 /// al., "Accurate, Large Minibatch SGD", 2017, Sec. 5.1).
-pub fn zeroed_batch_norm2d<'a>(p: impl Borrow<nn::Path<'a>>, channels: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, channels, batch_norm_config(0.0))
+pub fn zeroed_batch_norm2d<'a>(p: impl Borrow<nn::Path<'a>>, channels: i64) -> BatchNorm {
+    BatchNorm::new(nn::batch_norm2d(p, channels, batch_norm_config(0.0)))
 }
 
 /// `torch.nn.LayerNorm(shape)`: scale 1, shift 0, eps 1e-5.
@@ -233,13 +235,13 @@ mod tests {
         let one = Tensor::ones([8], (Kind::Float, Device::Cpu));
         let zero = Tensor::zeros([8], (Kind::Float, Device::Cpu));
         for bn in [batch_norm1d(vs.root() / "a", 8), batch_norm2d(vs.root() / "b", 8)] {
-            assert!(bn.ws.as_ref().unwrap().equal(&one));
-            assert!(bn.bs.as_ref().unwrap().equal(&zero));
+            assert!(bn.scale().unwrap().equal(&one));
+            assert!(bn.shift().unwrap().equal(&zero));
         }
         let ln = layer_norm(vs.root() / "c", vec![8]);
         assert!(ln.ws.as_ref().unwrap().equal(&one));
         assert!(ln.bs.as_ref().unwrap().equal(&zero));
         let zeroed = zeroed_batch_norm2d(vs.root() / "d", 8);
-        assert!(zeroed.ws.as_ref().unwrap().equal(&zero));
+        assert!(zeroed.scale().unwrap().equal(&zero));
     }
 }

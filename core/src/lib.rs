@@ -6,12 +6,14 @@
 pub mod activity;
 pub mod aggregator;
 pub mod assemble;
+pub mod batch_norm;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod detection;
 pub mod device;
+pub mod distributed;
 pub mod encoder;
 pub mod eval;
 pub mod finetune;
@@ -48,6 +50,7 @@ pub mod prelude {
     pub use crate::aggregator::{Aggregator, AggregatorEntry, AggregatorOutput, AggregatorShape};
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
     pub use crate::detection::{Detections, ImageTargets};
+    pub use crate::distributed;
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
     pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
     pub use crate::layers;

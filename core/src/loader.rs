@@ -6,7 +6,7 @@ use crate::objective::Consumes;
 use crate::rng::{self, domain};
 use crate::sources::Sources;
 use crate::views::{self, ViewConfig};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -108,18 +108,56 @@ pub struct DataPipeline {
     pub views: ViewConfig,
     pub loader: LoaderConfig,
     pub seed: u64,
+    /// This process's share of every global batch: the rank and the world size of the
+    /// launch ([`crate::distributed::communicator`]); (0, 1) for one process.
+    pub shard: Shard,
+}
+
+/// Which part of each global batch a rank takes: global batch `s` is the samples
+/// `order[s·W·B .. (s+1)·W·B]` of the epoch's order (seeded by (seed, epoch), the same on every
+/// rank), and rank `r` takes its `r`-th run of `B`. Every sample of the epoch is seen once
+/// across ranks, no two ranks share one, every rank takes the same number of steps, and the
+/// ranks' shares of a step together are the batch one process with batch `W·B` would take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    /// The share of the process's communicator.
+    pub fn of_this_process() -> Shard {
+        let comm = crate::distributed::communicator();
+        Shard {
+            rank: comm.rank(),
+            world: comm.world_size(),
+        }
+    }
+
+    /// The positions in the epoch's order of this rank's batch `step` of `batch` samples.
+    pub fn batch(&self, step: usize, batch: usize) -> std::ops::Range<usize> {
+        let start = (step * self.world + self.rank) * batch;
+        start..start + batch
+    }
 }
 
 impl DataPipeline {
-    /// All of the run's sources.
+    /// All of the run's sources, sharded as this process's communicator says.
     pub fn new(sources: Sources, views: ViewConfig, loader: LoaderConfig, seed: u64) -> Result<Self> {
         let selection = Arc::new(sources.select(None)?);
+        let shard = Shard::of_this_process();
+        if shard.world > 1 && loader.on_error == OnError::Skip {
+            bail!(
+                "config key `data.loader.on_error` is \"skip\", which would give the ranks batches of different sizes: with several processes unreadable samples must be errors (\"fail\"); find them first with `medssl data inspect`"
+            );
+        }
         Ok(DataPipeline {
             sources: Arc::new(sources),
             selection,
             views,
             loader,
             seed,
+            shard,
         })
     }
 
@@ -141,15 +179,16 @@ impl DataPipeline {
         self.sources.epoch_order(&self.selection, self.seed, 0).len()
     }
 
-    /// Batch size actually used: the configured one, or the epoch's length if smaller.
+    /// Batch size actually used by each rank: the configured one, or the epoch's share of a
+    /// rank if smaller.
     pub fn batch_size(&self) -> usize {
-        self.loader.batch_size.min(self.epoch_len()).max(1)
+        self.loader.batch_size.min(self.epoch_len() / self.shard.world).max(1)
     }
 
-    /// Full batches per epoch (the last partial batch is dropped, as contrastive and
+    /// Full global batches per epoch (the last partial one is dropped, as contrastive and
     /// clustering losses expect full batches).
     pub fn steps_per_epoch(&self) -> usize {
-        self.epoch_len() / self.batch_size()
+        self.epoch_len() / (self.batch_size() * self.shard.world)
     }
 
     /// The order in which epoch `epoch` visits the samples.
@@ -206,7 +245,7 @@ impl DataPipeline {
         let (mut ids, mut labels) = (Vec::with_capacity(b), Vec::with_capacity(b));
         let (mut slices, mut volumes, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
         let mut skipped = 0;
-        for &id in &order[step * b..(step + 1) * b] {
+        for &id in &order[self.shard.batch(step, b)] {
             let sample = match self.sources.load(id) {
                 Ok(sample) => sample,
                 Err(e) if self.loader.on_error == OnError::Skip => {
@@ -469,6 +508,35 @@ mod tests {
         for (a, b) in full[3..].iter().zip(&resumed) {
             assert!(a.ids.equal(&b.ids));
             assert!(a.slice_views[0].equal(&b.slice_views[0]));
+        }
+    }
+
+    proptest::proptest! {
+        /// Over a whole epoch, the ranks' batches take every position of the order below
+        /// `steps · W · B` exactly once, and each step's shares together are the batch of
+        /// one process with batch `W · B`.
+        #[test]
+        fn shards_cover_every_sample_once_and_make_up_the_single_process_batch(
+            world in 1usize..5, batch in 1usize..6, samples in 1usize..80
+        ) {
+            let steps = samples / (world * batch);
+            let mut seen = vec![0usize; samples];
+            for step in 0..steps {
+                let mut union: Vec<usize> = Vec::new();
+                for rank in 0..world {
+                    let range = Shard { rank, world }.batch(step, batch);
+                    proptest::prop_assert_eq!(range.len(), batch);
+                    union.extend(range);
+                }
+                union.sort_unstable();
+                let single: Vec<usize> = Shard { rank: 0, world: 1 }.batch(step, world * batch).collect();
+                proptest::prop_assert_eq!(&union, &single);
+                for position in union {
+                    seen[position] += 1;
+                }
+            }
+            proptest::prop_assert!(seen.iter().take(steps * world * batch).all(|&n| n == 1));
+            proptest::prop_assert!(seen.iter().skip(steps * world * batch).all(|&n| n == 0));
         }
     }
 }

@@ -8,6 +8,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use medssl_core::config::LoadedConfig;
+use medssl_core::distributed;
 use medssl_core::registry;
 use medssl_core::train::{self, Run};
 use std::path::{Path, PathBuf};
@@ -306,6 +307,24 @@ fn init_logging(verbose: bool) {
         .init();
 }
 
+/// Joins the multi-process launch the environment describes (torchrun, srun, mpirun), if
+/// any: training is then data-parallel over its ranks ([`distributed`]).
+fn start_distributed(cfg: &LoadedConfig) -> Result<()> {
+    let device = medssl_core::device::resolve(&cfg.run.device).context("config key `device`")?;
+    let launch = distributed::init(&cfg.run.options.distributed, device)?;
+    if launch.is_distributed() {
+        tracing::info!(
+            "data-parallel: rank {} of {} ({}), per-rank batch {}, global batch {}",
+            launch.rank,
+            launch.world_size,
+            launch.launcher,
+            cfg.run.data.loader.batch_size,
+            cfg.run.data.loader.batch_size * launch.world_size
+        );
+    }
+    Ok(())
+}
+
 fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run {
@@ -323,13 +342,24 @@ fn execute(command: Command) -> Result<()> {
                         .unwrap_or_else(|| "run".into()),
                 )
             });
+            start_distributed(&cfg)?;
             let run = Run::prepare(cfg)?;
-            // Held until the run ends: a second writer is refused with this pid.
-            let _lock = train::create_run_dir(&dir, force)?;
-            medssl_core::checkpoint::write_atomic(
-                &dir.join(medssl_core::run_dir::CONFIG_FILE),
-                run.resolved_config().as_bytes(),
-            )?;
+            // Held until the run ends: a second writer is refused with this pid. Rank 0
+            // alone writes; the others wait until the folder is there.
+            let _lock = match distributed::is_writer() {
+                true => {
+                    let lock = train::create_run_dir(&dir, force)?;
+                    medssl_core::checkpoint::write_atomic(
+                        &dir.join(medssl_core::run_dir::CONFIG_FILE),
+                        run.resolved_config().as_bytes(),
+                    )?;
+                    Some(lock)
+                }
+                false => None,
+            };
+            distributed::communicator()
+                .barrier()
+                .map_err(|e| distributed::collective_failed(e, "waiting for rank 0 to create the run directory"))?;
             tracing::info!("run directory: {}", dir.display());
             report(run.train(&dir, false)?);
             Ok(())
@@ -560,7 +590,11 @@ fn execute(command: Command) -> Result<()> {
             let config = run_dir.join(medssl_core::run_dir::CONFIG_FILE);
             let cfg = LoadedConfig::load_resolved(&config)
                 .with_context(|| format!("cannot resume `{}`", run_dir.display()))?;
-            let _lock = medssl_core::run_dir::RunLock::acquire(&run_dir)?;
+            start_distributed(&cfg)?;
+            let _lock = match distributed::is_writer() {
+                true => Some(medssl_core::run_dir::RunLock::acquire(&run_dir)?),
+                false => None,
+            };
             let mut run = Run::prepare(cfg)?;
             if allow_config_change {
                 run.allow_config_change();

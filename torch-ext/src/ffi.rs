@@ -45,6 +45,7 @@ extern "C" {
     fn tx_store_free(store: *mut TxStore);
     fn tx_store_set(store: *const TxStore, key: *const c_char, data: *const u8, len: usize) -> *mut c_char;
     fn tx_store_get(store: *const TxStore, key: *const c_char, data: *mut *mut u8, len: *mut usize) -> *mut c_char;
+    fn tx_store_check(store: *const TxStore, key: *const c_char, found: *mut c_int) -> *mut c_char;
 
     fn tx_pg_gloo_new(
         store: *const TxStore,
@@ -183,6 +184,14 @@ impl StoreHandle {
         let key = c_string("key", key)?;
         // SAFETY: see the module invariants; `value` is read for `value.len()` bytes.
         check(unsafe { tx_store_set(self.0.as_ptr(), key.as_ptr(), value.as_ptr(), value.len()) })
+    }
+
+    pub(crate) fn check(&self, key: &str) -> CallResult<bool> {
+        let key = c_string("key", key)?;
+        let mut found: c_int = 0;
+        // SAFETY: see the module invariants; `found` is written on success.
+        check(unsafe { tx_store_check(self.0.as_ptr(), key.as_ptr(), &mut found) })?;
+        Ok(found != 0)
     }
 
     pub(crate) fn get(&self, key: &str) -> CallResult<Vec<u8>> {

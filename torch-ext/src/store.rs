@@ -148,6 +148,11 @@ impl Store {
         context(self.handle.get(key), || format!("{self:?}: get {key:?}"))
     }
 
+    /// Whether some process has set `key`, answered at once (`get` waits for it).
+    pub fn check(&self, key: &str) -> Result<bool> {
+        context(self.handle.check(key), || format!("{self:?}: check {key:?}"))
+    }
+
     /// The TCP port (the one bound when 0 was asked); `None` for a FileStore.
     pub fn port(&self) -> Option<u16> {
         self.port

@@ -100,6 +100,14 @@ fn store_values_round_trip_and_missing_keys_time_out() {
     store.set("empty", b"").expect("set empty");
     assert_eq!(store.get("bytes").expect("get"), bytes);
     assert_eq!(store.get("empty").expect("get empty"), b"");
+    assert!(store.check("bytes").expect("check a set key"));
+    let start = Instant::now();
+    assert!(!store.check("never-set").expect("check a missing key"));
+    assert!(
+        start.elapsed() < Duration::from_millis(250),
+        "check waited {:?}",
+        start.elapsed()
+    );
 
     let start = Instant::now();
     let error = store.get("never-set").expect_err("missing key").to_string();

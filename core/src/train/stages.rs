@@ -4,6 +4,7 @@
 use super::{Run, Summary, Terms};
 use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
 use crate::config::{OptimizerConfig, StageConfig};
+use crate::distributed::{self, gradients};
 use crate::loader::Batch;
 use crate::metrics::MetricsLog;
 use crate::objective::{Progress, SliceSequence, StepInput};
@@ -79,6 +80,21 @@ fn diverged(what: &str, stage: &StageConfig, step: usize, lr: f64, store: &Check
     )
 }
 
+/// The mean over ranks of this step's loss `value` and of each of `terms` (replaced in
+/// place); every rank gets the same numbers.
+fn mean_over_ranks(comm: &dyn distributed::Communicator, value: f64, terms: &mut Terms) -> Result<f64> {
+    let mut values = vec![value];
+    values.extend(terms.iter().map(|(_, v)| *v));
+    let mut buffer = [Tensor::from_slice(&values)];
+    comm.all_reduce_sum(&mut buffer)?;
+    let world = comm.world_size() as f64;
+    let means: Vec<f64> = Vec::try_from(&buffer[0] / world)?;
+    for ((_, v), mean) in terms.iter_mut().zip(&means[1..]) {
+        *v = *mean;
+    }
+    Ok(means[0])
+}
+
 /// One stage's training: the stage, its optimizer, where it starts, and where it writes.
 struct StageRun<'a> {
     index: usize,
@@ -90,7 +106,8 @@ struct StageRun<'a> {
     /// Steps of the whole run, for the log lines.
     run_steps: usize,
     store: &'a Checkpoints,
-    log: &'a mut MetricsLog,
+    /// Rank 0's log; `None` on the other ranks, which write nothing.
+    log: Option<&'a mut MetricsLog>,
     bar: &'a indicatif::ProgressBar,
 }
 
@@ -109,7 +126,9 @@ impl Run {
             objectives: BTreeMap::new(),
             model_fingerprint: fingerprint.clone(),
             config: Some(self.resolved_config.clone()),
+            world_size: self.data.shard.world,
         };
+        distributed::check_same_config(&self.resolved_config)?;
         let mut optimizer_state = Vec::new();
         if resume {
             if let Some(latest) = store.latest()? {
@@ -125,6 +144,14 @@ impl Run {
                 self.check_position(&state)
                     .with_context(|| format!("checkpoint state `{}`", latest.join(checkpoint::STATE_FILE).display()))?;
                 self.check_config_unchanged(&state, run_dir)?;
+                anyhow::ensure!(
+                    state.world_size == self.data.shard.world,
+                    "checkpoint `{}` was written by {} process(es), this launch has {}: the global batch and the data order per step would change, and resuming on another world size is not supported yet; launch {} process(es)",
+                    latest.display(),
+                    state.world_size,
+                    self.data.shard.world,
+                    state.world_size
+                );
                 optimizer_state = self.restore(&latest, tensors)?;
                 for (key, value) in &state.objectives {
                     if let Some(objective) = self.model.objectives.get_mut(key) {
@@ -140,7 +167,19 @@ impl Run {
                 tracing::info!("no checkpoint in {}: starting from the beginning", run_dir.display());
             }
         }
-        let mut log = MetricsLog::open(&run_dir.join(METRICS_FILE), resume.then_some(position.global_step))?;
+        // Replicas start equal, whatever each initialised or loaded.
+        let mut variables = self.model.backbone.vs.variables().into_iter().collect::<Vec<_>>();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        gradients::broadcast_variables(&*distributed::communicator(), &variables)
+            .map_err(|e| distributed::collective_failed(e, "broadcasting rank 0's variables"))?;
+        // Rank 0 alone writes the run's files.
+        let mut log = match distributed::is_writer() {
+            true => Some(MetricsLog::open(
+                &run_dir.join(METRICS_FILE),
+                resume.then_some(position.global_step),
+            )?),
+            false => None,
+        };
         let run_steps: usize = self.stage_steps().iter().sum();
         let bar = progress_bar(run_steps, position.global_step);
 
@@ -168,7 +207,7 @@ impl Run {
                 start,
                 run_steps,
                 store: &store,
-                log: &mut log,
+                log: log.as_mut(),
                 bar: &bar,
             };
             self.train_stage(stage_run, &mut position)?;
@@ -179,6 +218,14 @@ impl Run {
             self.save(&store, &mut position, None)?;
         }
         bar.finish_and_clear();
+        if !distributed::is_writer() {
+            return Ok(Summary {
+                run_dir: run_dir.to_path_buf(),
+                steps: position.global_step,
+                stages: Vec::new(),
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
         let summary = self.finish(run_dir, started.elapsed().as_secs_f64(), position.global_step)?;
         Ok(summary)
     }
@@ -298,9 +345,11 @@ impl Run {
             start,
             run_steps: total_run_steps,
             store,
-            log,
+            mut log,
             bar,
         } = stage_run;
+        let comm = distributed::communicator();
+        let bucket_bytes = (self.cfg.run.options.distributed.bucket_mib * 1024.0 * 1024.0).max(1.0) as usize;
         let (stage, opt_cfg, optimizer) = (&stage, &opt_cfg, &mut optimizer);
         let data = self.stage_data[stage_index].clone();
         crate::activity::set(format!("stage `{}` (batch size {})", stage.name, data.batch_size()));
@@ -337,8 +386,35 @@ impl Run {
                     rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,
                 );
                 let lr = optim::learning_rate(opt_cfg, step, total, steps_per_epoch);
-                let (loss, terms, health) = self.loss(stage, &batch, &progress)?;
-                let value = loss.double_value(&[]);
+                let (loss, mut terms, health) = match self.loss(stage, &batch, &progress) {
+                    Ok(loss) => loss,
+                    // An objective's collective (a gather, Sinkhorn's sums) fails when a rank
+                    // is lost: say which.
+                    Err(e) if comm.world_size() > 1 => {
+                        return Err(distributed::collective_failed(
+                            e,
+                            &format!("step {}", position.global_step + 1),
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Some(e) = distributed::take_deferred_failure() {
+                    return Err(distributed::collective_failed(
+                        e,
+                        &format!("the forward pass of step {}", position.global_step + 1),
+                    ));
+                }
+                let mut value = loss.double_value(&[]);
+                if comm.world_size() > 1 {
+                    // The logged loss and the divergence check are the global batch's, the
+                    // same on every rank, so that all stop together.
+                    value = mean_over_ranks(&*comm, value, &mut terms).map_err(|e| {
+                        distributed::collective_failed(
+                            e,
+                            &format!("averaging the loss of step {}", position.global_step + 1),
+                        )
+                    })?;
+                }
                 if !value.is_finite() {
                     bail!(
                         "{}",
@@ -359,7 +435,18 @@ impl Run {
                     batch.ids.size()[0]
                 );
                 optimizer.zero_grad();
-                loss.backward();
+                loss.f_backward().map_err(|e| {
+                    distributed::collective_failed(
+                        e.into(),
+                        &format!("the backward pass of step {}", position.global_step + 1),
+                    )
+                })?;
+                gradients::average_gradients(&*comm, optimizer.parameters(), bucket_bytes).map_err(|e| {
+                    distributed::collective_failed(
+                        e,
+                        &format!("averaging the gradients of step {}", position.global_step + 1),
+                    )
+                })?;
                 let grad_norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
                 optimizer.step(lr);
                 for key in stage.objectives.keys() {
@@ -386,8 +473,9 @@ impl Run {
                 position.stage_step = step;
                 position.global_step += 1;
                 checkpoint::abort_if_asked("step", position.global_step);
-                let batch_size = batch.ids.size()[0] as f64;
-                if position.global_step.is_multiple_of(options.log_every.max(1)) || step == total {
+                let batch_size = (batch.ids.size()[0] * comm.world_size() as i64) as f64;
+                let logging = position.global_step.is_multiple_of(options.log_every.max(1)) || step == total;
+                if let (true, Some(log)) = (logging, log.as_deref_mut()) {
                     let mut record = Map::new();
                     record.insert("stage".into(), json!(stage.name));
                     record.insert("stage_index".into(), json!(stage_index));
@@ -515,6 +603,9 @@ impl Run {
         position: &mut TrainingState,
         optimizer: Option<&Optimizer>,
     ) -> Result<()> {
+        if !distributed::is_writer() {
+            return Ok(());
+        }
         let mut tensors: Vec<(String, Tensor)> = self
             .model
             .backbone

@@ -99,6 +99,12 @@ pub struct DeepClusterV2Objective {
 impl DeepClusterV2Objective {
     pub fn new(p: nn::Path, cfg: DeepClusterV2Config, shape: &ObjectiveShape) -> Result<Self> {
         let (consumes, input_dim) = cfg.level.resolve(shape, NAME)?;
+        // Its memory bank and k-means would each see one rank's share of the data: refused
+        // rather than trained differently from one process.
+        ensure!(
+            distributed::communicator().world_size() == 1,
+            "{NAME} does not train data-parallel yet (its memory bank and k-means are per process); run it as one process, or use swav, ntxent or vicreg across several"
+        );
         ensure!(
             cfg.temperature > 0.0,
             "{NAME}: `temperature` must be positive, got {}",

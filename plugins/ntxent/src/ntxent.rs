@@ -67,21 +67,37 @@ impl NtXentObjective {
 /// over positives of `-log softmax`, with self-similarity excluded. In fp32 (f64 views stay
 /// f64).
 pub fn nt_xent(views: &[Tensor], temperature: f64) -> Tensor {
+    let n = views[0].size()[0];
+    nt_xent_of_anchors(views, 0, n, temperature)
+}
+
+/// [`nt_xent`] with the anchors restricted to samples `start..start + count` of every view,
+/// the candidates being all samples of all views: each rank's part of the loss over a
+/// batch gathered from every rank (solo-learn's `gather`), whose mean over ranks is the loss
+/// of the whole batch.
+pub fn nt_xent_of_anchors(views: &[Tensor], start: i64, count: i64, temperature: f64) -> Tensor {
     let kind = loss_kind(&views[0]);
     let v = views.len() as i64;
     let n = views[0].size()[0];
-    let z = Tensor::cat(views, 0);
-    let z = l2_normalize(&z);
-    let logits = z.matmul(&z.tr()) / temperature;
+    let z = l2_normalize(&Tensor::cat(views, 0));
     let device = z.device();
-    let eye = Tensor::eye(v * n, (Kind::Bool, device));
-    let logits = logits.masked_fill(&eye, f64::NEG_INFINITY);
+    // Anchor rows: samples start..start+count of each view, view-major as the candidates.
+    let anchor_rows = Tensor::cat(
+        &(0..v)
+            .map(|view| Tensor::arange_start(view * n + start, view * n + start + count, (Kind::Int64, device)))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let logits = z.index_select(0, &anchor_rows).matmul(&z.tr()) / temperature;
+    let columns = Tensor::arange(v * n, (Kind::Int64, device));
+    let itself = anchor_rows.unsqueeze(1).eq_tensor(&columns.unsqueeze(0));
+    let logits = logits.masked_fill(&itself, f64::NEG_INFINITY);
     let log_prob = logits.log_softmax(1, kind);
-    let sample = Tensor::arange(v * n, (Kind::Int64, device)).remainder(n);
-    let positives = sample
-        .unsqueeze(0)
-        .eq_tensor(&sample.unsqueeze(1))
-        .logical_and(&eye.logical_not());
+    let positives = anchor_rows
+        .remainder(n)
+        .unsqueeze(1)
+        .eq_tensor(&columns.remainder(n).unsqueeze(0))
+        .logical_and(&itself.logical_not());
     let pos_log_prob = log_prob
         .masked_fill(&positives.logical_not(), 0.0)
         .sum_dim_intlist(1, false, kind);
@@ -96,7 +112,19 @@ impl Objective for NtXentObjective {
     fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
         let views = self.cfg.level.views(input, "ntxent")?;
         let projected: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.projector, true)).collect();
-        let total = nt_xent(&projected, self.cfg.temperature);
+        let comm = distributed::communicator();
+        let total = if comm.world_size() == 1 {
+            nt_xent(&projected, self.cfg.temperature)
+        } else {
+            // Negatives from every rank's batch; this rank's samples are the anchors.
+            let gathered = projected
+                .iter()
+                .map(|z| comm.all_gather_with_grad(z))
+                .collect::<Result<Vec<_>>>()
+                .context("ntxent: gathering the projections of every rank")?;
+            let b = projected[0].size()[0];
+            nt_xent_of_anchors(&gathered, comm.rank() as i64 * b, b, self.cfg.temperature)
+        };
         Ok(Loss {
             total,
             terms: Vec::new(),

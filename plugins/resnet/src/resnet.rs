@@ -72,8 +72,8 @@ fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -
 /// One residual block: convolutions with batch norm, and a projection shortcut where the
 /// shape changes.
 struct Residual {
-    convs: Vec<(nn::Conv2D, nn::BatchNorm)>,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    convs: Vec<(nn::Conv2D, layers::BatchNorm)>,
+    downsample: Option<(nn::Conv2D, layers::BatchNorm)>,
 }
 
 impl Residual {
@@ -128,7 +128,7 @@ impl Residual {
 pub struct ResNet {
     cfg: ResNetConfig,
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: layers::BatchNorm,
     layers: Vec<Vec<Residual>>,
     levels: Vec<Level>,
 }

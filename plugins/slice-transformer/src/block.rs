@@ -301,7 +301,7 @@ pub struct SliceTransformer<A> {
     width: i64,
     dropout: f64,
     input: nn::Linear,
-    input_norm: nn::BatchNorm,
+    input_norm: layers::BatchNorm,
     blocks: Vec<Block<A>>,
     pyramid_strides: Vec<i64>,
     norm: nn::LayerNorm,

@@ -21,6 +21,7 @@
 //!   stage (Appendix A.1: frozen during the first epoch), and are renormalised after every
 //!   optimizer step.
 
+use medssl_core::distributed::Communicator;
 use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -204,10 +205,61 @@ pub fn sinkhorn_knopp(logits: &Tensor, iterations: usize) -> Tensor {
     })
 }
 
+/// [`sinkhorn_knopp`] over the batch of every rank together, each rank holding its
+/// `logits` `[B, K]`: the reference code's `distributed_sinkhorn`, whose prototype sums are
+/// all-reduced and whose sample target is 1 / (world · B), in the same log domain. Each
+/// all-reduce of a sum of exponentials is a gathered log-sum-exp (one `[K]` gather an
+/// iteration), so it is as overflow-free as the single-process one, and its codes for a
+/// rank's rows equal those of one process over the concatenated batch. One process takes
+/// [`sinkhorn_knopp`] itself.
+pub fn sinkhorn_knopp_across(logits: &Tensor, iterations: usize, comm: &dyn Communicator) -> Result<Tensor> {
+    if comm.world_size() == 1 {
+        return Ok(sinkhorn_knopp(logits, iterations));
+    }
+    tch::no_grad(|| {
+        let (b, k) = logits.size2().context("sinkhorn_knopp takes [B, K] logits")?;
+        let global_b = b * comm.world_size() as i64;
+        let (log_b, log_k) = ((global_b as f64).ln(), (k as f64).ln());
+        let kind = if logits.kind() == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        let mut log_q = logits.detach().to_kind(kind).tr();
+        let global_max = comm.all_gather(&log_q.max().reshape([1]))?.max();
+        log_q = &log_q - global_max;
+        let total = comm
+            .all_gather(&log_q.logsumexp([0, 1], false).reshape([1]))?
+            .logsumexp([0], false);
+        log_q = &log_q - total;
+        for _ in 0..iterations {
+            let rows = comm
+                .all_gather(&log_q.logsumexp([1], false).reshape([1, k]))?
+                .logsumexp([0], false)
+                .reshape([k, 1]);
+            log_q = &log_q - rows - log_k;
+            log_q = &log_q - log_q.logsumexp([0], true) - log_b;
+        }
+        Ok(log_q.softmax(0, kind).tr().contiguous())
+    })
+}
+
 /// The codes `[B, K]` of one global view: Sinkhorn-Knopp over `scores / epsilon`, with the
 /// queue's scores `[Q, K]` (if any) first in the same Sinkhorn batch; only the batch's rows
 /// are returned. No gradient; fp32 (f64 scores stay f64).
 pub fn codes(scores: &Tensor, queue_scores: Option<&Tensor>, epsilon: f64, iterations: usize) -> Tensor {
+    codes_across(scores, queue_scores, epsilon, iterations, &distributed::SingleProcess)
+        .expect("one process runs no collective that could fail")
+}
+
+/// [`codes`] with Sinkhorn over every rank's batch and queue ([`sinkhorn_knopp_across`]).
+pub fn codes_across(
+    scores: &Tensor,
+    queue_scores: Option<&Tensor>,
+    epsilon: f64,
+    iterations: usize,
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
     tch::no_grad(|| {
         let b = scores.size()[0];
         let kind = loss_kind(scores);
@@ -217,7 +269,7 @@ pub fn codes(scores: &Tensor, queue_scores: Option<&Tensor>, epsilon: f64, itera
             None => scores,
         };
         let n = all.size()[0];
-        sinkhorn_knopp(&(all / epsilon), iterations).narrow(0, n - b, b)
+        Ok(sinkhorn_knopp_across(&(all / epsilon), iterations, comm)?.narrow(0, n - b, b))
     })
 }
 
@@ -289,6 +341,7 @@ impl Objective for SwavObjective {
         let z = z.split_with_sizes(&sizes, 0);
 
         let use_queue = self.queue.is_some() && progress.epoch >= self.cfg.queue_start_epoch;
+        let comm = distributed::communicator();
         let codes: Vec<Tensor> = tch::no_grad(|| {
             (0..global)
                 .map(|i| {
@@ -301,15 +354,17 @@ impl Objective for SwavObjective {
                         ),
                         _ => None,
                     };
-                    codes(
+                    codes_across(
                         &scores[i],
                         queue_scores.as_ref(),
                         self.cfg.epsilon,
                         self.cfg.sinkhorn_iterations,
+                        &*comm,
                     )
                 })
-                .collect()
-        });
+                .collect::<Result<Vec<_>>>()
+        })
+        .context("swav: Sinkhorn-Knopp over the batch of every rank")?;
         if use_queue {
             self.push(&z[..global]);
         }

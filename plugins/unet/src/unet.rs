@@ -49,7 +49,7 @@ impl Default for UNetConfig {
 /// Two 3x3 convolutions, each followed by batch norm and ReLU (the paper's Fig. 1 blue
 /// arrows, with batch norm as in every modern U-Net).
 struct ConvBlock {
-    layers: Vec<(nn::Conv2D, nn::BatchNorm)>,
+    layers: Vec<(nn::Conv2D, layers::BatchNorm)>,
 }
 
 impl ConvBlock {

@@ -103,7 +103,18 @@ impl Objective for VicRegObjective {
 
     fn loss(&mut self, input: &StepInput, _: &Progress) -> Result<Loss> {
         let views = self.cfg.level.views(input, "vicreg")?;
-        let z: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.expander, true)).collect();
+        let mut z: Vec<Tensor> = views.iter().map(|h| h.apply_t(&self.expander, true)).collect();
+        let comm = distributed::communicator();
+        if comm.world_size() > 1 {
+            // The variance and covariance are over the global batch, as in the reference
+            // code: every rank computes the loss of the gathered batch, whose backward
+            // brings each rank the gradients of its own samples.
+            z = z
+                .iter()
+                .map(|z| comm.all_gather_with_grad(z))
+                .collect::<Result<Vec<_>>>()
+                .context("vicreg: gathering the embeddings of every rank")?;
+        }
         let (mut s, mut v, mut c, mut pairs) = (Tensor::from(0f32), Tensor::from(0f32), Tensor::from(0f32), 0.0);
         for i in 0..z.len() {
             for j in i + 1..z.len() {

@@ -54,6 +54,11 @@ extern "C" char* tx_store_set(const tx_store* store, const char* key, const uint
   return tx::guard([&] { store->store->set(key, std::vector<uint8_t>(data, data + len)); });
 }
 
+extern "C" char* tx_store_check(const tx_store* store, const char* key, int* found) {
+  // `check` answers at once, where `get` would wait for the key until the store's timeout.
+  return tx::guard([&] { *found = store->store->check({std::string(key)}) ? 1 : 0; });
+}
+
 extern "C" char* tx_store_get(const tx_store* store, const char* key, uint8_t** data, size_t* len) {
   return tx::guard([&] {
     // Blocks until the key is set or the store's timeout passes (then throws).

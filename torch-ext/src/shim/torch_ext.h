@@ -42,6 +42,7 @@ char* tx_prefix_store_new(const tx_store* base, const char* prefix, tx_store** o
 void tx_store_free(tx_store* store);
 char* tx_store_set(const tx_store* store, const char* key, const uint8_t* data, size_t len);
 char* tx_store_get(const tx_store* store, const char* key, uint8_t** data, size_t* len);
+char* tx_store_check(const tx_store* store, const char* key, int* found);
 
 // Process groups. `device_kind`: 0 = as torch.distributed picks (GLOO_SOCKET_IFNAME, else
 // this host's name, else loopback), 1 = the address `device_name` resolves to, 2 = the

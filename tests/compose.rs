@@ -50,13 +50,14 @@ fn indent(table: &str, name: &str, body: &str) -> String {
     format!("[{table}]\nname = \"{name}\"\n{body}\n")
 }
 
-fn config(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize) -> String {
+fn config(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize, precision: &str) -> String {
     let [(encoder, e), (aggregator, a), (objective, o)] = combo;
     format!(
         r#"
 seed = {seed}
 [run]
 threads = 1
+precision = "{precision}"
 [data.sources.phantom]
 format = "phantom"
 count = {batch}
@@ -86,9 +87,14 @@ objectives = {{ probe = 1.0 }}
 
 /// Builds the composition and checks one training step; the message names the combination.
 fn probe(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize) -> Result<(), String> {
+    probe_in(combo, seed, batch, slices, "fp32")
+}
+
+/// [`probe`] under `run.precision = precision`; the loss must come in that precision's kind.
+fn probe_in(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize, precision: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
-    std::fs::write(&path, config(combo, seed, batch, slices)).unwrap();
+    std::fs::write(&path, config(combo, seed, batch, slices, precision)).unwrap();
     let cfg = LoadedConfig::load(&path, &[]).map_err(|e| format!("{combo:?}: {e:#}"))?;
     let mut run = match Run::prepare(cfg) {
         Ok(run) => run,
@@ -100,6 +106,13 @@ fn probe(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize) -> R
     let probe = run.probe_step(0).map_err(|e| format!("{combo:?}: {e:#}"))?;
     if !probe.loss.is_finite() {
         return Err(format!("{combo:?}: loss {}", probe.loss));
+    }
+    let kind = if precision == "fp64" { Kind::Double } else { Kind::Float };
+    if probe.loss_kind != kind {
+        return Err(format!(
+            "{combo:?}: a {precision} run's loss came in {:?}",
+            probe.loss_kind
+        ));
     }
     if !probe.groups.iter().any(|g| g.group == "encoder") {
         return Err(format!("{combo:?}: the encoder is not trained"));
@@ -126,6 +139,18 @@ fn every_composition_trains_one_step() {
     let failures: Vec<String> = combinations()
         .iter()
         .filter_map(|combo| probe(combo, 0, 3, 3).err())
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Under `run.precision = "fp64"` every composition runs in f64 end to end: no component
+/// makes an fp32 tensor that its f64 input would meet (libtorch refuses to mix the two in a
+/// matmul), and the loss comes out f64.
+#[test]
+fn every_composition_trains_one_step_in_f64() {
+    let failures: Vec<String> = combinations()
+        .iter()
+        .filter_map(|combo| probe_in(combo, 0, 3, 3, "fp64").err())
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

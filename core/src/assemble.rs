@@ -8,6 +8,7 @@ use crate::config::LoadedConfig;
 use crate::encoder::{Encoder, EncoderOutput, EncoderShape};
 use crate::loader::DataPipeline;
 use crate::objective::{Consumes, Objective, ObjectiveShape};
+use crate::precision::Precision;
 use crate::registry::{self, Registered};
 use crate::run_dir;
 use crate::slice_features::{SliceFeatureConfig, SliceFeatures, LEVELS_KEY};
@@ -15,7 +16,7 @@ use crate::sources::{Source, SourceOptions, Sources, SOURCE_OPTION_KEYS};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// Channels of every image the data pipeline produces (medical images are grey-scale).
 pub const IMAGE_CHANNELS: i64 = 1;
@@ -192,10 +193,11 @@ impl Backbone {
             Some(aggregator) => aggregator.forward(&sequence, Some(valid), train_aggregator).volume,
             None => {
                 let size = volumes.size();
-                let weights = valid.to_kind(Kind::Float).unsqueeze(-1);
+                let kind = out.pooled.kind();
+                let weights = valid.to_kind(kind).unsqueeze(-1);
                 let pooled = out.pooled.view([size[0], size[2], -1]);
-                (pooled * &weights).sum_dim_intlist(1, false, Kind::Float)
-                    / weights.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0)
+                (pooled * &weights).sum_dim_intlist(1, false, kind)
+                    / weights.sum_dim_intlist(1, false, kind).clamp_min(1.0)
             }
         };
         (out, volume)
@@ -255,6 +257,13 @@ impl Model {
                 );
             }
             objectives.insert(key.clone(), objective);
+        }
+        // After every component has made its variables, so that buffers made at build time
+        // (memory banks, queues) follow too; integer and boolean ones keep their kind.
+        let mut backbone = backbone;
+        match cfg.run.options.precision {
+            Precision::Fp32 => {}
+            Precision::Fp64 => backbone.vs.double(),
         }
         Ok(Model {
             backbone,

@@ -63,6 +63,8 @@ pub struct RunOptions {
     /// `[run.distributed]`: used when a launcher (torchrun, srun, mpirun) started several
     /// processes.
     pub distributed: crate::distributed::DistributedConfig,
+    /// `fp32` or `fp64`: the kind of the run's weights, activations and optimizer state.
+    pub precision: crate::precision::Precision,
 }
 
 impl Default for RunOptions {
@@ -75,6 +77,7 @@ impl Default for RunOptions {
             threads: 0,
             strict_training: false,
             distributed: Default::default(),
+            precision: Default::default(),
         }
     }
 }

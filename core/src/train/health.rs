@@ -14,6 +14,8 @@ use tch::Tensor;
 #[derive(Debug, Clone)]
 pub struct StepProbe {
     pub loss: f64,
+    /// The kind the loss was computed in (fp32, or f64 under `run.precision = "fp64"`).
+    pub loss_kind: tch::Kind,
     pub terms: Vec<(String, f64)>,
     pub groups: Vec<GroupGradient>,
 }
@@ -53,6 +55,7 @@ impl Run {
         let (loss, terms, _) = self.loss(&stage, &batch, &progress)?;
         let value = loss.double_value(&[]);
         loss.backward();
+        let loss = loss.detach();
         let mut grad_norms: BTreeMap<String, (f64, usize, usize)> = BTreeMap::new();
         for (name, p) in optimizer.parameters() {
             let group = match name.split('.').collect::<Vec<_>>().as_slice() {
@@ -70,6 +73,7 @@ impl Run {
         optimizer.zero_grad();
         Ok(StepProbe {
             loss: value,
+            loss_kind: loss.kind(),
             terms,
             groups: grad_norms
                 .into_iter()

@@ -523,13 +523,16 @@ impl Run {
     /// With `observe`, every module runs in eval mode (the caller disables autograd).
     pub(super) fn embed(&self, stage: &StageConfig, batch: &Batch, observe: bool) -> Embedded {
         let device = self.device;
+        // Batches come in fp32; `run.precision` may ask for another kind.
+        let kind = self.cfg.run.options.precision.kind();
+        let input = |t: &Tensor| t.to_device_(device, kind, false, false);
         let train_encoder = !observe && stage.train.iter().any(|m| m == "encoder");
         let train_aggregator = !observe && stage.train.iter().any(|m| m == "aggregator");
         let backbone = &self.model.backbone;
         let slice_views = batch
             .slice_views
             .iter()
-            .map(|v| backbone.embed_images(&v.to_device(device), train_encoder).pooled)
+            .map(|v| backbone.embed_images(&input(v), train_encoder).pooled)
             .collect();
         // Volume views need an aggregator; `Model::build` refuses objectives that consume
         // them without one.
@@ -541,7 +544,7 @@ impl Run {
                 .map(|(v, valid)| {
                     let valid = valid.to_device(device);
                     backbone
-                        .embed_volumes(&v.to_device(device), &valid, train_encoder, train_aggregator)
+                        .embed_volumes(&input(v), &valid, train_encoder, train_aggregator)
                         .1
                 })
                 .collect(),
@@ -550,7 +553,7 @@ impl Run {
         let sequence = batch
             .sequence
             .as_ref()
-            .map(|(voxels, _)| backbone.embed_slices(&voxels.to_device(device), train_encoder).1);
+            .map(|(voxels, _)| backbone.embed_slices(&input(voxels), train_encoder).1);
         let valid = batch.sequence.as_ref().map(|(_, valid)| valid.to_device(device));
         Embedded {
             ids: batch.ids.to_device(device),

@@ -34,12 +34,24 @@
 //!   `train_prototypes = true` trains them with the rest until the next epoch start resets
 //!   them.
 //!
+//! Data-parallel (several processes): every rank keeps the whole bank. Each step's detached
+//! projections and ids are all-gathered and written on every rank, so the banks stay equal
+//! and each rank's k-means is the single-process k-means on the same bank, bit for bit; the
+//! loss divides by the number of assigned rows over all ranks, so its mean over ranks is the
+//! single-process loss on the global batch. The reference code instead shards the bank by
+//! rank and all-reduces the k-means sums. medssl differs on purpose: clustering that does
+//! not depend on the world size, and a checkpoint (written by rank 0) that holds the whole
+//! bank, so resuming needs nothing from the other ranks. What it costs: every rank holds
+//! `num_samples x global views x output_dim` floats (100 MB at 100k samples of 128 floats
+//! and 2 views) and runs the whole k-means; k-means runs once an epoch.
+//!
 //! Randomness: the initial centroids are a function of (epoch, head, sample ids) only, through
 //! medssl's seed derivation with a fixed tag, so a resumed run clusters exactly as an
 //! uninterrupted one and libtorch's generator is not touched. The bank, prototypes and
 //! assignments are non-trainable variables, saved in every checkpoint.
 
 use crate::kmeans::{initial_centroids, spherical_kmeans};
+use medssl_core::distributed::Communicator;
 use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -99,12 +111,6 @@ pub struct DeepClusterV2Objective {
 impl DeepClusterV2Objective {
     pub fn new(p: nn::Path, cfg: DeepClusterV2Config, shape: &ObjectiveShape) -> Result<Self> {
         let (consumes, input_dim) = cfg.level.resolve(shape, NAME)?;
-        // Its memory bank and k-means would each see one rank's share of the data: refused
-        // rather than trained differently from one process.
-        ensure!(
-            distributed::communicator().world_size() == 1,
-            "{NAME} does not train data-parallel yet (its memory bank and k-means are per process); run it as one process, or use swav, ntxent or vicreg across several"
-        );
         ensure!(
             cfg.temperature > 0.0,
             "{NAME}: `temperature` must be positive, got {}",
@@ -209,9 +215,19 @@ impl DeepClusterV2Objective {
         Ok(views)
     }
 
-    /// Writes the first `bank_views` projections (detached) into the bank rows of `ids`.
+    /// Writes the first `bank_views` projections (detached) into the bank rows of `ids`, on
+    /// every rank those of every rank's batch.
     fn remember(&self, projected: &[Tensor], ids: &Tensor) -> Result<()> {
-        let ids = ids.to_device(self.memory.device()).to_kind(Kind::Int64);
+        let comm = distributed::communicator();
+        let ids = comm
+            .all_gather(&ids.to_device(self.memory.device()).to_kind(Kind::Int64))
+            .context("deepcluster-v2: gathering the batch's sample ids from every rank")?;
+        let projected = projected
+            .iter()
+            .take(self.bank_views)
+            .map(|z| comm.all_gather(&z.detach().contiguous()))
+            .collect::<Result<Vec<_>>>()
+            .context("deepcluster-v2: gathering the batch's projections from every rank")?;
         if ids.numel() == 0 {
             return Ok(());
         }
@@ -222,7 +238,7 @@ impl DeepClusterV2Objective {
             self.num_samples
         );
         tch::no_grad(|| {
-            for (v, z) in projected.iter().take(self.bank_views).enumerate() {
+            for (v, z) in projected.iter().enumerate() {
                 let mut row = self.memory.select(0, v as i64);
                 let _ = row.index_copy_(0, &ids, &z.detach().to_kind(self.memory.kind()));
             }
@@ -288,6 +304,20 @@ impl DeepClusterV2Objective {
 /// the rows whose target is not negative (zero when there is none). `z` `[M, D]`,
 /// `prototypes` `[K, D]`, `targets` `[M]` int64. In fp32 (f64 `z` stays f64).
 pub fn cluster_loss(z: &Tensor, prototypes: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
+    cluster_loss_across(z, prototypes, targets, temperature, &distributed::SingleProcess)
+        .expect("one process runs no collective that could fail")
+}
+
+/// [`cluster_loss`] with every rank's batch counted: the sum over this rank's assigned rows
+/// times the world size over the assigned rows of all ranks, so that the mean over ranks
+/// (what data-parallel training optimises) is the mean over the global batch.
+pub fn cluster_loss_across(
+    z: &Tensor,
+    prototypes: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
     let kind = loss_kind(z);
     let log_prob = (z.matmul(&prototypes.tr()) / temperature).log_softmax(1, kind);
     let valid = targets.ge(0);
@@ -295,7 +325,10 @@ pub fn cluster_loss(z: &Tensor, prototypes: &Tensor, targets: &Tensor, temperatu
         .gather(1, &targets.clamp_min(0).unsqueeze(1), false)
         .squeeze_dim(1)
         .masked_fill(&valid.logical_not(), 0.0);
-    -picked.sum(kind) / valid.sum(kind).clamp_min(1.0)
+    let mut count = [valid.sum(kind).reshape([1])];
+    comm.all_reduce_sum(&mut count)?;
+    let [count] = count;
+    Ok(-picked.sum(kind) * comm.world_size() as f64 / count.clamp_min(1.0).squeeze())
 }
 
 impl Objective for DeepClusterV2Objective {
@@ -310,27 +343,37 @@ impl Objective for DeepClusterV2Objective {
         let ids = input.ids.to_device(self.memory.device()).to_kind(Kind::Int64);
         let z = Tensor::cat(&z, 0);
         let heads = self.prototypes.len();
+        let comm = distributed::communicator();
         let mut total: Option<Tensor> = None;
         let mut terms = Vec::with_capacity(heads + 1);
         for (h, (prototypes, assignments)) in self.prototypes.iter().zip(&self.assignments).enumerate() {
             let targets = assignments.index_select(0, &ids).repeat([views.len() as i64]);
             if h == 0 {
+                // Over the global batch, so every rank logs the same figures.
+                let all_targets = comm
+                    .all_gather(&targets)
+                    .context("deepcluster-v2: gathering the batch's targets")?;
                 terms.push((
                     "assigned".to_string(),
-                    targets.ge(0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]),
+                    all_targets
+                        .ge(0)
+                        .to_kind(Kind::Double)
+                        .mean(Kind::Double)
+                        .double_value(&[]),
                 ));
                 // Distinct clusters among the batch's targets: k-means re-seeds empty
                 // clusters, so the bank always uses them all; a batch drawn from a few
                 // giant clusters is what collapse looks like here.
-                let used = targets
-                    .masked_select(&targets.ge(0))
+                let used = all_targets
+                    .masked_select(&all_targets.ge(0))
                     .bincount::<Tensor>(None, prototypes.size()[0])
                     .gt(0)
                     .sum(Kind::Int64)
                     .int64_value(&[]);
                 terms.push(("prototypes_used".to_string(), used as f64));
             }
-            let loss = cluster_loss(&z, prototypes, &targets, self.cfg.temperature);
+            let loss = cluster_loss_across(&z, prototypes, &targets, self.cfg.temperature, &*comm)
+                .context("deepcluster-v2: counting the assigned rows of every rank")?;
             terms.push((format!("head{h}"), loss.double_value(&[])));
             total = Some(match total {
                 Some(t) => t + loss,

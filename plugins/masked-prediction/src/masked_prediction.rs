@@ -156,8 +156,9 @@ pub fn baseline_weights(valid: &[bool], mask: &[f32], n: usize) -> (Vec<f32>, Ve
 /// Mean over the masked positions (`mask` `[B, n]`, float) of the squared L2 distance
 /// between `predictions` and `targets` (`[B, n, D]`); unmasked positions do not count.
 pub fn masked_l2(predictions: &Tensor, targets: &Tensor, mask: &Tensor) -> Tensor {
-    let per_slice = (predictions - targets).square().sum_dim_intlist(-1, false, Kind::Float);
-    (per_slice * mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
+    let kind = loss_kind(predictions);
+    let per_slice = (predictions - targets).square().sum_dim_intlist(-1, false, kind);
+    (per_slice * mask).sum(kind) / mask.sum(kind).clamp_min(1.0)
 }
 
 impl MaskedPredictionObjective {

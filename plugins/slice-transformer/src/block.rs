@@ -236,10 +236,9 @@ impl RelativePositionBias {
 }
 
 /// Sinusoidal positions `[n, width]` (Vaswani et al.): sines in the first half of the width,
-/// cosines in the second, at frequencies 10000^(-k / half).
-pub fn sinusoidal_positions(n: i64, width: i64, device: Device) -> Tensor {
+/// cosines in the second, at frequencies 10000^(-k / half). `options`: kind and device.
+pub fn sinusoidal_positions(n: i64, width: i64, options: (Kind, Device)) -> Tensor {
     let sines = width - width / 2;
-    let options = (Kind::Float, device);
     let frequencies = (Tensor::arange(sines, options) * (-(10000f64.ln()) / sines as f64)).exp();
     let angles = Tensor::arange(n, options).view([n, 1]) * frequencies.view([1, sines]);
     Tensor::cat(&[angles.sin(), angles.cos().narrow(1, 0, width / 2)], 1)
@@ -386,7 +385,7 @@ impl<A: SliceAttention> SliceTransformer<A> {
             None => slices.shallow_clone(),
         };
         let content = self.normalised_content(&slices.apply(&self.input), valid.as_ref(), train);
-        let mut x = content + sinusoidal_positions(n, self.width, slices.device());
+        let mut x = sinusoidal_positions(n, self.width, (content.kind(), slices.device())) + content;
         let mut level_valid = valid;
         let mut factor = 1;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -496,7 +495,7 @@ mod tests {
 
         #[test]
         fn sinusoidal_positions_are_bounded_and_distinct(n in 1i64..40, width in 1i64..24) {
-            let pe = sinusoidal_positions(n, width, Device::Cpu);
+            let pe = sinusoidal_positions(n, width, (Kind::Float, Device::Cpu));
             prop_assert_eq!(pe.size(), vec![n, width]);
             prop_assert!(pe.abs().max().double_value(&[]) <= 1.0);
             if n > 1 && width > 1 {

@@ -308,6 +308,34 @@ pub fn swapped_prediction(scores: &[Tensor], codes: &[Tensor], temperature: f64)
     total.expect("at least one code") / codes.len() as f64
 }
 
+/// Two health figures of the global batch's codes (every rank's, so all ranks log the same):
+/// the entropy of the mean code (log K at perfect equipartition), averaged over the global
+/// views, and the number of prototypes that are some row's most likely code (collapse shows
+/// as this falling towards 1 while the entropy can stay high).
+fn code_health(codes: &[Tensor], prototypes: i64, comm: &dyn Communicator) -> Result<(f64, f64)> {
+    let rows = codes[0].size()[0] * comm.world_size() as i64;
+    let mut sums: Vec<Tensor> = codes
+        .iter()
+        .map(|q| q.sum_dim_intlist(0, false, Kind::Double))
+        .collect();
+    let best = Tensor::cat(&codes.iter().map(|q| q.argmax(1, false)).collect::<Vec<_>>(), 0);
+    sums.push(best.bincount::<Tensor>(None, prototypes).to_kind(Kind::Double));
+    comm.all_reduce_sum(&mut sums)?;
+    let counts = sums.pop().expect("pushed above");
+    let entropy = sums
+        .iter()
+        .map(|sum| {
+            let mean = sum / rows as f64;
+            -(&mean * mean.clamp_min(1e-12).log())
+                .sum(Kind::Double)
+                .double_value(&[])
+        })
+        .sum::<f64>()
+        / codes.len() as f64;
+    let used = counts.gt(0).sum(Kind::Int64).int64_value(&[]) as f64;
+    Ok((entropy, used))
+}
+
 impl Objective for SwavObjective {
     fn consumes(&self) -> Consumes {
         self.consumes
@@ -369,27 +397,8 @@ impl Objective for SwavObjective {
             self.push(&z[..global]);
         }
         let total = swapped_prediction(&scores, &codes, self.cfg.temperature);
-        // Entropy of the mean code (log K at perfect equipartition), averaged over the
-        // global views.
-        let entropy = tch::no_grad(|| {
-            codes
-                .iter()
-                .map(|q| {
-                    let mean = q.mean_dim(0, false, Kind::Float);
-                    -(&mean * mean.clamp_min(1e-12).log()).sum(Kind::Float).double_value(&[])
-                })
-                .sum::<f64>()
-                / codes.len() as f64
-        });
-        // Prototypes that are some global view's most likely code: collapse shows as this
-        // falling towards 1 while the entropy above can stay high.
-        let used = tch::no_grad(|| {
-            let best = Tensor::cat(&codes.iter().map(|q| q.argmax(1, false)).collect::<Vec<_>>(), 0);
-            best.bincount::<Tensor>(None, self.cfg.prototypes)
-                .gt(0)
-                .sum(Kind::Int64)
-                .int64_value(&[]) as f64
-        });
+        let (entropy, used) = tch::no_grad(|| code_health(&codes, self.cfg.prototypes, &*comm))
+            .context("swav: summing the codes' statistics over every rank")?;
         Ok(Loss {
             total,
             terms: vec![("entropy".to_string(), entropy), ("prototypes_used".to_string(), used)],

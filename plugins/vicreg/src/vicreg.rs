@@ -115,12 +115,15 @@ impl Objective for VicRegObjective {
                 .collect::<Result<Vec<_>>>()
                 .context("vicreg: gathering the embeddings of every rank")?;
         }
-        let (mut s, mut v, mut c, mut pairs) = (Tensor::from(0f32), Tensor::from(0f32), Tensor::from(0f32), 0.0);
+        // The sums start in the loss's kind and on the embeddings' device: an fp32 CPU scalar
+        // would pull an f64 loss down to fp32, and a CUDA one to the CPU.
+        let zero = || Tensor::zeros([], (loss_kind(&z[0]), z[0].device()));
+        let (mut s, mut v, mut c, mut pairs) = (zero(), zero(), zero(), 0.0);
         for i in 0..z.len() {
             for j in i + 1..z.len() {
-                s += invariance(&z[i], &z[j]);
-                v += variance(&z[i], self.cfg.target_std) + variance(&z[j], self.cfg.target_std);
-                c += covariance(&z[i]) + covariance(&z[j]);
+                s = s + invariance(&z[i], &z[j]);
+                v = v + variance(&z[i], self.cfg.target_std) + variance(&z[j], self.cfg.target_std);
+                c = c + covariance(&z[i]) + covariance(&z[j]);
                 pairs += 1.0;
             }
         }

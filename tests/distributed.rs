@@ -47,12 +47,13 @@ fn free_port() -> u16 {
 /// Starts rank `rank` of 2 of `medssl run CONFIG --run-dir DIR extra...`.
 fn rank(rank: usize, port: u16, config: &Path, run_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
     let mut command = medssl();
+    command.args(["run"]).arg(config).arg("--run-dir").arg(run_dir).args(extra);
+    launch(rank, port, &mut command, env)
+}
+
+/// Starts `command` as rank `rank` of 2, as torchrun would.
+fn launch(rank: usize, port: u16, command: &mut std::process::Command, env: &[(&str, &str)]) -> Child {
     command
-        .args(["run"])
-        .arg(config)
-        .arg("--run-dir")
-        .arg(run_dir)
-        .args(extra)
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", "2")
         .env("LOCAL_RANK", rank.to_string())
@@ -65,6 +66,11 @@ fn rank(rank: usize, port: u16, config: &Path, run_dir: &Path, extra: &[&str], e
         command.env(k, v);
     }
     command.spawn().unwrap()
+}
+
+/// Rank `rank` of 2 of `medssl resume DIR`.
+fn resume(rank: usize, port: u16, run_dir: &Path) -> Child {
+    launch(rank, port, medssl().arg("resume").arg(run_dir), &[])
 }
 
 fn losses(run_dir: &Path) -> Vec<f64> {
@@ -93,7 +99,8 @@ fn checkpoint(run_dir: &Path) -> Vec<(String, tch::Tensor)> {
 
 #[test]
 fn two_ranks_with_batch_b_train_as_one_process_with_batch_2b() {
-    let swav = "name = \"swav\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = 6\nfreeze_prototypes_steps = 1";
+    // The queue is used in the second epoch.
+    let swav = "name = \"swav\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = 6\nfreeze_prototypes_steps = 1\nqueue_length = 8\nqueue_start_epoch = 1";
     let ntxent = "name = \"ntxent\"\nhidden_dim = 16\noutput_dim = 8";
     let deepcluster =
         "name = \"deepcluster-v2\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = [4, 3]\nkmeans_iterations = 3";
@@ -126,31 +133,55 @@ fn two_ranks_with_batch_b_train_as_one_process_with_batch_2b() {
             "{}",
             common::stderr(&outs[0])
         );
-        // Measured: at most 1e-12 relative over the 4 steps.
-        let got = losses(&dir);
-        assert_eq!(got.len(), expected.len(), "{name}: one record a step, written once");
-        for (step, (g, e)) in got.iter().zip(&expected).enumerate() {
-            assert!(
-                ((g - e) / e).abs() < 1e-9,
-                "{name}: step {}: world 2 loss {g}, world 1 loss {e}",
-                step + 1
-            );
+        let single = tmp.path().join("single");
+        same_run(&format!("{name}, world 2"), &dir, &single);
+
+        // Both ranks killed after step 4's update: the last checkpoint is step 3's, whose
+        // SwAV queue is filled and whose DeepCluster-v2 bank was clustered at step 3. Resumed
+        // on two ranks, it is the same run again.
+        let broken = tmp.path().join("broken");
+        let port = free_port();
+        let abort = [("INJECT_MEDSSL_ABORT", "step:4")];
+        let outs = both([
+            rank(0, port, &ranked, &broken, &[], &abort),
+            rank(1, port, &ranked, &broken, &[], &abort),
+        ]);
+        assert!(outs.iter().all(|o| !o.status.success()), "{name}: not aborted");
+        let port = free_port();
+        let outs = both([resume(0, port, &broken), resume(1, port, &broken)]);
+        for (r, out) in outs.iter().enumerate() {
+            assert!(out.status.success(), "{name}: resumed rank {r}: {}", common::stderr(out));
         }
-        // The same parameters, optimizer state and objective buffers at the end.
-        let (got, expected) = (checkpoint(&dir), checkpoint(&tmp.path().join("single")));
-        assert_eq!(
-            got.iter().map(|t| &t.0).collect::<Vec<_>>(),
-            expected.iter().map(|t| &t.0).collect::<Vec<_>>(),
-            "{name}"
+        same_run(&format!("{name}, world 2 resumed at step 3"), &broken, &single);
+    }
+}
+
+/// `run` logged the same loss at every step as `reference` and ended with the same
+/// checkpoint (parameters, optimizer state, objective buffers), to 1e-9 relative.
+/// Measured: at most 1e-12 over these 4 steps.
+fn same_run(what: &str, run: &Path, reference: &Path) {
+    let (got, expected) = (losses(run), losses(reference));
+    assert_eq!(got.len(), expected.len(), "{what}: one record a step, written once");
+    for (step, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!(
+            ((g - e) / e).abs() < 1e-9,
+            "{what}: step {}: loss {g}, one process {e}",
+            step + 1
         );
-        for ((key, g), (_, e)) in got.iter().zip(&expected) {
-            if e.is_floating_point() {
-                let scale = e.abs().max().double_value(&[]).max(1e-300);
-                let off = (g - e).abs().max().double_value(&[]);
-                assert!(off / scale < 1e-9, "{name}: `{key}` differs by {off} (scale {scale})");
-            } else {
-                assert!(g.equal(e), "{name}: `{key}` differs");
-            }
+    }
+    let (got, expected) = (checkpoint(run), checkpoint(reference));
+    assert_eq!(
+        got.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        expected.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        "{what}"
+    );
+    for ((key, g), (_, e)) in got.iter().zip(&expected) {
+        if e.is_floating_point() {
+            let scale = e.abs().max().double_value(&[]).max(1e-300);
+            let off = (g - e).abs().max().double_value(&[]);
+            assert!(off / scale < 1e-9, "{what}: `{key}` differs by {off} (scale {scale})");
+        } else {
+            assert!(g.equal(e), "{what}: `{key}` differs");
         }
     }
 }

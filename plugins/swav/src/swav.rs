@@ -11,7 +11,8 @@
 //!   with uniform marginals over the prototypes, found by a few Sinkhorn-Knopp iterations
 //!   ([`sinkhorn_knopp`], Appendix A.1), without gradient. With a queue ("working with small
 //!   batches", Sec. 3.1) the stored embeddings of earlier batches join the Sinkhorn input and
-//!   only the current batch's codes are kept ([`codes`]).
+//!   only the current batch's codes are kept ([`codes`]). `queue_length` counts the
+//!   embeddings of every rank together, as the reference's `queue_length` does.
 //! - Swapped prediction (Eq. 1-3): l(z_t, q_s) = -sum_k q_s^(k) log p_t^(k) with
 //!   p_t^(k) = softmax_k(z_t^T c_k / tau). With multi-crop (Sec. 3.2, Eq. 6) codes come from
 //!   the global views only and each global view's code is predicted from every other view,
@@ -20,6 +21,15 @@
 //! - The prototypes get no gradient during the first `freeze_prototypes_steps` steps of a
 //!   stage (Appendix A.1: frozen during the first epoch), and are renormalised after every
 //!   optimizer step.
+//!
+//! Data-parallel: Sinkhorn runs over the batches of every rank ([`sinkhorn_knopp_across`]).
+//! The reference keeps a queue of `queue_length / world` local embeddings on each rank; here
+//! every rank keeps the whole queue (each step's embeddings are all-gathered before they are
+//! pushed) and feeds its own share of it (rows r, r + W, ...) to Sinkhorn, so the rows that
+//! Sinkhorn sees over all ranks are the reference's, and equal one process's with the global
+//! batch. medssl differs on purpose: rank 0's checkpoint then holds the whole queue, so a
+//! resumed run is exact without a checkpoint per rank. It costs `queue_length x output_dim`
+//! floats per view on each rank instead of a W-th of that.
 
 use medssl_core::distributed::Communicator;
 use medssl_core::prelude::*;
@@ -150,19 +160,31 @@ impl SwavObjective {
         }
     }
 
-    /// Pushes each global view's batch embeddings `z[i]` to the front of its FIFO.
-    fn push(&mut self, z: &[Tensor]) {
-        let Some(queue) = &self.queue else { return };
+    /// Pushes each global view's batch embeddings `z[i]`, those of every rank in rank order,
+    /// to the front of its FIFO.
+    fn push(&mut self, z: &[Tensor], comm: &dyn Communicator) -> Result<()> {
+        let Some(queue) = &self.queue else { return Ok(()) };
         let length = self.cfg.queue_length as i64;
         tch::no_grad(|| {
             for (i, z) in z.iter().enumerate() {
+                let z = comm.all_gather(&z.detach().contiguous())?;
                 let mut slot = queue.get(i as i64);
-                let shifted =
-                    Tensor::cat(&[z.detach().to_kind(slot.kind()), slot.shallow_clone()], 0).narrow(0, 0, length);
+                let shifted = Tensor::cat(&[z.to_kind(slot.kind()), slot.shallow_clone()], 0).narrow(0, 0, length);
                 slot.copy_(&shifted);
                 self.filled[i] = (self.filled[i] + z.size()[0] as usize).min(self.cfg.queue_length);
             }
-        });
+            Ok(())
+        })
+    }
+
+    /// This rank's share of view `i`'s filled queue (rows rank, rank + W, ...): over all
+    /// ranks, every filled row once.
+    fn queue_share(&self, queue: &Tensor, i: usize, comm: &dyn Communicator) -> Tensor {
+        let filled = self.filled[i] as i64;
+        queue
+            .get(i as i64)
+            .narrow(0, 0, filled)
+            .slice(0, comm.rank() as i64, filled, comm.world_size() as i64)
     }
 }
 
@@ -206,8 +228,9 @@ pub fn sinkhorn_knopp(logits: &Tensor, iterations: usize) -> Tensor {
 }
 
 /// [`sinkhorn_knopp`] over the batch of every rank together, each rank holding its
-/// `logits` `[B, K]`: the reference code's `distributed_sinkhorn`, whose prototype sums are
-/// all-reduced and whose sample target is 1 / (world · B), in the same log domain. Each
+/// `logits` `[B_r, K]` (B_r may differ between ranks: queue shares): the reference code's
+/// `distributed_sinkhorn`, whose prototype sums are all-reduced and whose sample target is
+/// 1 / (sum of B_r), in the same log domain. Each
 /// all-reduce of a sum of exponentials is a gathered log-sum-exp (one `[K]` gather an
 /// iteration), so it is as overflow-free as the single-process one, and its codes for a
 /// rank's rows equal those of one process over the concatenated batch. One process takes
@@ -218,7 +241,9 @@ pub fn sinkhorn_knopp_across(logits: &Tensor, iterations: usize, comm: &dyn Comm
     }
     tch::no_grad(|| {
         let (b, k) = logits.size2().context("sinkhorn_knopp takes [B, K] logits")?;
-        let global_b = b * comm.world_size() as i64;
+        let mut rows = [Tensor::from_slice(&[b]).to_device(logits.device())];
+        comm.all_reduce_sum(&mut rows)?;
+        let global_b = rows[0].int64_value(&[0]);
         let (log_b, log_k) = ((global_b as f64).ln(), (k as f64).ln());
         let kind = if logits.kind() == Kind::Double {
             Kind::Double
@@ -374,12 +399,9 @@ impl Objective for SwavObjective {
             (0..global)
                 .map(|i| {
                     let queue_scores = match &self.queue {
-                        Some(queue) if use_queue && self.filled[i] > 0 => Some(
-                            queue
-                                .get(i as i64)
-                                .narrow(0, 0, self.filled[i] as i64)
-                                .matmul(&self.prototypes.tr()),
-                        ),
+                        Some(queue) if use_queue && self.filled[i] > 0 => {
+                            Some(self.queue_share(queue, i, &*comm).matmul(&self.prototypes.tr()))
+                        }
                         _ => None,
                     };
                     codes_across(
@@ -394,7 +416,8 @@ impl Objective for SwavObjective {
         })
         .context("swav: Sinkhorn-Knopp over the batch of every rank")?;
         if use_queue {
-            self.push(&z[..global]);
+            self.push(&z[..global], &*comm)
+                .context("swav: gathering the batch's embeddings of every rank for the queue")?;
         }
         let total = swapped_prediction(&scores, &codes, self.cfg.temperature);
         let (entropy, used) = tch::no_grad(|| code_health(&codes, self.cfg.prototypes, &*comm))

@@ -239,3 +239,22 @@ fn ranks_given_different_configs_are_refused_naming_the_rank() {
     }
     assert!(!dir.join("metrics.jsonl").exists() || losses(&dir).is_empty());
 }
+
+#[test]
+fn finetune_and_eval_under_a_launcher_are_refused() {
+    for args in [
+        &["finetune", "--pretrained", "run", "finetune.toml"][..],
+        &["eval", "linear", "run", "--train", "a", "--eval", "b"][..],
+    ] {
+        let out = medssl()
+            .args(args)
+            .env("RANK", "1")
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_RANK", "1")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", "1")
+            .output()
+            .unwrap();
+        common::assert_fails_with(&out, &["runs in one process", "torchrun started 2", "rank 1"]);
+    }
+}

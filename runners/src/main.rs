@@ -325,6 +325,20 @@ fn start_distributed(cfg: &LoadedConfig) -> Result<()> {
     Ok(())
 }
 
+/// Fine-tuning and evaluation run in one process: under a launcher every rank would run the
+/// whole protocol and write the same files, so they refuse to start instead.
+fn single_process(command: &str) -> Result<()> {
+    let launch = distributed::Launch::from_env()?;
+    anyhow::ensure!(
+        !launch.is_distributed(),
+        "`medssl {command}` runs in one process, but {} started {} (this is rank {}): run it without a launcher; only `medssl run` and `medssl resume` train data-parallel",
+        launch.launcher,
+        launch.world_size,
+        launch.rank
+    );
+    Ok(())
+}
+
 fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run {
@@ -581,8 +595,14 @@ fn execute(command: Command) -> Result<()> {
         Command::Data {
             command: DataCommand::BoxesFromMasks(args),
         } => boxes::run(args),
-        Command::Eval { command } => eval::run(command),
-        Command::Finetune(args) => finetune::run(args),
+        Command::Eval { command } => {
+            single_process("eval")?;
+            eval::run(command)
+        }
+        Command::Finetune(args) => {
+            single_process("finetune")?;
+            finetune::run(args)
+        }
         Command::Resume {
             run_dir,
             allow_config_change,

@@ -47,7 +47,12 @@ fn free_port() -> u16 {
 /// Starts rank `rank` of 2 of `medssl run CONFIG --run-dir DIR extra...`.
 fn rank(rank: usize, port: u16, config: &Path, run_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
     let mut command = medssl();
-    command.args(["run"]).arg(config).arg("--run-dir").arg(run_dir).args(extra);
+    command
+        .args(["run"])
+        .arg(config)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(extra);
     launch(rank, port, &mut command, env)
 }
 
@@ -150,7 +155,11 @@ fn two_ranks_with_batch_b_train_as_one_process_with_batch_2b() {
         let port = free_port();
         let outs = both([resume(0, port, &broken), resume(1, port, &broken)]);
         for (r, out) in outs.iter().enumerate() {
-            assert!(out.status.success(), "{name}: resumed rank {r}: {}", common::stderr(out));
+            assert!(
+                out.status.success(),
+                "{name}: resumed rank {r}: {}",
+                common::stderr(out)
+            );
         }
         same_run(&format!("{name}, world 2 resumed at step 3"), &broken, &single);
     }
@@ -257,4 +266,34 @@ fn finetune_and_eval_under_a_launcher_are_refused() {
             .unwrap();
         common::assert_fails_with(&out, &["runs in one process", "torchrun started 2", "rank 1"]);
     }
+}
+
+/// The benchmark's plumbing at a tiny size (its numbers belong in docs/benchmarks.md).
+#[test]
+fn bench_distributed_reports_the_speedup_and_the_allreduce_share() {
+    let out = medssl()
+        .args([
+            "bench",
+            "distributed",
+            "--batch",
+            "4",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--pairs",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["parallel"]["world_size"], 2);
+    assert_eq!(report["parallel"]["batch_per_process"], 2);
+    assert_eq!(report["single"]["allreduce_ms"], 0.0);
+    let speedup = report["speedup"].as_f64().unwrap();
+    let fraction = report["allreduce_fraction"].as_f64().unwrap();
+    assert!(speedup > 0.0 && speedup.is_finite(), "{report}");
+    assert!(fraction > 0.0 && fraction < 1.0, "{report}");
 }

@@ -8,6 +8,7 @@
 use anyhow::{Context, Result};
 use medssl_core::bench::peak_rss_mib;
 use medssl_core::config::{OptimizerConfig, Section};
+use medssl_core::distributed::{self, gradients, DistributedConfig};
 use medssl_core::encoder::EncoderShape;
 use medssl_core::objective::{ObjectiveShape, Progress, StepInput};
 use medssl_core::ops::l2_normalize;
@@ -35,8 +36,12 @@ pub struct SwavStepReport {
     pub min_ms: f64,
     pub max_ms: f64,
     /// Medians of the step's phases: encoder forward; projection, codes and loss; backward;
-    /// optimizer step with the prototypes' renormalisation.
+    /// the gradients' all-reduce (0 in one process); optimizer step with the prototypes'
+    /// renormalisation.
     pub phases_ms: Phases,
+    /// Processes taking part (under a launcher: `medssl bench distributed`); `batch` is each
+    /// one's.
+    pub world_size: usize,
     pub steps: usize,
     pub warmup: usize,
     pub batch: i64,
@@ -49,6 +54,7 @@ pub struct Phases {
     pub forward: f64,
     pub loss: f64,
     pub backward: f64,
+    pub allreduce: f64,
     pub optimizer: f64,
 }
 
@@ -56,7 +62,9 @@ pub struct Phases {
 /// the registry with config sections, and medssl's SGD. As SwAV's reference training loop
 /// does, crops of one resolution go through the encoder together (2 x B global, then 4 x B
 /// local), the projection head and the prototypes see all 6 x B embeddings at once, and the
-/// prototypes are renormalised after the step.
+/// prototypes are renormalised after the step. Under a launcher it is the data-parallel step
+/// of `medssl run`: Sinkhorn over every rank's batch, variables broadcast from rank 0 at the
+/// start, gradients averaged in 25 MiB buckets before the update.
 pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
     let (global_views, local_views, global_size, local_size) = (2usize, 4usize, 96i64, 48i64);
     tch::manual_seed(0);
@@ -96,8 +104,13 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let parameters: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let comm = distributed::communicator();
+    gradients::broadcast_variables(&*comm, &variables).context("bench swav-step: broadcasting rank 0's variables")?;
+    let parameters: Vec<(String, Tensor)> = variables.into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&optimizer_cfg, parameters)?;
+    let bucket_bytes = (DistributedConfig::default().bucket_mib * 1024.0 * 1024.0) as usize;
 
     let options = (Kind::Float, args.device);
     let global = Tensor::randn([global_views as i64 * args.batch, 3, global_size, global_size], options);
@@ -115,10 +128,10 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
         }
     };
     let mut times = Vec::with_capacity(args.steps);
-    let mut phases: [Vec<f64>; 4] = Default::default();
+    let mut phases: [Vec<f64>; 5] = Default::default();
     for step in 0..args.warmup + args.steps {
         let tick = Instant::now();
-        let mut marks = [0.0; 4];
+        let mut marks = [0.0; 5];
         let mut views = encoder.forward(&global, true).pooled.chunk(global_views as i64, 0);
         views.extend(encoder.forward(&local, true).pooled.chunk(local_views as i64, 0));
         sync();
@@ -137,14 +150,18 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
         loss.backward();
         sync();
         marks[2] = tick.elapsed().as_secs_f64();
+        gradients::average_gradients(&*comm, optimizer.parameters(), bucket_bytes)
+            .context("bench swav-step: averaging the gradients over the ranks")?;
+        sync();
+        marks[3] = tick.elapsed().as_secs_f64();
         optimizer.step(optimizer_cfg.lr);
         objective.on_step_end(&progress)?;
         let value = loss.double_value(&[]);
         anyhow::ensure!(value.is_finite(), "bench swav-step: loss {value} at step {step}");
         sync();
-        marks[3] = tick.elapsed().as_secs_f64();
+        marks[4] = tick.elapsed().as_secs_f64();
         if step >= args.warmup {
-            times.push(marks[3] * 1e3);
+            times.push(marks[4] * 1e3);
             let mut previous = 0.0;
             for (phase, mark) in phases.iter_mut().zip(marks) {
                 phase.push((mark - previous) * 1e3);
@@ -152,7 +169,7 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
             }
         }
     }
-    let [forward, loss, backward, step] = phases.map(|mut p| summarise(&mut p).0);
+    let [forward, loss, backward, allreduce, step] = phases.map(|mut p| summarise(&mut p).0);
     let (median, min, max) = summarise(&mut times);
     Ok(SwavStepReport {
         ms_per_step: median,
@@ -163,8 +180,10 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
             forward,
             loss,
             backward,
+            allreduce,
             optimizer: step,
         },
+        world_size: comm.world_size(),
         steps: args.steps,
         warmup: args.warmup,
         batch: args.batch,
@@ -241,7 +260,7 @@ pub fn kmeans(args: &KmeansBench) -> Result<KmeansReport> {
 
 /// Median, minimum and maximum of `times` (sorted in place); the median of an even count is
 /// the mean of the middle two, as Python's `statistics.median`.
-fn summarise(times: &mut [f64]) -> (f64, f64, f64) {
+pub fn summarise(times: &mut [f64]) -> (f64, f64, f64) {
     if times.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
     }

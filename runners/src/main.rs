@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod aggregator_bench;
+mod bench_distributed;
 mod bench_ssl;
 mod boxes;
 mod eval;
@@ -187,8 +188,34 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Data parallelism on this machine: the swav-step workload at one global batch, as one
+    /// process with every thread and as `--world` processes over Gloo with a share each,
+    /// alternated `--pairs` times; samples/s of each, the speedup, and the all-reduce's
+    /// share of the step.
+    Distributed {
+        /// Global batch (each of the processes takes batch / world).
+        #[arg(long, default_value_t = 16)]
+        batch: i64,
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Threads of the one process, shared out among the processes (default: the
+        /// machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Alternating runs of each kind; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One SwAV training step: ResNet-50 (3 channels), projection 2048-2048-128, 3000
     /// prototypes, crops 2 x 96 px + 4 x 48 px, SGD; median time per step and peak memory.
+    /// Under a launcher (torchrun's variables), the data-parallel step.
     SwavStep {
         #[arg(long, default_value_t = 16)]
         batch: i64,
@@ -418,6 +445,51 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Bench {
             command:
+                BenchCommand::Distributed {
+                    batch,
+                    world,
+                    threads,
+                    warmup,
+                    steps,
+                    pairs,
+                    json,
+                },
+        } => {
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let report = bench_distributed::run(&bench_distributed::DistributedBench {
+                batch,
+                world,
+                threads,
+                warmup,
+                steps,
+                pairs,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for side in [&report.single, &report.parallel] {
+                    println!(
+                        "{} process(es) x {} thread(s), batch {} each: {:.0} ms a step, {:.2} samples/s (all-reduce {:.0} ms)",
+                        side.world_size,
+                        side.threads_per_process,
+                        side.batch_per_process,
+                        side.ms_per_step,
+                        side.samples_per_s,
+                        side.allreduce_ms
+                    );
+                }
+                println!(
+                    "speedup {:.2}, all-reduce {:.1}% of the step at {} processes (medians of {} pairs)",
+                    report.speedup,
+                    100.0 * report.allreduce_fraction,
+                    world,
+                    report.pairs
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
                 BenchCommand::Train {
                     config,
                     set,
@@ -494,6 +566,7 @@ fn execute(command: Command) -> Result<()> {
                 "--batch must be at least 2 (batch norm) and --steps at least 1"
             );
             let device = medssl_core::device::resolve(&device).context("--device")?;
+            distributed::init(&Default::default(), device)?;
             let bench = bench_ssl::swav_step(&bench_ssl::SwavStep {
                 batch,
                 warmup,

@@ -297,3 +297,54 @@ fn bench_distributed_reports_the_speedup_and_the_allreduce_share() {
     assert!(speedup > 0.0 && speedup.is_finite(), "{report}");
     assert!(fraction > 0.0 && fraction < 1.0, "{report}");
 }
+
+/// A run of two processes resumed as one continues (it cannot be exact: the batches
+/// change), says so, and keeps its log in step order.
+#[test]
+fn a_run_resumed_on_another_world_size_continues_and_says_it_is_not_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write(
+        tmp.path(),
+        "c.toml",
+        &config("name = \"ntxent\"\nhidden_dim = 16\noutput_dim = 8", 4),
+    );
+    let dir = tmp.path().join("run");
+    let port = free_port();
+    // Killed after step 2's update: the last checkpoint is step 1's, half-way through the
+    // first epoch of 2 steps (8 of its 16 samples seen).
+    let abort = [("INJECT_MEDSSL_ABORT", "step:2")];
+    let outs = both([
+        rank(0, port, &config, &dir, &[], &abort),
+        rank(1, port, &config, &dir, &[], &abort),
+    ]);
+    assert!(outs.iter().all(|o| !o.status.success()), "not aborted");
+    let out = medssl().arg("resume").arg(&dir).output().unwrap();
+    let err = common::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("written by 2 process(es), this launch has 1")
+            && err.contains("continues at its step 2 of 8 (epoch 0, from step 1 of 4)")
+            && err.contains("global batch goes from 8 to 4")
+            && err.contains("not an exact resume"),
+        "{err}"
+    );
+    // Step 1 at world 2, then the 6 steps left at world 1, numbered on.
+    let steps: Vec<u64> = common::losses(&dir.join("metrics.jsonl"))
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(steps, (1..=7).collect::<Vec<_>>());
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            medssl_core::run_dir::locate(&dir, None)
+                .unwrap()
+                .tensors
+                .with_file_name("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["world_size"], 1);
+    assert_eq!(state["global_step"], 7);
+    assert_eq!(state["global_step_offset"], -1);
+}

@@ -44,6 +44,15 @@ pub struct TrainingState {
     /// Processes that trained the run (data-parallel ranks); 1 in checkpoints from before.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// `global_step` minus the steps that `stage` and `stage_step` make at `world_size`: 0
+    /// unless the run was resumed on another world size, after which the global step goes
+    /// on counting the steps actually taken (the log stays in order).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub global_step_offset: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 fn one() -> usize {
@@ -366,6 +375,7 @@ mod tests {
             model_fingerprint: "abc".into(),
             config: None,
             world_size: 1,
+            global_step_offset: 0,
         }
     }
 

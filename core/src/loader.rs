@@ -161,6 +161,15 @@ impl DataPipeline {
         })
     }
 
+    /// The same pipeline as rank 0 of `world` processes would run it: how a checkpoint
+    /// written at another world size counted its steps.
+    pub fn as_rank_zero_of(&self, world: usize) -> DataPipeline {
+        DataPipeline {
+            shard: Shard { rank: 0, world },
+            ..self.clone()
+        }
+    }
+
     /// The same pipeline over the sources named by `keys` (all when `None`).
     pub fn restricted_to(&self, keys: Option<&[String]>) -> Result<DataPipeline> {
         Ok(DataPipeline {

@@ -276,12 +276,18 @@ impl Run {
 
     /// Steps of each stage (0 for a skipped one).
     pub(super) fn stage_steps(&self) -> Vec<usize> {
+        self.stage_steps_at(self.data.shard.world)
+    }
+
+    /// Each stage's steps as `world` processes take them (a checkpoint's, written at
+    /// another world size).
+    pub(super) fn stage_steps_at(&self, world: usize) -> Vec<usize> {
         self.cfg
             .run
             .stages
             .iter()
             .zip(&self.stage_data)
-            .map(|(s, data)| s.epochs * data.steps_per_epoch())
+            .map(|(s, data)| s.epochs * data.as_rank_zero_of(world).steps_per_epoch())
             .collect()
     }
 

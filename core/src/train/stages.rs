@@ -127,12 +127,13 @@ impl Run {
             model_fingerprint: fingerprint.clone(),
             config: Some(self.resolved_config.clone()),
             world_size: self.data.shard.world,
+            global_step_offset: 0,
         };
         distributed::check_same_config(&self.resolved_config)?;
         let mut optimizer_state = Vec::new();
         if resume {
             if let Some(latest) = store.latest()? {
-                let (tensors, state) = checkpoint::load(&latest)?;
+                let (tensors, mut state) = checkpoint::load(&latest)?;
                 if state.model_fingerprint != fingerprint {
                     bail!(
                         "checkpoint `{}` was written for another model (fingerprint {}, this config gives {}): its config is incompatible",
@@ -141,17 +142,13 @@ impl Run {
                         fingerprint
                     );
                 }
-                self.check_position(&state)
-                    .with_context(|| format!("checkpoint state `{}`", latest.join(checkpoint::STATE_FILE).display()))?;
+                let state_file = latest.join(checkpoint::STATE_FILE);
+                self.check_position(&state, state.world_size)
+                    .with_context(|| format!("checkpoint state `{}`", state_file.display()))?;
                 self.check_config_unchanged(&state, run_dir)?;
-                anyhow::ensure!(
-                    state.world_size == self.data.shard.world,
-                    "checkpoint `{}` was written by {} process(es), this launch has {}: the global batch and the data order per step would change, and resuming on another world size is not supported yet; launch {} process(es)",
-                    latest.display(),
-                    state.world_size,
-                    self.data.shard.world,
-                    state.world_size
-                );
+                if state.world_size != self.data.shard.world {
+                    self.renumber_for_this_world(&mut state);
+                }
                 optimizer_state = self.restore(&latest, tensors)?;
                 for (key, value) in &state.objectives {
                     if let Some(objective) = self.model.objectives.get_mut(key) {
@@ -180,7 +177,7 @@ impl Run {
             )?),
             false => None,
         };
-        let run_steps: usize = self.stage_steps().iter().sum();
+        let run_steps = (self.stage_steps().iter().sum::<usize>() as i64 + position.global_step_offset).max(0) as usize;
         let bar = progress_bar(run_steps, position.global_step);
 
         for stage_index in position.stage..self.cfg.run.stages.len() {
@@ -260,8 +257,10 @@ impl Run {
     /// Refuses a checkpoint position that this config cannot have produced: a stage index
     /// past the last stage, more steps in a stage than it has, or a global step that is not
     /// the sum of the stages before plus the steps into this one.
-    pub(super) fn check_position(&self, state: &TrainingState) -> Result<()> {
-        let steps = self.stage_steps();
+    /// Checks that `state`'s stage, stage step and global step fit the config's stages as
+    /// `world` processes count their steps.
+    pub(super) fn check_position(&self, state: &TrainingState, world: usize) -> Result<()> {
+        let steps = self.stage_steps_at(world);
         let stages = steps.len();
         anyhow::ensure!(
             state.stage <= stages,
@@ -275,15 +274,51 @@ impl Run {
             state.stage_step,
             state.stage
         );
-        let expected = steps[..state.stage].iter().sum::<usize>() + state.stage_step;
+        let expected =
+            (steps[..state.stage].iter().sum::<usize>() + state.stage_step) as i64 + state.global_step_offset;
         anyhow::ensure!(
-            state.global_step == expected,
+            state.global_step as i64 == expected,
             "global step {} but stage {} at step {} means global step {expected}: the file is corrupt or from another config",
             state.global_step,
             state.stage,
             state.stage_step
         );
         Ok(())
+    }
+
+    /// Moves a position that `state.world_size` processes reached to this launch's world
+    /// size: the same stage and epoch, and in the epoch the step after which no more than
+    /// the samples already seen have been (a few may be seen twice, none skipped). The
+    /// global step keeps counting the steps taken. Not exact, and said so: the global batch
+    /// changes, and so do the batches' composition and the learning rate's schedule in steps.
+    fn renumber_for_this_world(&self, state: &mut TrainingState) {
+        let (from, to) = (state.world_size, self.data.shard.world);
+        let steps = self.stage_steps_at(to);
+        let mut note = String::new();
+        if let Some(data) = self.stage_data.get(state.stage) {
+            let before = data.as_rank_zero_of(from);
+            let (per_epoch_before, per_epoch) = (before.steps_per_epoch(), data.steps_per_epoch());
+            let (epoch, within) = (state.stage_step / per_epoch_before, state.stage_step % per_epoch_before);
+            let seen = within * before.batch_size() * from;
+            let within_now = seen / (data.batch_size() * to);
+            let stage_step = (epoch * per_epoch + within_now).min(steps[state.stage]);
+            note = format!(
+                " stage {} continues at its step {stage_step} of {} (epoch {epoch}, from step {} of {}); the global batch goes from {} to {}",
+                state.stage,
+                steps[state.stage],
+                state.stage_step,
+                self.stage_steps_at(from)[state.stage],
+                before.batch_size() * from,
+                data.batch_size() * to
+            );
+            state.stage_step = stage_step;
+        }
+        let counted = steps[..state.stage.min(steps.len())].iter().sum::<usize>() + state.stage_step;
+        state.global_step_offset = state.global_step as i64 - counted as i64;
+        state.world_size = to;
+        tracing::warn!(
+            "the checkpoint was written by {from} process(es), this launch has {to}:{note}. This is a continuation, not an exact resume: the batches and the learning rate's schedule in steps differ from an uninterrupted run at either size"
+        );
     }
 
     /// Copies checkpoint tensors into the model, strictly; returns the optimizer's part.

@@ -121,9 +121,9 @@ impl Objective for VicRegObjective {
         let (mut s, mut v, mut c, mut pairs) = (zero(), zero(), zero(), 0.0);
         for i in 0..z.len() {
             for j in i + 1..z.len() {
-                s = s + invariance(&z[i], &z[j]);
-                v = v + variance(&z[i], self.cfg.target_std) + variance(&z[j], self.cfg.target_std);
-                c = c + covariance(&z[i]) + covariance(&z[j]);
+                s += invariance(&z[i], &z[j]);
+                v += variance(&z[i], self.cfg.target_std) + variance(&z[j], self.cfg.target_std);
+                c += covariance(&z[i]) + covariance(&z[j]);
                 pairs += 1.0;
             }
         }

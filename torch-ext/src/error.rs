@@ -12,10 +12,11 @@ pub enum Error {
         /// The C++ exception's message.
         message: String,
     },
-    /// An NCCL process group was asked of a build without the `nccl` feature.
+    /// An NCCL group was asked of a build without NCCL (its build found no CUDA headers).
     #[error(
-        "NCCL process group: medssl-torch-ext was built without its `nccl` feature \
-         (it needs the nvidia-cuda-crt and nvidia-cuda-cccl header wheels; see its build.rs)"
+        "NCCL process group: medssl-torch-ext was built without NCCL, because its build found no \
+         CUDA headers (`make setup` installs the nvidia-cuda-crt and nvidia-cuda-cccl header \
+         wheels into .venv; or set MEDSSL_CUDA_INCLUDE; see torch-ext/build.rs), then rebuild"
     )]
     NcclNotBuilt,
 }

@@ -56,7 +56,7 @@ extern "C" {
         device_name: *const c_char,
         out: *mut *mut TxPg,
     ) -> *mut c_char;
-    #[cfg(feature = "nccl")]
+    #[cfg(medssl_nccl)]
     fn tx_pg_nccl_new(
         store: *const TxStore,
         rank: c_int,
@@ -78,6 +78,50 @@ extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn tx_differentiable_all_gather(pg: *const TxPg, input: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+
+    fn tx_autocast_is_enabled(device_type: c_int, enabled: *mut c_int) -> *mut c_char;
+    fn tx_autocast_dtype(device_type: c_int, dtype: *mut c_int) -> *mut c_char;
+    fn tx_autocast_enter(device_type: c_int, enabled: c_int, dtype: c_int, prev: *mut AutocastState) -> *mut c_char;
+    fn tx_autocast_exit(device_type: c_int, prev: *const AutocastState) -> *mut c_char;
+}
+
+/// `tx_autocast_state`: what an autocast region replaced, restored when it ends.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AutocastState {
+    enabled: c_int,
+    dtype: c_int,
+    cache_enabled: c_int,
+}
+
+/// Whether autocast is on for a device type (0 = CPU, 1 = CUDA) on this thread.
+pub(crate) fn autocast_is_enabled(device_type: c_int) -> CallResult<bool> {
+    let mut enabled = 0;
+    // SAFETY: plain values in and out.
+    check(unsafe { tx_autocast_is_enabled(device_type, &mut enabled) })?;
+    Ok(enabled != 0)
+}
+
+/// The dtype autocast casts to for a device type on this thread (a c10::ScalarType code).
+pub(crate) fn autocast_dtype(device_type: c_int) -> CallResult<c_int> {
+    let mut dtype = 0;
+    // SAFETY: plain values in and out.
+    check(unsafe { tx_autocast_dtype(device_type, &mut dtype) })?;
+    Ok(dtype)
+}
+
+/// Opens an autocast region on this thread; the returned state must go to
+/// [`autocast_exit`] on the same thread, regions closing in the reverse order of opening.
+pub(crate) fn autocast_enter(device_type: c_int, enabled: bool, dtype: c_int) -> CallResult<AutocastState> {
+    let mut prev = AutocastState::default();
+    // SAFETY: plain values in, `prev` written by the shim.
+    check(unsafe { tx_autocast_enter(device_type, c_int::from(enabled), dtype, &mut prev) })?;
+    Ok(prev)
+}
+
+pub(crate) fn autocast_exit(device_type: c_int, prev: &AutocastState) -> CallResult<()> {
+    // SAFETY: `prev` came from `autocast_enter`.
+    check(unsafe { tx_autocast_exit(device_type, prev) })
 }
 
 /// What a shim call reports: the C++ exception's message.
@@ -266,7 +310,7 @@ pub(crate) fn gloo(
     owned_pg(out)
 }
 
-#[cfg(feature = "nccl")]
+#[cfg(medssl_nccl)]
 pub(crate) fn nccl(store: &StoreHandle, rank: usize, world_size: usize, timeout: Duration) -> CallResult<PgHandle> {
     let mut out = ptr::null_mut();
     // SAFETY: see the module invariants.

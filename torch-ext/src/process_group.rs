@@ -83,24 +83,26 @@ impl ProcessGroup {
     }
 
     /// An NCCL group (CUDA tensors; the caller picks the CUDA device). Fails with
-    /// [`crate::Error::NcclNotBuilt`] unless this crate was built with its `nccl` feature.
+    /// [`crate::Error::NcclNotBuilt`] when this crate was built without NCCL: build.rs compiles
+    /// it whenever it finds NCCL's and the CUDA runtime's headers (see [`Self::NCCL_BUILT`]).
     pub fn nccl(store: &Store, rank: usize, world_size: usize, timeout: Duration) -> Result<Self> {
-        #[cfg(feature = "nccl")]
+        #[cfg(medssl_nccl)]
         {
             let handle = context(ffi::nccl(store.handle(), rank, world_size, timeout), || {
                 format!("NCCL process group (rank {rank} of {world_size}) over {store:?}")
             })?;
             Ok(Self::new(handle, Backend::Nccl))
         }
-        #[cfg(not(feature = "nccl"))]
+        #[cfg(not(medssl_nccl))]
         {
             let _ = (store, rank, world_size, timeout);
             Err(crate::Error::NcclNotBuilt)
         }
     }
 
-    /// Whether [`ProcessGroup::nccl`] is available in this build.
-    pub const NCCL_BUILT: bool = cfg!(feature = "nccl");
+    /// Whether [`ProcessGroup::nccl`] is available in this build: true when build.rs found the
+    /// CUDA headers (`make setup` installs them), GPU or not.
+    pub const NCCL_BUILT: bool = cfg!(medssl_nccl);
 
     fn new(handle: ffi::PgHandle, backend: Backend) -> Self {
         let rank = handle.rank();

@@ -1,5 +1,5 @@
-// NCCL process groups (CUDA tensors); compiled only with the `nccl` cargo feature, which
-// needs NCCL's and the CUDA runtime's headers (see build.rs). Collectives on them are the
+// NCCL process groups (CUDA tensors); build.rs compiles this wherever it finds NCCL's and the
+// CUDA runtime's headers (no GPU needed; see build.rs). Collectives on them are the
 // same Backend virtuals as for Gloo (collectives.cpp, autograd.cpp).
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 

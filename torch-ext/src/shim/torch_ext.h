@@ -55,7 +55,7 @@ char* tx_pg_gloo_new(
     int device_kind,
     const char* device_name,
     tx_pg** out);
-// Defined by nccl.cpp, which is compiled only with the `nccl` cargo feature.
+// Defined by nccl.cpp, which build.rs compiles only where it finds the CUDA headers.
 char* tx_pg_nccl_new(const tx_store* store, int rank, int world_size, int64_t timeout_ms, tx_pg** out);
 void tx_pg_free(tx_pg* pg);
 int tx_pg_rank(const tx_pg* pg);
@@ -70,6 +70,24 @@ char* tx_barrier(const tx_pg* pg);
 // Differentiable collectives (autograd.cpp).
 char* tx_differentiable_all_reduce_sum(const tx_pg* pg, const tx_tensor* input, tx_tensor** out);
 char* tx_differentiable_all_gather(const tx_pg* pg, const tx_tensor* input, tx_tensor** out);
+
+// Autocast (autocast.cpp): ATen's thread-local mixed-precision state, per device type.
+// `device_type`: 0 = CPU, 1 = CUDA (anything else is an error). Dtypes are c10::ScalarType
+// values, the numbering tch's `Kind` uses: 5 = Half, 6 = Float, 15 = BFloat16; these three
+// are the only ones the shim sets or reports (anything else is an error).
+typedef struct tx_autocast_state {
+  int enabled;
+  int dtype;
+  int cache_enabled;
+} tx_autocast_state;
+char* tx_autocast_is_enabled(int device_type, int* enabled);
+char* tx_autocast_dtype(int device_type, int* dtype);
+// torch.autocast's __enter__: saves the device type's enabled flag and dtype and the cast
+// cache's flag in `*prev`, sets `enabled` and `dtype`, and counts one more nesting level.
+char* tx_autocast_enter(int device_type, int enabled, int dtype, tx_autocast_state* prev);
+// torch.autocast's __exit__: counts one nesting level less, clears the cast cache when that
+// was the outermost one, and restores `*prev`.
+char* tx_autocast_exit(int device_type, const tx_autocast_state* prev);
 
 #ifdef __cplusplus
 }

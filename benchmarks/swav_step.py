@@ -4,8 +4,16 @@ ResNet-50 (3 input channels, torchvision's layout), projection 2048 -> 2048 -> 1
 norm and ReLU, 3000 prototypes, batch 16 with crops 2 x 96x96 + 4 x 48x48 (crops of one
 resolution through the backbone together), Sinkhorn-Knopp with epsilon 0.05 and 3 iterations
 on each global crop, swapped prediction over all crops at temperature 0.1, one SGD step
-(lr 0.1, momentum 0.9, no weight decay), prototypes renormalised after the step; fp32.
+(lr 0.1, momentum 0.9, no weight decay), prototypes renormalised after the step.
 Prints {"ms_per_step": median over --steps after --warmup, "peak_rss_mb": ...}.
+
+--channels-last lays the model's 4D weights and the crops out NHWC, as PyTorch's channels-last
+tutorial does it (`model.to(memory_format=torch.channels_last)`, then each input
+`.contiguous(memory_format=torch.channels_last)`): the twin of `medssl bench swav-step
+--memory-format channels_last`. --precision bf16 runs the step's forward and loss under
+`torch.autocast(device_type, torch.bfloat16)` and the backward outside it, as the PyTorch AMP
+docs recommend ("Automatic Mixed Precision", torch.amp; no gradient scaling for bf16); weights,
+gradients and the optimizer stay fp32. The JSON names both (`memory_format`, `precision`).
 
 torchvision is not needed (nor installed in the project's environment): the ResNet-50 below is
 torchvision's v1.5 bottleneck layout, written out.
@@ -124,16 +132,32 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="weights and crops in torch.channels_last (NHWC)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: forward and loss under torch.autocast(device_type, torch.bfloat16)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = SwAV().to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    # Only the 4D tensors (the convolution weights) change layout; linear layers keep theirs.
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
     b = args.batch
-    global_crops = torch.randn(2 * b, 3, 96, 96, device=device)
-    local_crops = torch.randn(4 * b, 3, 48, 48, device=device)
+    global_crops = torch.randn(2 * b, 3, 96, 96, device=device).contiguous(memory_format=memory_format)
+    local_crops = torch.randn(4 * b, 3, 48, 48, device=device).contiguous(memory_format=memory_format)
+
+    def autocast():
+        # fp32 is the same region switched off: one code path, no cast.
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def sync():
         if device.type == "cuda":
@@ -143,14 +167,17 @@ def main():
     for step in range(args.warmup + args.steps):
         tick = time.perf_counter()
         marks = []
-        embedding = torch.cat([model.backbone(global_crops), model.backbone(local_crops)])
+        with autocast():
+            embedding = torch.cat([model.backbone(global_crops), model.backbone(local_crops)])
         sync()
         marks.append(time.perf_counter())
-        scores = model.head(embedding)
-        loss = swav_loss(scores, b, 6, 2, epsilon=0.05, iterations=3, temperature=0.1)
+        with autocast():
+            scores = model.head(embedding)
+            loss = swav_loss(scores, b, 6, 2, epsilon=0.05, iterations=3, temperature=0.1)
         sync()
         marks.append(time.perf_counter())
         optimizer.zero_grad()
+        # Outside the autocast region: backward ops run in the kinds their forward ops chose.
         loss.backward()
         sync()
         marks.append(time.perf_counter())
@@ -179,6 +206,8 @@ def main():
         "batch": b,
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "memory_format": "channels_last" if args.channels_last else "contiguous",
+        "precision": args.precision,
     }
     if args.json:
         print(json.dumps(report))

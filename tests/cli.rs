@@ -297,3 +297,33 @@ fn running_out_of_memory_names_the_stage_and_what_to_lower() {
     assert!(!err.contains("internal failure"), "{err}");
     assert!(err.contains("out of memory") && err.contains("batch_size"), "{err}");
 }
+
+#[test]
+fn devices_reports_what_libtorch_sees() {
+    let out = medssl().args(["devices", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let devices: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    let cuda = devices["cuda_devices"].as_i64().unwrap();
+    assert_eq!(
+        cuda,
+        if tch::Cuda::is_available() {
+            tch::Cuda::device_count()
+        } else {
+            0
+        }
+    );
+    assert_eq!(
+        devices["cudnn"].as_bool(),
+        Some(cuda > 0 && tch::Cuda::cudnn_is_available())
+    );
+    assert!(
+        devices["nccl_built"].is_boolean() && devices["cpu_bf16"].is_boolean(),
+        "{devices}"
+    );
+    assert!(devices["cpu_threads"].as_i64().unwrap() >= 1, "{devices}");
+    let table = common::stdout(&medssl().arg("devices").output().unwrap());
+    assert!(
+        table.contains("CUDA devices") && table.contains("NCCL built"),
+        "{table}"
+    );
+}

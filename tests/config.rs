@@ -80,6 +80,15 @@ fn layers_override_in_order_and_errors_name_their_source() {
     );
     std::env::remove_var("MEDSSL_ENCODER__BASE_WIDTH");
 
+    // The `MEDSSL_` variables of the tests and the build are no config keys: a config loads
+    // beside them (`scripts/gpu-check` runs the suite with MEDSSL_TEST_DEVICE set).
+    std::env::set_var("MEDSSL_TEST_DEVICE", "cuda");
+    std::env::set_var("MEDSSL_REQUIRE_NCCL", "1");
+    let loaded = LoadedConfig::load(&path, &[]);
+    std::env::remove_var("MEDSSL_TEST_DEVICE");
+    std::env::remove_var("MEDSSL_REQUIRE_NCCL");
+    assert_eq!(loaded.map_err(|e| format!("{e:#}")).unwrap().run.seed, 7);
+
     // A --set override is named as the source of a bad value.
     std::env::remove_var("MEDSSL_OPTIMIZER__LR");
     std::env::remove_var("MEDSSL_SEED");

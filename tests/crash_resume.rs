@@ -139,9 +139,9 @@ fn run(config: &Path, run_dir: &Path, abort_at: Option<&str>) -> std::process::O
     command.output().unwrap()
 }
 
-fn crash_and_resume_equal_uninterrupted(intra: &str, abort_points: &[&str]) {
+fn crash_and_resume_equal_uninterrupted(config: &str, abort_points: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
-    let config = write(tmp.path(), "joint.toml", &joint(intra));
+    let config = write(tmp.path(), "joint.toml", config);
     let reference = tmp.path().join("reference");
     let out = run(&config, &reference, None);
     assert!(out.status.success(), "{}", common::stderr(&out));
@@ -172,7 +172,7 @@ fn crash_and_resume_equal_uninterrupted(intra: &str, abort_points: &[&str]) {
 #[test]
 fn swav_joint_demo_resumes_exactly_after_a_crash_anywhere() {
     crash_and_resume_equal_uninterrupted(
-        SWAV,
+        &joint(SWAV),
         // Mid stage 0; mid-checkpoint; the first step after each stage boundary; mid-checkpoint
         // in the joint stage, while the prototypes are frozen.
         &["step:2", "checkpoint:4", "step:7", "step:11", "checkpoint:12"],
@@ -181,7 +181,21 @@ fn swav_joint_demo_resumes_exactly_after_a_crash_anywhere() {
 
 #[test]
 fn deepcluster_joint_demo_resumes_exactly_after_a_crash_anywhere() {
-    crash_and_resume_equal_uninterrupted(DEEPCLUSTER, &["step:3", "checkpoint:9", "step:12"]);
+    crash_and_resume_equal_uninterrupted(&joint(DEEPCLUSTER), &["step:3", "checkpoint:9", "step:12"]);
+}
+
+/// With `encoder.memory_format = "channels_last"`: the weights are NHWC in the process, the
+/// checkpoint holds them row-major, and a resumed run copies them back into NHWC weights (and
+/// its optimizer state, loaded row-major, updates them element for element as the NHWC state
+/// of the uninterrupted run did), so it too ends with the same records and bytes.
+#[test]
+fn a_channels_last_encoder_resumes_exactly_after_a_crash() {
+    let config = joint(SWAV).replace(
+        "small_input = true\n",
+        "small_input = true\nmemory_format = \"channels_last\"\n",
+    );
+    assert!(config.contains("channels_last"));
+    crash_and_resume_equal_uninterrupted(&config, &["checkpoint:4", "step:11"]);
 }
 
 /// A U-Net fine-tune, 2 repeats x (pretrained, scratch): half of 4 training volumes is 10

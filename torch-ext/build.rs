@@ -21,13 +21,14 @@ use std::path::{Path, PathBuf};
 
 /// The shim's translation units, one job each; nccl.cpp is added when the CUDA headers are
 /// found (see `cuda_includes`).
-const SOURCES: [&str; 6] = [
+const SOURCES: [&str; 7] = [
     "src/shim/errors.cpp",
     "src/shim/store.cpp",
     "src/shim/gloo.cpp",
     "src/shim/collectives.cpp",
     "src/shim/autograd.cpp",
     "src/shim/autocast.cpp",
+    "src/shim/determinism.cpp",
 ];
 
 /// The CUDA 13.0 header wheels that match torch 2.13's `cuda-toolkit==13.0.3.0` pins.
@@ -63,7 +64,12 @@ fn main() {
             for dir in dirs {
                 nccl.flag("-isystem").flag(dir.display().to_string());
             }
-            shim.objects(nccl.file("src/shim/nccl.cpp").compile_intermediates());
+            // cuda_memory.cpp needs the same CUDA headers (and is gated with NCCL by one cfg).
+            shim.objects(
+                nccl.file("src/shim/nccl.cpp")
+                    .file("src/shim/cuda_memory.cpp")
+                    .compile_intermediates(),
+            );
             println!("cargo:rustc-cfg=medssl_nccl");
             true
         }
@@ -80,6 +86,7 @@ fn main() {
     // that never reach nccl.cpp's object drop it again (`--as-needed`).
     if nccl_built {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

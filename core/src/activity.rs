@@ -36,6 +36,9 @@ mod tests {
         assert!(is_out_of_memory(
             "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1600000000000 bytes"
         ));
+        assert!(is_out_of_memory(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB"
+        ));
         assert!(!is_out_of_memory("shape mismatch"));
     }
 }

@@ -261,8 +261,9 @@ impl Model {
         // After every component has made its variables, so that buffers made at build time
         // (memory banks, queues) follow too; integer and boolean ones keep their kind.
         let mut backbone = backbone;
+        // Mixed precision keeps fp32 master weights: autocast lowers activations only.
         match cfg.run.options.precision {
-            Precision::Fp32 => {}
+            Precision::Fp32 | Precision::Bf16 | Precision::Fp16 => {}
             Precision::Fp64 => backbone.vs.double(),
         }
         Ok(Model {

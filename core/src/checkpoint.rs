@@ -49,6 +49,9 @@ pub struct TrainingState {
     /// on counting the steps actually taken (the log stays in order).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub global_step_offset: i64,
+    /// The loss scaler's scale and clean-step count, in runs that scale their loss (fp16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::loss_scaling::LossScaler>,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -376,6 +379,7 @@ mod tests {
             config: None,
             world_size: 1,
             global_step_offset: 0,
+            loss_scaler: None,
         }
     }
 

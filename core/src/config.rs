@@ -63,8 +63,15 @@ pub struct RunOptions {
     /// `[run.distributed]`: used when a launcher (torchrun, srun, mpirun) started several
     /// processes.
     pub distributed: crate::distributed::DistributedConfig,
-    /// `fp32` or `fp64`: the kind of the run's weights, activations and optimizer state.
+    /// `fp32`, `bf16`, `fp16` or `fp64`: the kind of the run's activations (weights and
+    /// optimizer state stay fp32, or f64 under `fp64`).
     pub precision: crate::precision::Precision,
+    /// `auto` (dynamic loss scaling under fp16), `dynamic` or `off`.
+    pub loss_scaling: crate::loss_scaling::LossScaling,
+    /// Deterministic CUDA kernels (cuDNN and ATen), for bit-exact resumes on a GPU.
+    pub deterministic: bool,
+    /// cuDNN's benchmark mode: the fastest convolution algorithm per shape, not reproducible.
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for RunOptions {
@@ -78,6 +85,9 @@ impl Default for RunOptions {
             strict_training: false,
             distributed: Default::default(),
             precision: Default::default(),
+            loss_scaling: Default::default(),
+            deterministic: false,
+            cudnn_benchmark: false,
         }
     }
 }
@@ -424,6 +434,13 @@ pub fn resolved_toml_of(figment: &Figment, filled: &[(String, toml::Value)]) -> 
     Ok(toml::to_string_pretty(&root)?)
 }
 
+/// `MEDSSL_` environment variables that are no config key, left out of the config's
+/// environment layer: `MEDSSL_TEST_DEVICE` picks the device of the device-aware tests
+/// ([`crate::device::test_device`]), `MEDSSL_CUDA_INCLUDE` and `MEDSSL_REQUIRE_NCCL` steer
+/// the build of medssl-torch-ext and its tests. A shell or a test run that sets them (as
+/// `scripts/gpu-check` does) would otherwise refuse every config for an unknown top-level key.
+const NOT_CONFIG_KEYS: &[&str] = &["test_device", "cuda_include", "require_nccl"];
+
 /// The layers of the config file `path`: `defaults` < the file < `MEDSSL_` environment
 /// variables (`__` separates keys) < each `--set KEY=VALUE` in `overrides`, in order.
 pub fn layered(path: &Path, defaults: Value, overrides: &[String]) -> Result<Figment> {
@@ -440,6 +457,7 @@ pub fn layered(path: &Path, defaults: Value, overrides: &[String]) -> Result<Fig
         .merge(Toml::file_exact(path))
         .merge(
             Env::prefixed("MEDSSL_")
+                .ignore(NOT_CONFIG_KEYS)
                 .split("__")
                 .map(|k| k.as_str().to_lowercase().into()),
         );

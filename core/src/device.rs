@@ -19,6 +19,34 @@ pub fn resolve(name: &str) -> Result<Device> {
     }
 }
 
+/// `run.deterministic` and `run.cudnn_benchmark`, applied to the whole process.
+///
+/// - `deterministic`: cuDNN's deterministic algorithms only, no benchmark mode, and
+///   `torch.use_deterministic_algorithms(True, warn_only=True)`: an op that has no
+///   deterministic CUDA kernel warns rather than stopping a long run. cuBLAS needs
+///   `CUBLAS_WORKSPACE_CONFIG` for reproducible matrix products; it is set to `:4096:8`
+///   (PyTorch's advice) unless the environment has one. What makes a CUDA run resume
+///   bit-exactly, as CPU runs do without it.
+/// - `cudnn_benchmark`: cuDNN times the algorithms for each new input shape and keeps the
+///   fastest: faster for fixed shapes, not reproducible. PyTorch's default is off.
+///
+/// The two exclude each other. On the CPU neither changes a result.
+pub fn apply_determinism(deterministic: bool, cudnn_benchmark: bool) -> Result<()> {
+    if deterministic && cudnn_benchmark {
+        bail!("config keys `run.deterministic` and `run.cudnn_benchmark` are both true: benchmark mode picks algorithms by timing, which is not deterministic; set one of them");
+    }
+    if deterministic && std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+        std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+    }
+    torch_ext::set_determinism(torch_ext::Determinism {
+        cudnn_deterministic: deterministic,
+        cudnn_benchmark,
+        deterministic_algorithms: deterministic,
+        warn_only: true,
+    })?;
+    Ok(())
+}
+
 /// [`resolve`] without the local rank; `asked` is the config's value, for messages.
 fn resolve_index(name: &str, asked: &str) -> Result<Device> {
     let cuda_count = || {
@@ -52,6 +80,55 @@ fn resolve_index(name: &str, asked: &str) -> Result<Device> {
     }
 }
 
+/// The environment variable that picks the device of the device-aware tests.
+pub const TEST_DEVICE_VAR: &str = "MEDSSL_TEST_DEVICE";
+
+/// The device that the device-aware tests build their variables and tensors on (the
+/// workspace's composition and precision tests, the objectives' and heads' unit tests):
+/// `MEDSSL_TEST_DEVICE` = `cpu` (the default, also when unset or empty), `cuda` or `cuda:N`.
+/// `scripts/gpu-check` sets it to `cuda` to run those tests on the GPU.
+///
+/// Panics, naming the variable, on any other value and where the CUDA device asked for is
+/// absent: a test asked to prove the CUDA path must fail, neither pass on the CPU instead
+/// nor stop deep inside libtorch.
+pub fn test_device() -> Device {
+    let value = match std::env::var(TEST_DEVICE_VAR) {
+        Ok(value) => value,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(std::env::VarError::NotUnicode(raw)) => {
+            panic!("{TEST_DEVICE_VAR}={raw:?} is not a test device; expected cpu (the default), cuda or cuda:N")
+        }
+    };
+    test_device_named(&value).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`test_device`] for the variable's value `value`.
+fn test_device_named(value: &str) -> Result<Device> {
+    let value = value.trim();
+    let index = match value {
+        "" | "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match value.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(index) => index,
+            None => {
+                bail!("{TEST_DEVICE_VAR}=`{value}` is not a test device; expected cpu (the default), cuda or cuda:N")
+            }
+        },
+    };
+    let available = if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    };
+    if available == 0 {
+        bail!("{TEST_DEVICE_VAR}=`{value}` asks for CUDA, but no CUDA device is available (libtorch sees none); unset it or set it to `cpu` to run these tests on the CPU");
+    }
+    if index >= available {
+        bail!("{TEST_DEVICE_VAR}=`{value}`, but only {available} CUDA device(s) are available");
+    }
+    Ok(Device::Cuda(index))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -63,6 +140,29 @@ mod tests {
         if !tch::Cuda::is_available() {
             let err = super::resolve("cuda").unwrap_err().to_string();
             assert!(err.contains("no CUDA device"), "{err}");
+        }
+    }
+
+    #[test]
+    fn test_devices_parse_and_bad_ones_are_errors_naming_the_variable() {
+        for cpu in ["", "cpu", " cpu "] {
+            assert_eq!(super::test_device_named(cpu).unwrap(), tch::Device::Cpu, "`{cpu}`");
+        }
+        for bad in ["gpu", "cuda0", "cuda:x", "cuda:-1", "auto"] {
+            let err = super::test_device_named(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("MEDSSL_TEST_DEVICE") && err.contains(&format!("`{bad}`")) && err.contains("cuda:N"),
+                "{err}"
+            );
+        }
+        if !tch::Cuda::is_available() {
+            for cuda in ["cuda", "cuda:1"] {
+                let err = super::test_device_named(cuda).unwrap_err().to_string();
+                assert!(
+                    err.contains("MEDSSL_TEST_DEVICE") && err.contains("no CUDA device is available"),
+                    "{err}"
+                );
+            }
         }
     }
 }

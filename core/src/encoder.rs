@@ -20,7 +20,9 @@ pub struct Level {
 /// What an encoder returns: one feature map per declared level, in order, and the pooled
 /// embedding of the last level.
 pub struct EncoderOutput {
-    /// `[N, C_l, H / s_l, W / s_l]` for each level `l`.
+    /// `[N, C_l, H / s_l, W / s_l]` for each level `l`, in the encoder's memory layout
+    /// (NHWC strides under `memory_format = "channels_last"`, [`crate::memory_format`]):
+    /// readers reshape them with `reshape`, which copies where it must, not `view`.
     pub levels: Vec<Tensor>,
     /// `[N, embedding_dim]`.
     pub pooled: Tensor,

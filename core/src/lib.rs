@@ -21,6 +21,8 @@ pub mod head;
 pub mod inspect;
 pub mod layers;
 pub mod loader;
+pub mod loss_scaling;
+pub mod memory_format;
 pub mod metrics;
 pub mod objective;
 pub mod ops;
@@ -54,6 +56,7 @@ pub mod prelude {
     pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
     pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
     pub use crate::layers;
+    pub use crate::memory_format::MemoryFormat;
     pub use crate::objective::{
         Consumes, Loss, Objective, ObjectiveEntry, ObjectiveShape, Progress, StepInput, ViewLevel,
     };

@@ -6,12 +6,12 @@ use crate::objective::Consumes;
 use crate::rng::{self, domain};
 use crate::sources::Sources;
 use crate::views::{self, ViewConfig};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// What to do with a sample that cannot be read.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +99,29 @@ pub struct Batch {
     pub skipped: usize,
 }
 
+impl Batch {
+    /// The batch in page-locked host memory (from which CUDA copies asynchronously).
+    fn pinned(self) -> Result<Batch> {
+        let pin = |t: &Tensor| {
+            t.f_pin_memory(Device::Cuda(0))
+                .context("pinning a batch in host memory for CUDA")
+        };
+        let pin_all = |ts: &[Tensor]| ts.iter().map(pin).collect::<Result<Vec<_>>>();
+        Ok(Batch {
+            ids: pin(&self.ids)?,
+            slice_views: pin_all(&self.slice_views)?,
+            volume_views: pin_all(&self.volume_views)?,
+            volume_valid: pin_all(&self.volume_valid)?,
+            sequence: match &self.sequence {
+                Some((voxels, valid)) => Some((pin(voxels)?, pin(valid)?)),
+                None => None,
+            },
+            labels: pin(&self.labels)?,
+            skipped: self.skipped,
+        })
+    }
+}
+
 /// Sources, views and loader settings: everything needed to produce any epoch's batches.
 #[derive(Clone)]
 pub struct DataPipeline {
@@ -111,6 +134,9 @@ pub struct DataPipeline {
     /// This process's share of every global batch: the rank and the world size of the
     /// launch ([`crate::distributed::communicator`]); (0, 1) for one process.
     pub shard: Shard,
+    /// Batches in page-locked memory, for a CUDA run: the workers pin them, so that the
+    /// training thread's copy to the GPU is a non-blocking DMA (PyTorch's `pin_memory=True`).
+    pub pin_memory: bool,
 }
 
 /// Which part of each global batch a rank takes: global batch `s` is the samples
@@ -158,6 +184,7 @@ impl DataPipeline {
             loader,
             seed,
             shard,
+            pin_memory: false,
         })
     }
 
@@ -307,7 +334,7 @@ impl DataPipeline {
                 .collect()
         };
         let slice_count = self.views.slice_views + self.views.local_views;
-        Ok(Batch {
+        let batch = Batch {
             skipped,
             ids: Tensor::from_slice(&ids),
             labels: Tensor::from_slice(&labels),
@@ -328,7 +355,11 @@ impl DataPipeline {
                     stack(sequences.iter().map(|s| s.valid.shallow_clone()).collect()),
                 )
             }),
-        })
+        };
+        if self.pin_memory {
+            return batch.pinned();
+        }
+        Ok(batch)
     }
 }
 

@@ -111,6 +111,12 @@ impl Optimizer {
             .collect();
     }
 
+    /// The gradients the backward pass since the last `zero_grad` wrote (not a frozen
+    /// module's stale zeros), for the loss scaler to unscale and check.
+    pub fn fresh_gradients(&self) -> Vec<Tensor> {
+        (0..self.params.len()).filter_map(|i| self.fresh_gradient(i)).collect()
+    }
+
     /// The gradient of parameter `i` if the backward pass since the last `zero_grad`
     /// reached it.
     fn fresh_gradient(&self, i: usize) -> Option<Tensor> {
@@ -232,7 +238,12 @@ impl Optimizer {
                     p.size()
                 );
             }
-            self.state.insert(key, tensor.to_device(p.device()));
+            // Laid out as its parameter (`zeros_like` keeps a channels-last layout), as the
+            // buffers of an uninterrupted run are: the update is elementwise either way, but
+            // mixed layouts cost a copy each step.
+            let buffer = tch::no_grad(|| p.zeros_like().to_kind(tensor.kind()));
+            tch::no_grad(|| buffer.shallow_clone().copy_(&tensor));
+            self.state.insert(key, buffer);
         }
         self.steps = steps;
         Ok(())

@@ -90,6 +90,13 @@ fn check_pair(prediction: &Tensor, truth: &Tensor, classes: i64) -> Result<()> {
         prediction.size(),
         truth.size()
     );
+    // Caught here rather than as libtorch's error from deep inside the counting.
+    ensure!(
+        prediction.device() == truth.device(),
+        "the prediction is on {:?} but the truth on {:?}; they must be on one device",
+        prediction.device(),
+        truth.device()
+    );
     check_class_ids(prediction, "prediction", classes)?;
     check_class_ids(truth, "truth", classes)
 }
@@ -100,6 +107,8 @@ fn grouped_overlaps(prediction: &Tensor, truth: &Tensor, classes: i64, groups: i
     let cells = classes * classes;
     let codes = truth.reshape([groups, -1]) * classes + prediction.reshape([groups, -1]);
     let offsets = Tensor::arange(groups, (Kind::Int64, prediction.device())).unsqueeze(1) * cells;
+    // Counted on the pair's device; only the `groups x K x K` counts come to the host, where
+    // the overlaps are read out of them.
     let counts = (codes + offsets)
         .reshape([-1])
         .bincount::<Tensor>(None, groups * cells)

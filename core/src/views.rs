@@ -217,7 +217,11 @@ fn jitter(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
         let noise: Vec<f32> = (0..n)
             .map(|_| stream.sample::<f32, _>(StandardNormal) * sigma)
             .collect();
-        x += Tensor::from_slice(&noise).view(x.size().as_slice());
+        // Drawn on the host (a seeded Rust stream, so views do not depend on libtorch's
+        // generator) and handed to `x`'s device: the loader's CPU, or wherever a caller runs.
+        x += Tensor::from_slice(&noise)
+            .view(x.size().as_slice())
+            .to_device(x.device());
     }
     x
 }
@@ -245,6 +249,7 @@ fn rotate(x: Tensor, rng: &mut ChaCha8Rng, max_degrees: f64) -> Tensor {
     let (t, h, w) = (size[1], size[2], size[3]);
     let (c, s) = (angle.cos() as f32, angle.sin() as f32);
     let theta = Tensor::from_slice(&[c, -s, 0.0, s, c, 0.0])
+        .to_device(x.device())
         .view([1, 2, 3])
         .repeat([t, 1, 1]);
     let grid = Tensor::affine_grid_generator(&theta, [t, 1, h, w], false);
@@ -264,7 +269,7 @@ fn blur(x: Tensor, rng: &mut ChaCha8Rng, cfg: &ViewConfig) -> Tensor {
         .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
         .collect();
     let total: f32 = taps.iter().sum();
-    let kernel = Tensor::from_slice(&taps.iter().map(|v| v / total).collect::<Vec<_>>());
+    let kernel = Tensor::from_slice(&taps.iter().map(|v| v / total).collect::<Vec<_>>()).to_device(x.device());
     let k = 2 * radius + 1;
     let size = x.size();
     let (h, w) = (size[1], size[2]);

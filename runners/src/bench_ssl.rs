@@ -10,9 +10,11 @@ use medssl_core::bench::peak_rss_mib;
 use medssl_core::config::{OptimizerConfig, Section};
 use medssl_core::distributed::{self, gradients, DistributedConfig};
 use medssl_core::encoder::EncoderShape;
+use medssl_core::memory_format::MemoryFormat;
 use medssl_core::objective::{ObjectiveShape, Progress, StepInput};
 use medssl_core::ops::l2_normalize;
 use medssl_core::optim::Optimizer;
+use medssl_core::precision::Precision;
 use medssl_core::registry;
 use medssl_deepcluster_v2::{initial_centroids, spherical_kmeans};
 use serde::Serialize;
@@ -26,6 +28,11 @@ pub struct SwavStep {
     pub warmup: usize,
     pub steps: usize,
     pub device: Device,
+    /// The encoder's `memory_format` (its weights and the crops).
+    pub memory_format: MemoryFormat,
+    /// `run.precision`: under bf16 or fp16 the encoder's forward pass runs in autocast and
+    /// its embeddings go on in fp32, as in `medssl run` (docs/precision.md).
+    pub precision: Precision,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +54,13 @@ pub struct SwavStepReport {
     pub batch: i64,
     pub threads: i32,
     pub device: String,
+    pub memory_format: MemoryFormat,
+    pub precision: Precision,
+    /// Peak GPU memory held by tensors over the timed steps (the CUDA caching allocator's
+    /// `max_memory_allocated`), MiB; absent on the CPU.
+    pub peak_gpu_mib: Option<f64>,
+    /// Samples (each with its 6 crops) a second at the median step.
+    pub samples_per_s: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -72,7 +86,8 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
     let root = vs.root();
 
     let encoder_entry = registry::encoders().get("resnet50")?;
-    let encoder_section = Section::inline("encoder", "resnet50", "input_channels = 3")?;
+    let encoder_body = format!("input_channels = 3\nmemory_format = \"{}\"", args.memory_format.name());
+    let encoder_section = Section::inline("encoder", "resnet50", &encoder_body)?;
     let encoder = (encoder_entry.build)(&encoder_section, &root / "encoder", &EncoderShape { in_channels: 3 })
         .context("bench swav-step: building the resnet50 encoder")?;
 
@@ -113,8 +128,12 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
     let bucket_bytes = (DistributedConfig::default().bucket_mib * 1024.0 * 1024.0) as usize;
 
     let options = (Kind::Float, args.device);
-    let global = Tensor::randn([global_views as i64 * args.batch, 3, global_size, global_size], options);
-    let local = Tensor::randn([local_views as i64 * args.batch, 3, local_size, local_size], options);
+    // Laid out once, as the PyTorch twin does, so the encoder's entry has nothing to convert.
+    let crops = |views: usize, size: i64| {
+        let crops = Tensor::randn([views as i64 * args.batch, 3, size, size], options);
+        args.memory_format.apply(&crops)
+    };
+    let (global, local) = (crops(global_views, global_size), crops(local_views, local_size));
     let ids = Tensor::arange(args.batch, (Kind::Int64, args.device));
     let progress = Progress {
         epoch: 0,
@@ -127,13 +146,26 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
             tch::Cuda::synchronize(i as i64);
         }
     };
+    let gpu = match args.device {
+        Device::Cuda(index) => Some(index),
+        _ => None,
+    };
     let mut times = Vec::with_capacity(args.steps);
     let mut phases: [Vec<f64>; 5] = Default::default();
     for step in 0..args.warmup + args.steps {
         let tick = Instant::now();
         let mut marks = [0.0; 5];
-        let mut views = encoder.forward(&global, true).pooled.chunk(global_views as i64, 0);
-        views.extend(encoder.forward(&local, true).pooled.chunk(local_views as i64, 0));
+        let region = args.precision.autocast(args.device)?;
+        let pooled = |crops: &Tensor, views: usize| {
+            encoder
+                .forward(crops, true)
+                .pooled
+                .to_kind(Kind::Float)
+                .chunk(views as i64, 0)
+        };
+        let mut views = pooled(&global, global_views);
+        views.extend(pooled(&local, local_views));
+        drop(region);
         sync();
         marks[0] = tick.elapsed().as_secs_f64();
         let input = StepInput {
@@ -160,6 +192,12 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
         anyhow::ensure!(value.is_finite(), "bench swav-step: loss {value} at step {step}");
         sync();
         marks[4] = tick.elapsed().as_secs_f64();
+        if step + 1 == args.warmup {
+            if let Some(index) = gpu {
+                torch_ext::reset_cuda_memory_peaks(index)
+                    .context("bench swav-step: resetting the GPU's peak memory")?;
+            }
+        }
         if step >= args.warmup {
             times.push(marks[4] * 1e3);
             let mut previous = 0.0;
@@ -171,6 +209,15 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
     }
     let [forward, loss, backward, allreduce, step] = phases.map(|mut p| summarise(&mut p).0);
     let (median, min, max) = summarise(&mut times);
+    let peak_gpu_mib = match gpu {
+        Some(index) => Some(
+            torch_ext::cuda_memory_peaks(index)
+                .context("bench swav-step: reading the GPU's peak memory")?
+                .allocated as f64
+                / (1024.0 * 1024.0),
+        ),
+        None => None,
+    };
     Ok(SwavStepReport {
         ms_per_step: median,
         peak_rss_mib: peak_rss_mib(),
@@ -189,6 +236,10 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
         batch: args.batch,
         threads: tch::get_num_threads(),
         device: format!("{:?}", args.device),
+        memory_format: args.memory_format,
+        precision: args.precision,
+        peak_gpu_mib,
+        samples_per_s: args.batch as f64 / (median / 1e3),
     })
 }
 

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use medssl_core::eval::{self, DataSpec, EvalOptions};
+use medssl_core::precision::Precision;
 use medssl_core::probe::knn::KnnConfig;
 use medssl_core::probe::logistic::LogisticConfig;
 use medssl_core::probe::Probe;
@@ -93,6 +94,9 @@ pub struct Common {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// fp32, bf16 (CPU or CUDA) or fp16 (CUDA): the encoder's forward pass in autocast.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
     /// Print JSON: {"pretrained": {"acc", "auc", ...}, "random_init": {...}, ...}.
     #[arg(long)]
     json: bool,
@@ -135,6 +139,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         mean_pool: common.mean_pool,
         batch_size: common.batch_size,
         device: common.device,
+        precision: common.precision,
         probe,
     };
     let report = eval::evaluate(&options)?;

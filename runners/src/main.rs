@@ -18,6 +18,7 @@ mod aggregator_bench;
 mod bench_distributed;
 mod bench_ssl;
 mod boxes;
+mod devices;
 mod eval;
 mod finetune;
 mod sweep;
@@ -108,6 +109,12 @@ enum Command {
     },
     /// List the registered components by role.
     List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What this build can run on: CUDA devices, cuDNN, NCCL, CPU threads and bf16.
+    Devices {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -228,6 +235,12 @@ enum BenchCommand {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The encoder's `memory_format`: contiguous or channels_last.
+        #[arg(long, default_value = "contiguous")]
+        memory_format: medssl_core::memory_format::MemoryFormat,
+        /// fp32, bf16 (CPU or CUDA) or fp16 (CUDA): the encoder under autocast, as `run.precision`.
+        #[arg(long, default_value = "fp32")]
+        precision: medssl_core::precision::Precision,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -307,7 +320,13 @@ fn main() -> ExitCode {
                 .map(|a| format!(" during {a}"))
                 .unwrap_or_default();
             let first = message.lines().next().unwrap_or(message);
-            eprintln!("error: out of memory{during}: {first}\nlower `data.loader.batch_size` (or the stage's `batch_size`), the view sizes (`data.views.*`) or the model's width");
+            // On a GPU mixed precision roughly halves the activations' memory.
+            let precision = if message.contains("CUDA") {
+                ", or train in `run.precision = \"bf16\"`"
+            } else {
+                ""
+            };
+            eprintln!("error: out of memory{during}: {first}\nlower `data.loader.batch_size` (or the stage's `batch_size`), the view sizes (`data.views.*`) or the model's width{precision}; the checkpoints already written are intact, and a resume continues from the last one");
             std::process::exit(1);
         }
         eprintln!("error: internal failure{location}: {message}\n(this is a bug in medssl or a plugin; please report it with the command and config)");
@@ -403,6 +422,15 @@ fn execute(command: Command) -> Result<()> {
                 .map_err(|e| distributed::collective_failed(e, "waiting for rank 0 to create the run directory"))?;
             tracing::info!("run directory: {}", dir.display());
             report(run.train(&dir, false)?);
+            Ok(())
+        }
+        Command::Devices { json } => {
+            let devices = devices::devices();
+            if json {
+                println!("{}", serde_json::to_string(&devices)?);
+            } else {
+                print!("{}", devices.table());
+            }
             Ok(())
         }
         Command::Sweep { file, set, out, force } => {
@@ -558,6 +586,8 @@ fn execute(command: Command) -> Result<()> {
                     warmup,
                     steps,
                     device,
+                    memory_format,
+                    precision,
                     json,
                 },
         } => {
@@ -566,12 +596,19 @@ fn execute(command: Command) -> Result<()> {
                 "--batch must be at least 2 (batch norm) and --steps at least 1"
             );
             let device = medssl_core::device::resolve(&device).context("--device")?;
+            precision.check_device(device, "--precision")?;
+            anyhow::ensure!(
+                precision != medssl_core::precision::Precision::Fp64,
+                "--precision fp64 is not benchmarked: use fp32, bf16 or fp16"
+            );
             distributed::init(&Default::default(), device)?;
             let bench = bench_ssl::swav_step(&bench_ssl::SwavStep {
                 batch,
                 warmup,
                 steps,
                 device,
+                memory_format,
+                precision,
             })?;
             if json {
                 println!("{}", serde_json::to_string(&bench)?);

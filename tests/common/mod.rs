@@ -114,6 +114,24 @@ objectives = { slices = 0.5, volumes = 1.0 }
 optimizer = { name = "adamw", lr = 0.001 }
 "#;
 
+/// The device of the device-aware tests, from `MEDSSL_TEST_DEVICE` (`cpu`, the default,
+/// `cuda` or `cuda:N`); panics naming the variable on another value or an absent CUDA
+/// device ([`medssl_core::device::test_device`], which the plugins' unit tests share).
+pub fn test_device() -> tch::Device {
+    medssl_core::device::test_device()
+}
+
+/// [`test_device`] as a config's `device` value.
+pub fn test_device_name() -> String {
+    match test_device() {
+        tch::Device::Cpu => "cpu".to_string(),
+        tch::Device::Cuda(index) => format!("cuda:{index}"),
+        other => unreachable!("test_device gives the CPU or a CUDA device, not {other:?}"),
+    }
+}
+
+/// The `medssl` binary, with no `MEDSSL_` variable of this process's environment (config
+/// layers, `MEDSSL_TEST_DEVICE`): each test gives the binary what it means to.
 pub fn medssl() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medssl"));
     cmd.env_remove("RUST_LOG");

@@ -19,6 +19,12 @@ pub enum Error {
          wheels into .venv; or set MEDSSL_CUDA_INCLUDE; see torch-ext/build.rs), then rebuild"
     )]
     NcclNotBuilt,
+    /// CUDA memory statistics were asked of a build without the CUDA parts (as NCCL above).
+    #[error(
+        "CUDA memory statistics: medssl-torch-ext was built without its CUDA parts, because its \
+         build found no CUDA headers (see the NCCL error for how to get them)"
+    )]
+    CudaNotBuilt,
 }
 
 /// This crate's result.

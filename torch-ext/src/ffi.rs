@@ -83,6 +83,51 @@ extern "C" {
     fn tx_autocast_dtype(device_type: c_int, dtype: *mut c_int) -> *mut c_char;
     fn tx_autocast_enter(device_type: c_int, enabled: c_int, dtype: c_int, prev: *mut AutocastState) -> *mut c_char;
     fn tx_autocast_exit(device_type: c_int, prev: *const AutocastState) -> *mut c_char;
+
+    #[cfg(medssl_nccl)]
+    fn tx_cuda_memory_peaks(device: c_int, peak_allocated: *mut i64, peak_reserved: *mut i64) -> *mut c_char;
+    #[cfg(medssl_nccl)]
+    fn tx_cuda_memory_reset_peaks(device: c_int) -> *mut c_char;
+
+    fn tx_set_determinism(wanted: *const Determinism) -> *mut c_char;
+    fn tx_determinism_state(out: *mut Determinism) -> *mut c_char;
+}
+
+/// `tx_determinism`: ATen's reproducibility switches, each 0 or 1.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Determinism {
+    pub(crate) cudnn_deterministic: c_int,
+    pub(crate) cudnn_benchmark: c_int,
+    pub(crate) deterministic_algorithms: c_int,
+    pub(crate) warn_only: c_int,
+}
+
+/// The CUDA caching allocator's (peak allocated, peak reserved) bytes on `device`.
+#[cfg(medssl_nccl)]
+pub(crate) fn cuda_memory_peaks(device: c_int) -> CallResult<(i64, i64)> {
+    let (mut allocated, mut reserved) = (0, 0);
+    // SAFETY: plain values in and out.
+    check(unsafe { tx_cuda_memory_peaks(device, &mut allocated, &mut reserved) })?;
+    Ok((allocated, reserved))
+}
+
+#[cfg(medssl_nccl)]
+pub(crate) fn cuda_memory_reset_peaks(device: c_int) -> CallResult<()> {
+    // SAFETY: a plain value in.
+    check(unsafe { tx_cuda_memory_reset_peaks(device) })
+}
+
+pub(crate) fn set_determinism(wanted: &Determinism) -> CallResult<()> {
+    // SAFETY: a plain struct read by the shim during the call.
+    check(unsafe { tx_set_determinism(wanted) })
+}
+
+pub(crate) fn determinism_state() -> CallResult<Determinism> {
+    let mut out = Determinism::default();
+    // SAFETY: a plain struct written by the shim.
+    check(unsafe { tx_determinism_state(&mut out) })?;
+    Ok(out)
 }
 
 /// `tx_autocast_state`: what an autocast region replaced, restored when it ends.

@@ -162,3 +162,18 @@ fn nccl_needs_a_gpu_and_runs_on_one() {
     );
     pg.barrier().expect("barrier");
 }
+
+/// Without a GPU the CUDA memory statistics are an error that says so, not a crash.
+#[test]
+fn cuda_memory_peaks_need_a_gpu() {
+    if tch::Cuda::is_available() {
+        let peaks = medssl_torch_ext::cuda_memory_peaks(0).unwrap();
+        assert!(peaks.reserved >= peaks.allocated && peaks.allocated >= 0, "{peaks:?}");
+        return;
+    }
+    let error = medssl_torch_ext::cuda_memory_peaks(0).unwrap_err().to_string();
+    assert!(
+        error.contains("cuda:0") || error.contains("without its CUDA parts"),
+        "{error}"
+    );
+}

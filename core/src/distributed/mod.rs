@@ -98,6 +98,17 @@ struct Installed {
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
+/// The run's device, as [`init`] was given it.
+static COLLECTIVE_DEVICE: OnceLock<Device> = OnceLock::new();
+
+/// Where to build a tensor that exists only to be sent through a collective (a config hash,
+/// the logged loss terms): the run's device, as [`init`] was given it, or the CPU before
+/// that. NCCL refuses host tensors, so such a tensor made on the CPU would fail every CUDA
+/// run of several processes.
+pub fn collective_device() -> Device {
+    COLLECTIVE_DEVICE.get().copied().unwrap_or(Device::Cpu)
+}
+
 /// The process's communicator: the one [`init`] started, or [`SingleProcess`].
 pub fn communicator() -> Arc<dyn Communicator> {
     match INSTALLED.get() {
@@ -133,6 +144,8 @@ pub fn init(cfg: &DistributedConfig, device: Device) -> Result<Launch> {
     );
     let group = c10d::C10d::connect(&launch, backend, timeout)?;
     install(Arc::new(group), cfg.sync_batchnorm)?;
+    // `install` refuses a second call, so this is the first and only device recorded.
+    let _ = COLLECTIVE_DEVICE.set(device);
     Ok(launch)
 }
 
@@ -163,7 +176,7 @@ pub fn check_same_config(resolved: &str) -> Result<()> {
     let hash = resolved.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
-    let mine = Tensor::from_slice(&[hash as i64]);
+    let mine = Tensor::from_slice(&[hash as i64]).to_device(collective_device());
     let all = comm.all_gather(&mine).context("comparing the ranks' configs")?;
     let all: Vec<i64> = Vec::try_from(all.to_kind(Kind::Int64))?;
     let differing: Vec<String> = all

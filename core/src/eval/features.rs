@@ -6,6 +6,7 @@ use crate::assemble::Backbone;
 use crate::config::Section;
 use crate::dataset::Dataset;
 use crate::inspect;
+use crate::precision::Precision;
 use crate::registry::{self, Registered};
 use crate::views::{self, ViewConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -149,11 +150,15 @@ pub(super) fn prepare(
 
 /// The features of `x` (`[B, 1, S, S]`, or `[B, 1, T, S, S]` with `valid` `[B, T]`) under
 /// `backbone`, as described in the module's doc.
-pub(super) fn embed(backbone: &Backbone, x: &Tensor, valid: Option<&Tensor>) -> Tensor {
-    tch::no_grad(|| match valid {
+/// Under mixed precision the backbone runs in autocast and its features come out fp32.
+pub(super) fn embed(backbone: &Backbone, x: &Tensor, valid: Option<&Tensor>, precision: Precision) -> Result<Tensor> {
+    let region = precision.autocast(x.device())?;
+    let features = tch::no_grad(|| match valid {
         None => backbone.embed_images(x, false).pooled,
         Some(valid) => backbone.embed_volumes(x, valid, false, false).1,
-    })
+    });
+    drop(region);
+    Ok(features.to_kind(Kind::Float))
 }
 
 /// Encodes every sample of `dataset` under each backbone, `batch_size` at a time; samples
@@ -168,6 +173,7 @@ pub(super) fn encode(
     batch_size: usize,
     workers: usize,
     device: Device,
+    precision: Precision,
 ) -> Result<Encoded> {
     let first = dataset
         .load(0)
@@ -226,7 +232,7 @@ pub(super) fn encode(
             ),
         };
         for (backbone, out) in backbones.iter().zip(&mut features) {
-            out.push(embed(backbone, &x, valid.as_ref()).to_device(Device::Cpu));
+            out.push(embed(backbone, &x, valid.as_ref(), precision)?.to_device(Device::Cpu));
         }
         if raw {
             raw_parts.push(x.flatten(1, -1).to_device(Device::Cpu));

@@ -39,6 +39,7 @@ use crate::checkpoint;
 use crate::config::LoadedConfig;
 use crate::dataset::Dataset;
 use crate::metrics::mean;
+use crate::precision::Precision;
 use crate::probe::metrics::Scores;
 use crate::probe::{split, Probe};
 use crate::rng::{self, domain};
@@ -87,6 +88,9 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
+    /// The encoder's forward pass in `bf16` or `fp16` (CUDA) autocast, as in training; the
+    /// features, and the probes fitted on them, stay fp32.
+    pub precision: Precision,
     pub probe: Probe,
 }
 
@@ -113,6 +117,11 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report> {
     }
     let views = cfg.run.data.views.resolved()?;
     let device = crate::device::resolve(&options.device).context("--device")?;
+    options.precision.check_device(device, "--precision")?;
+    ensure!(
+        options.precision != Precision::Fp64,
+        "--precision fp64 is for pre-training's numerical checks: evaluate in fp32, bf16 or fp16"
+    );
     if cfg.run.options.threads > 0 {
         tch::set_num_threads(cfg.run.options.threads);
     }
@@ -144,6 +153,7 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report> {
             options.batch_size,
             workers,
             device,
+            options.precision,
         )
     };
     let train = encode_set(train_set.as_ref(), "--train")?;

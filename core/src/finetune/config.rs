@@ -23,6 +23,13 @@ pub struct FinetuneConfig {
     pub device: String,
     /// CPU threads for libtorch (0: libtorch's default).
     pub threads: i32,
+    /// `fp32`, `bf16` or `fp16` (CUDA): the backbone's forward pass in autocast, as in
+    /// pre-training (`run.precision`); the head, its loss and the weights in fp32.
+    #[serde(default)]
+    pub precision: crate::precision::Precision,
+    /// `auto` (dynamic loss scaling under fp16), `dynamic` or `off`.
+    #[serde(default)]
+    pub loss_scaling: crate::loss_scaling::LossScaling,
     /// Repeats of the whole protocol (`--runs`).
     pub runs: usize,
     /// Fraction of the training set that is trained on (`--label-fraction`): of the volumes

@@ -35,8 +35,10 @@ use crate::config::{LoadedConfig, Section};
 use crate::detection::ap::{self, ApReport};
 use crate::encoder::EncoderOutput;
 use crate::head::{Head, HeadInput, HeadShape, Prediction, Targets, Task};
+use crate::loss_scaling::{self, LossScaler, ScaledStep};
 use crate::metrics::MetricsLog;
 use crate::optim::{self, Optimizer};
+use crate::precision::Precision;
 use crate::probe::{metrics as class_metrics, split};
 use crate::registry::{self, Registered};
 use crate::rng::{self, domain};
@@ -130,6 +132,8 @@ struct Network {
     backbone: Backbone,
     head: Box<dyn Head>,
     task: Task,
+    /// The backbone's forward pass runs in this precision's autocast region.
+    precision: Precision,
 }
 
 impl Network {
@@ -141,6 +145,7 @@ impl Network {
         head_section: &Section,
         classes: i64,
         device: Device,
+        precision: Precision,
         seed: u64,
     ) -> Result<(Network, toml::Value)> {
         tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::INIT]) as i64);
@@ -166,7 +171,15 @@ impl Network {
             );
         }
         let resolved = head_section.resolved("name", &entry.default_config())?;
-        Ok((Network { backbone, head, task }, resolved))
+        Ok((
+            Network {
+                backbone,
+                head,
+                task,
+                precision,
+            },
+            resolved,
+        ))
     }
 
     /// The prefixes of the backbone's variables this task trains.
@@ -230,10 +243,25 @@ impl Network {
                 }
             }
         };
+        // Under mixed precision the backbone runs in autocast and the head gets fp32
+        // features, so that its loss (soft Dice, cross-entropy, box regression) is fp32.
+        let region = self.precision.autocast(x.device())?;
         let (out, volume) = if train_backbone {
             features(x)
         } else {
             tch::no_grad(|| features(x))
+        };
+        let (out, volume) = match region {
+            None => (out, volume),
+            Some(region) => {
+                drop(region);
+                let fp32 = |t: &Tensor| t.to_kind(Kind::Float);
+                let out = EncoderOutput {
+                    levels: out.levels.iter().map(fp32).collect(),
+                    pooled: fp32(&out.pooled),
+                };
+                (out, volume.as_ref().map(fp32))
+            }
         };
         then(&HeadInput {
             encoder: &out,
@@ -284,6 +312,11 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     let run_cfg = LoadedConfig::load_resolved(&located.config)
         .with_context(|| format!("the pre-training run's config `{}`", located.config.display()))?;
     let device = crate::device::resolve(&cfg.device).context("config key `device`")?;
+    cfg.precision.check_device(device, "precision")?;
+    ensure!(
+        cfg.precision != Precision::Fp64,
+        "config key `precision` is \"fp64\", which is for pre-training's numerical checks: fine-tune in \"fp32\", \"bf16\" or \"fp16\""
+    );
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
@@ -291,7 +324,8 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     // The network first: head config errors and a checkpoint from another architecture
     // are reported before any data is read.
     let head_section = loaded.head_section()?;
-    let (network, head_resolved) = Network::build(&run_cfg, &head_section, cfg.classes, device, cfg.seed)?;
+    let (network, head_resolved) =
+        Network::build(&run_cfg, &head_section, cfg.classes, device, cfg.precision, cfg.seed)?;
     let task = network.task;
     let checkpoint = checkpoint::read_safetensors(&located.tensors)?;
     network.backbone.load(&checkpoint, &located.tensors)?;
@@ -558,6 +592,7 @@ pub fn check(loaded: &LoadedFinetune, run_cfg: &LoadedConfig) -> Result<Task> {
         &loaded.head_section()?,
         loaded.cfg.classes,
         Device::Cpu,
+        loaded.cfg.precision,
         loaded.cfg.seed,
     )?;
     data::open(&loaded.data_section("train")?)?;
@@ -722,6 +757,7 @@ impl Protocol {
             &self.head_section,
             self.cfg.classes,
             self.device,
+            self.cfg.precision,
             self.seed(run),
         )?;
         let file = weights_file(out, init, run);
@@ -749,7 +785,14 @@ impl Protocol {
     ) -> Result<(Trial, Option<Example>)> {
         let started = Instant::now();
         let seed = self.seed(run);
-        let (network, _) = Network::build(&self.run_cfg, &self.head_section, self.cfg.classes, self.device, seed)?;
+        let (network, _) = Network::build(
+            &self.run_cfg,
+            &self.head_section,
+            self.cfg.classes,
+            self.device,
+            self.cfg.precision,
+            seed,
+        )?;
         if init == Init::Pretrained {
             network.backbone.load(&self.checkpoint, &self.checkpoint_path)?;
         }
@@ -779,6 +822,11 @@ impl Protocol {
         let mut first_epoch = 0;
         let mut earlier_seconds = 0.0;
         let mut scores = BTreeMap::new();
+        let mut loss_scaler = self
+            .cfg
+            .loss_scaling
+            .enabled(self.cfg.precision)
+            .then(LossScaler::default);
         if let Some((position, tensors)) = resumed {
             let source = out.join(run_dir::CHECKPOINT_DIR);
             run_dir::load_variables(&network.weights(), &tensors, MODEL_PREFIX, &[], &source)?;
@@ -792,6 +840,9 @@ impl Protocol {
             earlier_seconds = position.seconds;
             scores = position.scores;
             curve = position.curve;
+            if loss_scaler.is_some() {
+                loss_scaler = Some(position.loss_scaler.unwrap_or_default());
+            }
         }
         let seconds = |started: &Instant| earlier_seconds + started.elapsed().as_secs_f64();
         let mut example = None;
@@ -817,10 +868,31 @@ impl Protocol {
                     init.name()
                 );
                 optimizer.zero_grad();
-                loss.backward();
-                optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad_norm);
-                let lr = optim::learning_rate(&self.cfg.optimizer, step, total_steps, steps_per_epoch);
-                optimizer.step(lr);
+                match &loss_scaler {
+                    Some(scaler) => scaler.scaled(&loss).backward(),
+                    None => loss.backward(),
+                }
+                // As in pre-training (crate::loss_scaling): unscale, then clip and step,
+                // or skip the step when a gradient overflowed.
+                let scaled_step = loss_scaler.as_ref().map(|scaler| {
+                    let gradients = optimizer.fresh_gradients();
+                    loss_scaling::inject_overflow_if_asked(progress.global_step + 1, &gradients);
+                    scaler.unscale(&gradients)
+                });
+                if let Some(ScaledStep::Skip { scale }) = scaled_step {
+                    tracing::warn!(
+                        "the {} row of repeat {run}, epoch {epoch}, step {step}: gradients overflowed at loss scale {scale}; optimizer step skipped, scale now {}",
+                        init.name(),
+                        scale * loss_scaling::BACKOFF_FACTOR
+                    );
+                } else {
+                    optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad_norm);
+                    let lr = optim::learning_rate(&self.cfg.optimizer, step, total_steps, steps_per_epoch);
+                    optimizer.step(lr);
+                }
+                if let (Some(scaler), Some(scaled_step)) = (loss_scaler.as_mut(), scaled_step) {
+                    scaler.update(scaled_step);
+                }
                 losses.push(value);
                 step += 1;
                 progress.global_step += 1;
@@ -888,6 +960,7 @@ impl Protocol {
                     epochs_done: epoch + 1,
                     step,
                     optimizer_steps,
+                    loss_scaler: loss_scaler.clone(),
                     scores: scores.clone(),
                     curve: curve.clone(),
                     seconds: seconds(&started),

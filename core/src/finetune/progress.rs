@@ -43,6 +43,10 @@ pub struct TrialProgress {
     /// The trial's optimizer steps so far (its learning-rate schedule's position).
     pub step: usize,
     pub optimizer_steps: i64,
+    /// The trial's loss scaler (fp16), so that a resumed trial skips and scales as the
+    /// uninterrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::loss_scaling::LossScaler>,
     /// The scores of the last evaluation, if any.
     pub scores: BTreeMap<String, f64>,
     pub curve: Curve,

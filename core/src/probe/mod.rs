@@ -66,11 +66,12 @@ impl Probe {
             queries.size()[0],
             query_labels.len()
         );
-        let labels = Tensor::from_slice(train_labels);
+        let labels = Tensor::from_slice(train_labels).to_device(train.device());
         let probabilities = match self {
             Probe::Linear(cfg) => logistic::Logistic::fit(train, &labels, classes, cfg, seed)?.probabilities(queries),
             Probe::Knn(cfg) => knn::probabilities(train, &labels, queries, classes, cfg)?,
         };
+        // To the host: the scores (exact ROC AUC, accuracy) are computed in plain Rust.
         let probabilities = Vec::<f64>::try_from(
             probabilities
                 .to_kind(Kind::Double)

@@ -64,6 +64,8 @@ impl Run {
     /// Builds the data pipeline and every component, and checks the stages against them.
     pub fn prepare(cfg: LoadedConfig) -> Result<Run> {
         let device = crate::device::resolve(&cfg.run.device)?;
+        cfg.run.options.precision.check_device(device, "run.precision")?;
+        crate::device::apply_determinism(cfg.run.options.deterministic, cfg.run.options.cudnn_benchmark)?;
         if cfg.run.options.threads > 0 {
             tch::set_num_threads(cfg.run.options.threads);
         }
@@ -111,6 +113,7 @@ impl Run {
                 stage.name,
                 pipeline.epoch_len()
             );
+            pipeline.pin_memory = device.is_cuda();
             stage_data.push(pipeline);
         }
         let model = Model::build(&cfg, backbone, data.num_samples())?;

@@ -6,6 +6,7 @@ use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
 use crate::config::{OptimizerConfig, StageConfig};
 use crate::distributed::{self, gradients};
 use crate::loader::Batch;
+use crate::loss_scaling::{self, LossScaler, ScaledStep};
 use crate::metrics::MetricsLog;
 use crate::objective::{Progress, SliceSequence, StepInput};
 use crate::optim::{self, Optimizer};
@@ -85,10 +86,11 @@ fn diverged(what: &str, stage: &StageConfig, step: usize, lr: f64, store: &Check
 fn mean_over_ranks(comm: &dyn distributed::Communicator, value: f64, terms: &mut Terms) -> Result<f64> {
     let mut values = vec![value];
     values.extend(terms.iter().map(|(_, v)| *v));
-    let mut buffer = [Tensor::from_slice(&values)];
+    // On the collectives' device: NCCL takes CUDA tensors only.
+    let mut buffer = [Tensor::from_slice(&values).to_device(distributed::collective_device())];
     comm.all_reduce_sum(&mut buffer)?;
     let world = comm.world_size() as f64;
-    let means: Vec<f64> = Vec::try_from(&buffer[0] / world)?;
+    let means: Vec<f64> = Vec::try_from((&buffer[0] / world).to_device(tch::Device::Cpu))?;
     for ((_, v), mean) in terms.iter_mut().zip(&means[1..]) {
         *v = *mean;
     }
@@ -128,6 +130,7 @@ impl Run {
             config: Some(self.resolved_config.clone()),
             world_size: self.data.shard.world,
             global_step_offset: 0,
+            loss_scaler: self.scales_loss().then(LossScaler::default),
         };
         distributed::check_same_config(&self.resolved_config)?;
         let mut optimizer_state = Vec::new();
@@ -158,6 +161,11 @@ impl Run {
                     }
                 }
                 tracing::info!("resuming from {} (global step {})", latest.display(), state.global_step);
+                if self.scales_loss() && state.loss_scaler.is_none() {
+                    // Precision is checked unchanged above, so this is a checkpoint from
+                    // before loss scaling was kept: start the scale afresh, as GradScaler would.
+                    state.loss_scaler = Some(LossScaler::default());
+                }
                 position = state;
                 position.config = Some(self.resolved_config.clone());
             } else {
@@ -225,6 +233,12 @@ impl Run {
         }
         let summary = self.finish(run_dir, started.elapsed().as_secs_f64(), position.global_step)?;
         Ok(summary)
+    }
+
+    /// Whether this run scales its loss (`run.loss_scaling` with `run.precision`).
+    fn scales_loss(&self) -> bool {
+        let options = &self.cfg.run.options;
+        options.loss_scaling.enabled(options.precision)
     }
 
     /// Refuses to resume under a `config.toml` edited since the checkpoint was written (a
@@ -347,7 +361,7 @@ impl Run {
             let data = self.stage_data[stage_index].clone();
             for batch in data.epoch(progress.epoch, 0, self.needs(stage)) {
                 let batch = batch.with_context(|| format!("memory pass of stage `{}`", stage.name))?;
-                let embedded = tch::no_grad(|| self.embed(stage, &batch, true));
+                let embedded = tch::no_grad(|| self.embed(stage, &batch, true))?;
                 let aggregator = self.model.backbone.aggregator.as_deref();
                 for key in &wanting {
                     let objective = self.model.objectives.get_mut(key).expect("checked");
@@ -470,7 +484,11 @@ impl Run {
                     batch.ids.size()[0]
                 );
                 optimizer.zero_grad();
-                loss.f_backward().map_err(|e| {
+                let backward_loss = match &position.loss_scaler {
+                    Some(scaler) => scaler.scaled(&loss),
+                    None => loss.shallow_clone(),
+                };
+                backward_loss.f_backward().map_err(|e| {
                     distributed::collective_failed(
                         e.into(),
                         &format!("the backward pass of step {}", position.global_step + 1),
@@ -482,8 +500,32 @@ impl Run {
                         &format!("averaging the gradients of step {}", position.global_step + 1),
                     )
                 })?;
-                let grad_norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
-                optimizer.step(lr);
+                // Loss scaling: unscale after the all-reduce (every rank then sees the same
+                // overflow), before clipping reads the norm.
+                let scaled_step = position.loss_scaler.as_ref().map(|scaler| {
+                    let gradients = optimizer.fresh_gradients();
+                    loss_scaling::inject_overflow_if_asked(position.global_step + 1, &gradients);
+                    scaler.unscale(&gradients)
+                });
+                let grad_norm = match scaled_step {
+                    Some(ScaledStep::Skip { scale }) => {
+                        tracing::warn!(
+                            "stage {} step {}: gradients overflowed at loss scale {scale}; optimizer step skipped, scale now {}",
+                            stage.name,
+                            position.global_step + 1,
+                            scale * loss_scaling::BACKOFF_FACTOR
+                        );
+                        None
+                    }
+                    _ => {
+                        let norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
+                        optimizer.step(lr);
+                        Some(norm)
+                    }
+                };
+                if let (Some(scaler), Some(scaled_step)) = (position.loss_scaler.as_mut(), scaled_step) {
+                    scaler.update(scaled_step);
+                }
                 for key in stage.objectives.keys() {
                     self.model
                         .objectives
@@ -524,7 +566,12 @@ impl Run {
                         record.insert(format!("health/{name}"), json!(v));
                     }
                     record.insert("lr".into(), json!(lr));
+                    // null on a step skipped for overflowing gradients.
                     record.insert("grad_norm".into(), json!(grad_norm));
+                    if let Some(scaler) = &position.loss_scaler {
+                        record.insert("loss_scale".into(), json!(scaler.scale));
+                        record.insert("skipped_step".into(), json!(grad_norm.is_none()));
+                    }
                     // Wall time since the previous step ended: data waiting included.
                     record.insert(
                         "samples_per_s".into(),
@@ -556,18 +603,25 @@ impl Run {
 
     /// The batch's embeddings that the stage's objectives consume, each computed once.
     /// With `observe`, every module runs in eval mode (the caller disables autograd).
-    pub(super) fn embed(&self, stage: &StageConfig, batch: &Batch, observe: bool) -> Embedded {
+    pub(super) fn embed(&self, stage: &StageConfig, batch: &Batch, observe: bool) -> Result<Embedded> {
         let device = self.device;
         // Batches come in fp32; `run.precision` may ask for another kind.
-        let kind = self.cfg.run.options.precision.kind();
-        let input = |t: &Tensor| t.to_device_(device, kind, false, false);
+        let precision = self.cfg.run.options.precision;
+        let kind = precision.kind();
+        // Batches of a CUDA run are pinned by the loader, so the copy need not wait.
+        let non_blocking = device.is_cuda();
+        let input = |t: &Tensor| t.to_device_(device, kind, non_blocking, false);
+        // Under mixed precision the encoder and aggregator run in the autocast region and
+        // hand the objectives fp32 embeddings (crate::precision says why).
+        let region = precision.autocast(device)?;
+        let output = |t: Tensor| if region.is_some() { t.to_kind(kind) } else { t };
         let train_encoder = !observe && stage.train.iter().any(|m| m == "encoder");
         let train_aggregator = !observe && stage.train.iter().any(|m| m == "aggregator");
         let backbone = &self.model.backbone;
         let slice_views = batch
             .slice_views
             .iter()
-            .map(|v| backbone.embed_images(&input(v), train_encoder).pooled)
+            .map(|v| output(backbone.embed_images(&input(v), train_encoder).pooled))
             .collect();
         // Volume views need an aggregator; `Model::build` refuses objectives that consume
         // them without one.
@@ -578,9 +632,11 @@ impl Run {
                 .zip(&batch.volume_valid)
                 .map(|(v, valid)| {
                     let valid = valid.to_device(device);
-                    backbone
-                        .embed_volumes(&input(v), &valid, train_encoder, train_aggregator)
-                        .1
+                    output(
+                        backbone
+                            .embed_volumes(&input(v), &valid, train_encoder, train_aggregator)
+                            .1,
+                    )
                 })
                 .collect(),
             None => Vec::new(),
@@ -588,9 +644,10 @@ impl Run {
         let sequence = batch
             .sequence
             .as_ref()
-            .map(|(voxels, _)| backbone.embed_slices(&input(voxels), train_encoder).1);
+            .map(|(voxels, _)| output(backbone.embed_slices(&input(voxels), train_encoder).1));
+        drop(region);
         let valid = batch.sequence.as_ref().map(|(_, valid)| valid.to_device(device));
-        Embedded {
+        Ok(Embedded {
             ids: batch.ids.to_device(device),
             slice_views,
             global_slice_views: self.data.views.slice_views,
@@ -598,7 +655,7 @@ impl Run {
             sequence,
             valid,
             train_aggregator,
-        }
+        })
     }
 
     /// The weighted sum of the stage's objectives over one batch, each term, and the
@@ -609,7 +666,7 @@ impl Run {
         batch: &Batch,
         progress: &Progress,
     ) -> Result<(Tensor, Terms, Terms)> {
-        let embedded = self.embed(stage, batch, false);
+        let embedded = self.embed(stage, batch, false)?;
         let aggregator = self.model.backbone.aggregator.as_deref();
         let mut total: Option<Tensor> = None;
         let mut terms = Vec::new();

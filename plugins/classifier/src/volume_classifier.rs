@@ -132,6 +132,7 @@ register!(HEADS, VOLUME_CLASSIFIER: HeadEntry = HeadEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
     use medssl_core::registry;
     use medssl_mean_pool as _;
     use medssl_resnet as _;
@@ -208,7 +209,7 @@ mod tests {
     }
 
     fn volumes(b: i64, h: i64, w: i64) -> Tensor {
-        Tensor::randn([b, 3, h, w], (Kind::Float, Device::Cpu))
+        Tensor::randn([b, 3, h, w], (Kind::Float, test_device()))
     }
 
     #[test]
@@ -219,11 +220,15 @@ mod tests {
             ("resnet18", "base_width = 4\nsmall_input = false"),
             ("resnet50", "base_width = 2"),
         ] {
-            let vs = nn::VarStore::new(Device::Cpu);
+            let vs = nn::VarStore::new(test_device());
             let backbone = Backbone::new(&vs, encoder, body);
             let shape = backbone.head_shape(4);
             assert_eq!(head(&vs, "", &shape).unwrap().task(), Task::VolumeClassification);
-            let head = classifier(&nn::VarStore::new(Device::Cpu), "hidden_dim = 8\ndropout = 0.2", &shape);
+            let head = classifier(
+                &nn::VarStore::new(test_device()),
+                "hidden_dim = 8\ndropout = 0.2",
+                &shape,
+            );
             for train in [true, false] {
                 let logits = backbone.with_input(&volumes(2, 15, 19), train, |input| {
                     head.logits(input.volume.unwrap(), train)
@@ -236,10 +241,10 @@ mod tests {
     #[test]
     fn gradients_reach_every_head_parameter_and_the_encoder() {
         tch::manual_seed(1);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let backbone = Backbone::new(&vs, "resnet18", "base_width = 4\nsmall_input = true");
         let head = head(&vs, "hidden_dim = 8", &backbone.head_shape(3)).unwrap();
-        let targets = Targets::Classes(Tensor::from_slice(&[0i64, 2, 1]));
+        let targets = Targets::Classes(Tensor::from_slice(&[0i64, 2, 1]).to_device(test_device()));
         let loss = backbone
             .with_input(&volumes(3, 12, 12), true, |input| head.loss(input, &targets, 0))
             .unwrap();
@@ -266,14 +271,14 @@ mod tests {
     #[test]
     fn loss_falls_when_overfitting_a_fixed_batch() {
         tch::manual_seed(2);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let head = head(&vs, "hidden_dim = 16", &shape(Some(6), 3)).unwrap();
-        let volume = Tensor::randn([6, 6], (Kind::Float, Device::Cpu));
-        let labels = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+        let volume = Tensor::randn([6, 6], (Kind::Float, test_device()));
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]).to_device(test_device());
         let targets = Targets::Classes(labels.shallow_clone());
         let features = EncoderOutput {
             levels: Vec::new(),
-            pooled: Tensor::zeros([6, 8], (Kind::Float, Device::Cpu)),
+            pooled: Tensor::zeros([6, 8], (Kind::Float, test_device())),
         };
         let input = HeadInput {
             encoder: &features,
@@ -299,12 +304,12 @@ mod tests {
     #[test]
     fn dropout_acts_in_training_only() {
         tch::manual_seed(3);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let head = classifier(&vs, "hidden_dim = 64\ndropout = 0.5", &shape(Some(6), 2));
-        let volume = Tensor::randn([4, 6], (Kind::Float, Device::Cpu));
+        let volume = Tensor::randn([4, 6], (Kind::Float, test_device()));
         let features = EncoderOutput {
             levels: Vec::new(),
-            pooled: Tensor::zeros([4, 8], (Kind::Float, Device::Cpu)),
+            pooled: Tensor::zeros([4, 8], (Kind::Float, test_device())),
         };
         let input = HeadInput {
             encoder: &features,
@@ -319,7 +324,7 @@ mod tests {
     #[test]
     fn config_errors_name_the_key_and_what_was_expected() {
         let message = |body: &str, shape: &HeadShape| {
-            let vs = nn::VarStore::new(Device::Cpu);
+            let vs = nn::VarStore::new(test_device());
             format!(
                 "{:#}",
                 head(&vs, body, shape)

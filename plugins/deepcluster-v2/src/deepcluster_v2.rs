@@ -276,6 +276,8 @@ impl DeepClusterV2Objective {
             n > 0,
             "{NAME}: the memory bank is empty at the start of epoch {epoch}: no batch reached it"
         );
+        // The ids come to the host for the seeded choice of initial centroids (plain Rust);
+        // the bank, k-means and the assignments stay on the bank's device.
         let id_list: Vec<i64> = Vec::try_from(&ids.to_device(Device::Cpu))?;
         for (h, &k) in self.cfg.prototypes.iter().enumerate() {
             ensure!(
@@ -418,6 +420,7 @@ register!(OBJECTIVES, DEEPCLUSTER_V2: ObjectiveEntry = ObjectiveEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
 
     fn shape(num_samples: usize) -> ObjectiveShape {
         ObjectiveShape {
@@ -461,20 +464,22 @@ mod tests {
     }
 
     fn ids(values: &[i64]) -> Tensor {
-        Tensor::from_slice(values)
+        Tensor::from_slice(values).to_device(test_device())
     }
 
     fn views(n: i64, seed: i64) -> Vec<Tensor> {
         tch::manual_seed(seed);
         (0..2)
-            .map(|_| Tensor::randn([n, 6], (Kind::Float, Device::Cpu)))
+            .map(|_| Tensor::randn([n, 6], (Kind::Float, test_device())))
             .collect()
     }
 
     #[test]
     fn loss_matches_hand_computed_values() {
         // Logits [[2, 0], [0, 2]] at tau = 0.5: each row pays log(1 + e^-2).
-        let z = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0]).view([2, 2]);
+        let z = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0])
+            .view([2, 2])
+            .to_device(test_device());
         let p = z.copy();
         let easy = (1.0 + (-2f64).exp()).ln();
         let got = cluster_loss(&z, &p, &ids(&[0, 1]), 0.5).double_value(&[]);
@@ -490,7 +495,7 @@ mod tests {
 
     #[test]
     fn the_objective_averages_heads_and_views_over_assigned_rows() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut objective = DeepClusterV2Objective::new(vs.root(), config(vec![2, 3]), &shape(5)).unwrap();
         let batch_ids = ids(&[4, 0, 2, 1, 3]);
         let v = views(5, 3);
@@ -538,7 +543,7 @@ mod tests {
     #[test]
     fn the_bank_is_indexed_by_global_id() {
         // Two datasets of 3 and 5 samples: global ids 0..3 and 3..8, batches out of order.
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut objective = DeepClusterV2Objective::new(vs.root(), config(vec![2]), &shape(8)).unwrap();
         assert!(objective.needs_memory_pass(&progress(0)));
         let first = ids(&[7, 1, 4]);
@@ -588,7 +593,7 @@ mod tests {
 
     #[test]
     fn a_dataset_smaller_than_a_cluster_count_is_a_config_error() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let err = DeepClusterV2Objective::new(vs.root(), config(vec![2, 5]), &shape(4))
             .err()
             .unwrap()
@@ -608,13 +613,13 @@ mod tests {
             local_slice_views: 1,
             ..shape(6)
         };
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut objective = DeepClusterV2Objective::new(vs.root(), config(vec![2, 3, 2, 3]), &shape).unwrap();
         assert_eq!(objective.memory().size(), [3, 6, 4]);
         let batch = ids(&[5, 3, 1, 0, 2, 4]);
         tch::manual_seed(21);
         let v: Vec<Tensor> = (0..4)
-            .map(|_| Tensor::randn([6, 6], (Kind::Float, Device::Cpu)))
+            .map(|_| Tensor::randn([6, 6], (Kind::Float, test_device())))
             .collect();
         let step = StepInput {
             ids: &batch,
@@ -625,7 +630,7 @@ mod tests {
         };
         objective.observe(&step, &progress(0)).unwrap();
         let z = tch::no_grad(|| objective.project(&v, false));
-        let order = Tensor::from_slice(&[3i64, 2, 4, 1, 5, 0]); // row of each id 0..6
+        let order = ids(&[3, 2, 4, 1, 5, 0]); // row of each id 0..6
         for (view, zv) in z.iter().take(3).enumerate() {
             let stored = objective.memory().get(view as i64);
             assert!(stored.equal(&zv.index_select(0, &order)), "view {view}");
@@ -642,7 +647,7 @@ mod tests {
 
     #[test]
     fn a_step_with_other_global_views_than_announced_is_a_clear_error() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let shape = ObjectiveShape {
             global_slice_views: 3,
             ..shape(4)
@@ -672,7 +677,7 @@ mod tests {
     fn restored_variables_reproduce_assignments_and_loss_exactly() {
         let batch = ids(&[3, 0, 5, 2, 4, 1]);
         let v = views(6, 11);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut a = DeepClusterV2Objective::new(vs.root(), config(vec![3, 2]), &shape(6)).unwrap();
         a.observe(&input(&batch, &v), &progress(0)).unwrap();
         a.on_epoch_start(&progress(0)).unwrap();
@@ -680,7 +685,7 @@ mod tests {
         a.on_epoch_start(&progress(1)).unwrap();
 
         tch::manual_seed(99);
-        let mut restored_vs = nn::VarStore::new(Device::Cpu);
+        let mut restored_vs = nn::VarStore::new(test_device());
         let mut b = DeepClusterV2Objective::new(restored_vs.root(), config(vec![3, 2]), &shape(6)).unwrap();
         assert!(b.needs_memory_pass(&progress(0)));
         restored_vs.copy(&vs).unwrap();
@@ -724,7 +729,10 @@ mod tests {
     fn fixture_tensor(entry: &serde_json::Value) -> Tensor {
         let shape: Vec<i64> = serde_json::from_value(entry["shape"].clone()).unwrap();
         let data: Vec<f64> = serde_json::from_value(entry["data"].clone()).unwrap();
-        Tensor::from_slice(&data).view(shape.as_slice()).to_kind(Kind::Float)
+        Tensor::from_slice(&data)
+            .view(shape.as_slice())
+            .to_kind(Kind::Float)
+            .to_device(test_device())
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub fn spherical_kmeans(x: &Tensor, init: &[i64], iterations: usize) -> Result<K
         let mut reseeded = 0;
         for iteration in 0..=iterations {
             let (similarity, nearest) = nearest_centroids(&x, &centroids, &block);
+            // Re-seeding empty clusters is sequential bookkeeping over every row, kept on the
+            // host; the assignments go back to `x`'s device below.
             let mut assignments: Vec<i64> = Vec::try_from(&nearest.to_device(Device::Cpu))?;
             let similarity: Vec<f64> = Vec::try_from(&similarity.to_kind(Kind::Double).to_device(Device::Cpu))?;
             let moves = reseed_empty(&mut assignments, &similarity, k as usize);
@@ -198,6 +200,7 @@ fn reseed_empty(assignments: &mut [i64], similarity: &[f64], k: usize) -> Vec<(u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
     use proptest::prelude::*;
 
     #[test]
@@ -217,11 +220,11 @@ mod tests {
     #[test]
     fn nearest_centroids_block_by_block_equal_one_product() {
         tch::manual_seed(8);
-        let x = l2_normalize(&Tensor::randn([11, 4], (Kind::Float, Device::Cpu)));
-        let centroids = l2_normalize(&Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
+        let x = l2_normalize(&Tensor::randn([11, 4], (Kind::Float, test_device())));
+        let centroids = l2_normalize(&Tensor::randn([5, 4], (Kind::Float, test_device())));
         let (want_values, want_indices) = x.matmul(&centroids.tr()).max_dim(1, false);
         // Blocks of 3 rows: three full ones and a partial one, through one reused buffer.
-        let block = Tensor::empty([3, 5], (Kind::Float, Device::Cpu));
+        let block = Tensor::empty([3, 5], (Kind::Float, test_device()));
         let (values, indices) = nearest_centroids(&x, &centroids, &block);
         assert!(values.allclose(&want_values, 1e-6, 1e-7, false));
         assert!(indices.equal(&want_indices));
@@ -231,9 +234,9 @@ mod tests {
     #[test]
     fn both_ways_of_summing_cluster_members_agree() {
         tch::manual_seed(5);
-        let x = l2_normalize(&Tensor::randn([50, 3], (Kind::Float, Device::Cpu)));
+        let x = l2_normalize(&Tensor::randn([50, 3], (Kind::Float, test_device())));
         // Cluster 6 of 7 gets no member.
-        let assignments = Tensor::randint(6, [50], (Kind::Int64, Device::Cpu));
+        let assignments = Tensor::randint(6, [50], (Kind::Int64, test_device()));
         let (sums, counts) = member_sums(&x, &assignments, 7, false);
         let (sums_1h, counts_1h) = member_sums(&x, &assignments, 7, true);
         assert!(sums.allclose(&sums_1h, 1e-5, 1e-6, false));
@@ -245,7 +248,8 @@ mod tests {
     #[test]
     fn empty_clusters_are_reseeded_with_the_farthest_sample() {
         // Four copies of one point and one other: two centroids on the copies leave one empty.
-        let x = l2_normalize(&Tensor::from_slice(&[1f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.6, 0.8]).view([5, 2]));
+        let x = Tensor::from_slice(&[1f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.6, 0.8]).view([5, 2]);
+        let x = l2_normalize(&x.to_device(test_device()));
         let result = spherical_kmeans(&x, &[0, 1], 0).unwrap();
         let assigned: Vec<i64> = Vec::try_from(&result.assignments).unwrap();
         assert_eq!(assigned, [0, 0, 0, 0, 1]);
@@ -259,12 +263,15 @@ mod tests {
         fn kmeans_never_decreases_its_objective_and_leaves_no_cluster_empty(
             n in 2i64..40, k_pick in 0i64..1000, d in 2i64..8, seed in 0i64..10_000,
             distinct in 1i64..40, iterations in 0usize..8,
+            // Read as the strategies are built, before any case runs: a bad MEDSSL_TEST_DEVICE
+            // fails plainly, not as a shrunk case saved to proptest-regressions.
+            device in Just(test_device()),
         ) {
             let k = 1 + k_pick % n;
             tch::manual_seed(seed);
-            let base = l2_normalize(&Tensor::randn([n, d], (Kind::Float, Device::Cpu)));
+            let base = l2_normalize(&Tensor::randn([n, d], (Kind::Float, device)));
             // With few distinct points, initial centroids coincide and clusters go empty.
-            let x = base.index_select(0, &Tensor::randint(distinct.min(n), [n], (Kind::Int64, Device::Cpu)));
+            let x = base.index_select(0, &Tensor::randint(distinct.min(n), [n], (Kind::Int64, device)));
             let ids: Vec<i64> = (0..n).collect();
             let init = initial_centroids(&ids, k as usize, seed as usize, 0);
             let result = spherical_kmeans(&x, &init, iterations).unwrap();

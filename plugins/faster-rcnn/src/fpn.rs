@@ -19,6 +19,7 @@
 use anyhow::{bail, ensure, Result};
 use medssl_core::encoder::Level;
 use medssl_core::layers;
+use medssl_core::memory_format::MemoryFormat;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
@@ -50,6 +51,8 @@ impl Default for FpnConfig {
 pub struct Fpn {
     /// Index in the encoder's levels of each pyramid input, shallow to deep.
     inputs: Vec<usize>,
+    /// Layout of the convolution weights and of the inputs at entry.
+    memory_format: MemoryFormat,
     lateral: Vec<nn::Conv2D>,
     output: Vec<nn::Conv2D>,
     strides: Vec<i64>,
@@ -114,12 +117,23 @@ impl Fpn {
         }
         Ok(Fpn {
             inputs,
+            memory_format: MemoryFormat::Contiguous,
             lateral,
             output,
             strides,
             extra_pool: config.extra_pool,
             width: config.width,
         })
+    }
+
+    /// The pyramid with its convolution weights in `format`, taking its inputs in it
+    /// ([`MemoryFormat`]); its outputs come out in it.
+    pub fn laid_out(mut self, format: MemoryFormat) -> Fpn {
+        for conv in self.lateral.iter().chain(&self.output) {
+            format.convert_parameter(&conv.ws);
+        }
+        self.memory_format = format;
+        self
     }
 
     /// Strides of the pyramid's outputs, shallow to deep (the pooled level last).
@@ -149,7 +163,9 @@ impl Fpn {
             .inputs
             .iter()
             .zip(&self.lateral)
-            .map(|(&i, conv)| encoder_levels[i].apply(conv))
+            // Only the levels the pyramid reads are laid out (a copy where the encoder's
+            // layout differs).
+            .map(|(&i, conv)| self.memory_format.apply(&encoder_levels[i]).apply(conv))
             .collect();
         let last = laterals.len() - 1;
         let mut outputs = Vec::with_capacity(laterals.len() + 1);

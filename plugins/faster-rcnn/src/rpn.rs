@@ -28,6 +28,7 @@ use crate::matching::{sample, Matcher};
 use crate::nms::batched_nms;
 use anyhow::{ensure, Result};
 use medssl_core::layers;
+use medssl_core::memory_format::MemoryFormat;
 use medssl_core::rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
@@ -179,6 +180,15 @@ impl Rpn {
             coder: BoxCoder::new(config.box_weights),
             matcher,
         })
+    }
+
+    /// The RPN with its convolution weights in `format` ([`MemoryFormat`]), as the pyramid
+    /// levels it reads.
+    pub fn laid_out(self, format: MemoryFormat) -> Rpn {
+        for conv in [&self.conv, &self.logits, &self.bbox] {
+            format.convert_parameter(&conv.ws);
+        }
+        self
     }
 
     /// Runs the head on every pyramid level and lays its outputs out in anchor order

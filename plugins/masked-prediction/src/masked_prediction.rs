@@ -195,7 +195,9 @@ impl MaskedPredictionObjective {
     }
 
     /// The `[B, n]` float mask of this batch and the `[B, n, n]` weights of its two
-    /// baselines ([`baseline_weights`]), on the CPU.
+    /// baselines ([`baseline_weights`]), on the CPU: the masks are drawn by seeded Rust
+    /// generators per sample id, so ids and validity come to the host, and
+    /// [`Objective::loss`] hands the three to the features' device.
     fn mask_and_baselines(&self, ids: &Tensor, valid: &Tensor, epoch: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n) = valid.size2()?;
         ensure!(
@@ -283,6 +285,7 @@ register!(OBJECTIVES, MASKED_PREDICTION: ObjectiveEntry = ObjectiveEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
     use medssl_core::objective::SliceSequence;
     use proptest::prelude::*;
     use std::cell::RefCell;
@@ -414,12 +417,19 @@ mod tests {
         }
 
         #[test]
-        fn the_loss_ignores_unmasked_positions(seed in 0i64..1000) {
+        fn the_loss_ignores_unmasked_positions(
+            seed in 0i64..1000,
+            // Read as the strategies are built, before any case runs: a bad MEDSSL_TEST_DEVICE
+            // fails plainly, not as a shrunk case saved to proptest-regressions.
+            device in Just(test_device()),
+        ) {
             tch::manual_seed(seed);
-            let targets = Tensor::randn([2, 6, 4], (Kind::Float, Device::Cpu));
-            let predictions = Tensor::randn([2, 6, 4], (Kind::Float, Device::Cpu));
-            let mask = Tensor::from_slice(&[1f32, 0., 0., 1., 0., 0., 0., 1., 0., 0., 0., 0.]).view([2, 6]);
-            let noise = Tensor::randn([2, 6, 4], (Kind::Float, Device::Cpu)) * 10.0 * (1.0 - mask.unsqueeze(-1));
+            let targets = Tensor::randn([2, 6, 4], (Kind::Float, device));
+            let predictions = Tensor::randn([2, 6, 4], (Kind::Float, device));
+            let mask = Tensor::from_slice(&[1f32, 0., 0., 1., 0., 0., 0., 1., 0., 0., 0., 0.])
+                .view([2, 6])
+                .to_device(device);
+            let noise = Tensor::randn([2, 6, 4], (Kind::Float, device)) * 10.0 * (1.0 - mask.unsqueeze(-1));
             let a = masked_l2(&predictions, &targets, &mask).double_value(&[]);
             let b = masked_l2(&(&predictions + noise), &targets, &mask).double_value(&[]);
             prop_assert!((a - b).abs() < 1e-6, "{} vs {}", a, b);
@@ -468,7 +478,7 @@ mod tests {
     fn baselines_never_see_the_masked_slices_and_interpolation_is_exact_on_a_line() {
         tch::manual_seed(4);
         let dim = 3;
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut objective =
             MaskedPredictionObjective::new(vs.root(), cfg(0.25, 1), &shape(dim), "objectives.mask").unwrap();
         let spy = Spy {
@@ -477,11 +487,15 @@ mod tests {
         };
         // Features on a straight line through the slices: linear interpolation between
         // visible neighbours is exact wherever a masked slice has one on each side.
-        let ids = Tensor::from_slice(&[0i64, 1, 2, 3]);
-        let valid = Tensor::ones([4, 12], (Kind::Bool, Device::Cpu));
-        let mask = objective.mask_and_baselines(&ids, &valid, 0).unwrap().0;
-        let slope = Tensor::randn([4, 1, dim], (Kind::Float, Device::Cpu));
-        let line = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([1, 12, 1]) * &slope;
+        let ids = Tensor::from_slice(&[0i64, 1, 2, 3]).to_device(test_device());
+        let valid = Tensor::ones([4, 12], (Kind::Bool, test_device()));
+        let mask = objective
+            .mask_and_baselines(&ids, &valid, 0)
+            .unwrap()
+            .0
+            .to_device(test_device());
+        let slope = Tensor::randn([4, 1, dim], (Kind::Float, test_device()));
+        let line = Tensor::arange(12, (Kind::Float, test_device())).view([1, 12, 1]) * &slope;
         let mut terms = |features: &Tensor| {
             let loss = objective
                 .loss(&input(&ids, features, &valid, &spy), &progress(0))
@@ -565,20 +579,20 @@ mod tests {
     fn the_mask_vector_replaces_exactly_the_masked_real_slices() {
         tch::manual_seed(1);
         let dim = 4;
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut objective =
             MaskedPredictionObjective::new(vs.root(), cfg(0.3, 1), &shape(dim), "objectives.mask").unwrap();
         let spy = Spy {
             dim,
             seen: RefCell::new(None),
         };
-        let features = Tensor::randn([3, 10, dim], (Kind::Float, Device::Cpu));
+        let features = Tensor::randn([3, 10, dim], (Kind::Float, test_device()));
         // Real lengths 10, 6 and 2; the rest is padding.
         let lengths = [10i64, 6, 2];
-        let valid = Tensor::arange(10, (Kind::Int64, Device::Cpu))
+        let valid = Tensor::arange(10, (Kind::Int64, test_device()))
             .unsqueeze(0)
-            .lt_tensor(&Tensor::from_slice(&lengths).unsqueeze(1));
-        let ids = Tensor::from_slice(&[4i64, 9, 2]);
+            .lt_tensor(&Tensor::from_slice(&lengths).to_device(test_device()).unsqueeze(1));
+        let ids = Tensor::from_slice(&[4i64, 9, 2]).to_device(test_device());
         let loss = objective
             .loss(&input(&ids, &features, &valid, &spy), &progress(3))
             .unwrap();
@@ -589,7 +603,9 @@ mod tests {
             .all_dim(-1, false);
         assert!(replaced.equal(&token_rows), "a changed slice is the MASK vector");
         let valid_flags: Vec<bool> = Vec::try_from(valid.reshape([-1])).unwrap();
-        let expected = batch_mask(&cfg(0.3, 1), 7, 3, &[4, 9, 2], &valid_flags).unwrap();
+        let expected = batch_mask(&cfg(0.3, 1), 7, 3, &[4, 9, 2], &valid_flags)
+            .unwrap()
+            .to_device(test_device());
         assert!(replaced.to_kind(Kind::Float).equal(&expected));
         // round(0.3 x 10) + round(0.3 x 6) + the one of two slices kept below two.
         assert_eq!(loss.terms[2], ("masked".to_string(), 3.0 + 2.0 + 1.0));
@@ -599,7 +615,7 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key_and_the_value() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         for ratio in [0.0, 1.0, -0.1, 1.5] {
             let err = MaskedPredictionObjective::new(vs.root(), cfg(ratio, 1), &shape(4), "objectives.mask")
                 .err()
@@ -631,7 +647,7 @@ mod tests {
     fn gradients_reach_the_mask_vector_and_the_decoder_but_not_the_targets() {
         tch::manual_seed(2);
         let dim = 5;
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let aggregator = NeighbourMix {
             mix: layers::linear(vs.root() / "aggregator", 2 * dim, dim),
             dim,
@@ -643,9 +659,9 @@ mod tests {
             };
             let root = vs.root() / format!("objective_{normalize_targets}");
             let mut objective = MaskedPredictionObjective::new(root, cfg, &shape(dim), "objectives.mask").unwrap();
-            let features = Tensor::randn([2, 8, dim], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-            let valid = Tensor::ones([2, 8], (Kind::Bool, Device::Cpu));
-            let ids = Tensor::from_slice(&[0i64, 1]);
+            let features = Tensor::randn([2, 8, dim], (Kind::Float, test_device())).set_requires_grad(true);
+            let valid = Tensor::ones([2, 8], (Kind::Bool, test_device()));
+            let ids = Tensor::from_slice(&[0i64, 1]).to_device(test_device());
             let loss = objective
                 .loss(&input(&ids, &features, &valid, &aggregator), &progress(0))
                 .unwrap();
@@ -657,7 +673,11 @@ mod tests {
             // The features get gradient only as the aggregator's context: the MASK vector
             // stands in for the masked slices and their targets are detached.
             let per_slice = features.grad().abs().sum_dim_intlist(-1, false, Kind::Float);
-            let mask = objective.mask_and_baselines(&ids, &valid, 0).unwrap().0;
+            let mask = objective
+                .mask_and_baselines(&ids, &valid, 0)
+                .unwrap()
+                .0
+                .to_device(test_device());
             assert_eq!((&per_slice * &mask).sum(Kind::Float).double_value(&[]), 0.0);
             assert!(
                 per_slice.sum(Kind::Float).double_value(&[]) > 0.0,
@@ -669,7 +689,7 @@ mod tests {
     #[test]
     fn the_loss_falls_below_the_mean_predictor_on_a_fixed_batch() {
         tch::manual_seed(0);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let dim = 6;
         let aggregator = NeighbourMix {
             mix: layers::linear(vs.root() / "aggregator", 2 * dim, dim),
@@ -681,13 +701,13 @@ mod tests {
         // Each volume is a circle in feature space, its slices equally spaced on it (the test
         // aggregator's neighbours wrap around too): a slice is c + (neighbour mean - c) /
         // cos(pi / 4), so its context predicts it, while the volume's mean is the centre c.
-        let angle = Tensor::arange(8, (Kind::Float, Device::Cpu)).view([1, 8, 1]) * (std::f64::consts::PI / 4.0);
-        let cosine = Tensor::randn([4, 1, dim], (Kind::Float, Device::Cpu));
-        let sine = Tensor::randn([4, 1, dim], (Kind::Float, Device::Cpu));
-        let centre = Tensor::randn([4, 1, dim], (Kind::Float, Device::Cpu));
+        let angle = Tensor::arange(8, (Kind::Float, test_device())).view([1, 8, 1]) * (std::f64::consts::PI / 4.0);
+        let cosine = Tensor::randn([4, 1, dim], (Kind::Float, test_device()));
+        let sine = Tensor::randn([4, 1, dim], (Kind::Float, test_device()));
+        let centre = Tensor::randn([4, 1, dim], (Kind::Float, test_device()));
         let features = &cosine * angle.cos() + &sine * angle.sin() + centre;
-        let valid = Tensor::ones([4, 8], (Kind::Bool, Device::Cpu));
-        let ids = Tensor::from_slice(&[0i64, 1, 2, 3]);
+        let valid = Tensor::ones([4, 8], (Kind::Bool, test_device()));
+        let ids = Tensor::from_slice(&[0i64, 1, 2, 3]).to_device(test_device());
         let mut optimizer = nn::Adam::default().build(&vs, 0.03).unwrap();
         let mut losses = Vec::new();
         let mut baseline = f64::NAN;

@@ -150,6 +150,7 @@ register!(OBJECTIVES, NTXENT: ObjectiveEntry = ObjectiveEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
     use proptest::prelude::*;
 
     /// Eq. 1 of SimCLR for two views, written out anchor by anchor.
@@ -175,12 +176,19 @@ mod tests {
         #[test]
         fn matches_simclr_equation_1(
             n in 2usize..6, d in 2usize..6, tau in 0.05f64..1.0, seed in 0u64..1000,
+            // Read as the strategies are built, before any case runs: a bad MEDSSL_TEST_DEVICE
+            // fails plainly, not as a shrunk case saved to proptest-regressions.
+            device in Just(test_device()),
         ) {
             let gen = |k: u64| -> Vec<Vec<f64>> {
                 (0..n).map(|i| (0..d).map(|j| (((seed * 31 + k * 17 + i as u64 * 7 + j as u64 * 3) % 97) as f64 / 48.5) - 1.0).collect()).collect()
             };
             let (a, b) = (gen(1), gen(2));
-            let to_t = |m: &Vec<Vec<f64>>| Tensor::from_slice(&m.concat()).view([n as i64, d as i64]);
+            let to_t = |m: &Vec<Vec<f64>>| {
+                Tensor::from_slice(&m.concat())
+                    .view([n as i64, d as i64])
+                    .to_device(device)
+            };
             let got = nt_xent(&[to_t(&a), to_t(&b)], tau).double_value(&[]);
             let want = reference(&a, &b, tau);
             prop_assert!((got - want).abs() < 1e-6 * want.abs().max(1.0), "{} vs {}", got, want);
@@ -189,7 +197,7 @@ mod tests {
 
     #[test]
     fn identical_views_of_distinct_samples_give_a_lower_loss_than_random_ones() {
-        let x = Tensor::eye(4, (Kind::Float, Device::Cpu));
+        let x = Tensor::eye(4, (Kind::Float, test_device()));
         let aligned = nt_xent(&[x.shallow_clone(), x.shallow_clone()], 0.1).double_value(&[]);
         let shuffled = nt_xent(&[x.shallow_clone(), x.flip([0])], 0.1).double_value(&[]);
         assert!(aligned < shuffled, "{aligned} vs {shuffled}");
@@ -197,7 +205,7 @@ mod tests {
 
     #[test]
     fn volume_level_without_an_aggregator_is_a_clear_error() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let cfg = NtXentConfig {
             level: ViewLevel::Volume,
             ..Default::default()

@@ -144,7 +144,11 @@ pub fn sample_slices(y: &Tensor, positions: &Tensor) -> Sampled {
             .view([groups, b, m, c])
     };
     // lerp is exact at both ends (a + w (b - a) for w < 1/2, b - (1 - w)(b - a) above).
-    let features = gather(&lower).lerp_tensor(&gather(&upper), &weight.transpose(0, 1).unsqueeze(-1));
+    // It wants one kind: under mixed precision `y` comes from a linear layer in bf16 or fp16
+    // while the positions stay fp32 (the weight is taken in fp32 first, so a position deep
+    // into a long volume keeps its fraction).
+    let towards_upper = weight.transpose(0, 1).unsqueeze(-1).to_kind(y.kind());
+    let features = gather(&lower).lerp_tensor(&gather(&upper), &towards_upper);
     Sampled {
         features,
         lower,

@@ -490,6 +490,7 @@ register!(OBJECTIVES, SWAV: ObjectiveEntry = ObjectiveEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
     use proptest::prelude::*;
 
     /// SwAV's `distributed_sinkhorn` on one process, in f64, exactly as written there.
@@ -512,9 +513,12 @@ mod tests {
         (0..b).map(|i| (0..k).map(|j| q[j][i] * b as f64).collect()).collect()
     }
 
-    fn to_tensor(m: &[Vec<f64>]) -> Tensor {
+    fn to_tensor(m: &[Vec<f64>], device: Device) -> Tensor {
         let (r, c) = (m.len() as i64, m[0].len() as i64);
-        Tensor::from_slice(&m.concat()).view([r, c]).to_kind(Kind::Float)
+        Tensor::from_slice(&m.concat())
+            .view([r, c])
+            .to_kind(Kind::Float)
+            .to_device(device)
     }
 
     fn to_rows(t: &Tensor) -> Vec<Vec<f64>> {
@@ -551,7 +555,7 @@ mod tests {
     fn views(n: i64, dim: i64, count: usize, seed: i64) -> Vec<Tensor> {
         tch::manual_seed(seed);
         (0..count)
-            .map(|_| Tensor::randn([n, dim], (Kind::Float, Device::Cpu)))
+            .map(|_| Tensor::randn([n, dim], (Kind::Float, test_device())))
             .collect()
     }
 
@@ -583,15 +587,18 @@ mod tests {
             .collect()
     }
 
+    // The device is a strategy: it is read before any case runs, so a bad MEDSSL_TEST_DEVICE
+    // fails the test plainly instead of as a shrunk case saved to proptest-regressions/.
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
         fn sinkhorn_is_finite_and_normalises_every_sample_for_any_finite_input(
             b in 1usize..16, k in 1usize..32, magnitude in prop_oneof![Just(1.0), Just(20.0), Just(1e3), Just(1e4)],
             values in proptest::collection::vec(-1.0f64..1.0, 512), iterations in 0usize..8,
+            device in Just(test_device()),
         ) {
             let logits = random_matrix(b, k, magnitude, &values);
-            let q = sinkhorn_knopp(&to_tensor(&logits), iterations);
+            let q = sinkhorn_knopp(&to_tensor(&logits, device), iterations);
             prop_assert_eq!(q.size(), vec![b as i64, k as i64]);
             let rows = to_rows(&q);
             for row in &rows {
@@ -604,7 +611,7 @@ mod tests {
         #[test]
         fn sinkhorn_matches_the_reference_and_converges_to_uniform_prototypes(
             b in 1usize..16, k in 1usize..32, magnitude in prop_oneof![Just(1.0), Just(5.0)],
-            values in proptest::collection::vec(-1.0f64..1.0, 512),
+            values in proptest::collection::vec(-1.0f64..1.0, 512), device in Just(test_device()),
         ) {
             let logits = random_matrix(b, k, magnitude, &values);
             let target = b as f64 / k as f64;
@@ -614,7 +621,7 @@ mod tests {
             };
             let mut errors = Vec::new();
             for iterations in [3, 200] {
-                let got = to_rows(&sinkhorn_knopp(&to_tensor(&logits), iterations));
+                let got = to_rows(&sinkhorn_knopp(&to_tensor(&logits, device), iterations));
                 let want = reference_sinkhorn(&logits, iterations);
                 for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                     prop_assert!((g - w).abs() < 1e-5, "{} iterations: {} vs {}", iterations, g, w);
@@ -634,14 +641,15 @@ mod tests {
         fn sinkhorn_at_large_magnitudes_agrees_with_an_f64_log_domain_run(
             b in 1usize..8, k in 1usize..8, values in proptest::collection::vec(-1.0f64..1.0, 64),
             spread in prop_oneof![Just(1.0), Just(1e2), Just(1e4)], offset in prop_oneof![Just(0.0), Just(1e4), Just(-1e4)],
+            device in Just(test_device()),
         ) {
             // exp overflows in the reference code here; f64 log-domain Sinkhorn is the truth.
             let logits: Vec<Vec<f64>> = random_matrix(b, k, spread, &values)
                 .into_iter()
                 .map(|row| row.into_iter().map(|x| (x + offset) as f32 as f64).collect())
                 .collect();
-            let got = to_rows(&sinkhorn_knopp(&to_tensor(&logits), 3));
-            let want = to_rows(&sinkhorn_knopp(&to_tensor(&logits).to_kind(Kind::Double), 3));
+            let got = to_rows(&sinkhorn_knopp(&to_tensor(&logits, device), 3));
+            let want = to_rows(&sinkhorn_knopp(&to_tensor(&logits, device).to_kind(Kind::Double), 3));
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                 prop_assert!((g - w).abs() < 1e-4, "{} vs {}", g, w);
             }
@@ -662,7 +670,10 @@ mod tests {
     fn fixture_tensor(entry: &serde_json::Value) -> Tensor {
         let shape: Vec<i64> = serde_json::from_value(entry["shape"].clone()).unwrap();
         let data: Vec<f64> = serde_json::from_value(entry["data"].clone()).unwrap();
-        Tensor::from_slice(&data).view(shape.as_slice()).to_kind(Kind::Float)
+        Tensor::from_slice(&data)
+            .view(shape.as_slice())
+            .to_kind(Kind::Float)
+            .to_device(test_device())
     }
 
     fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
@@ -721,7 +732,9 @@ mod tests {
     fn sinkhorn_splits_identical_samples_evenly_across_prototypes() {
         // Four identical samples that all prefer prototype 0 by 1e4 / epsilon: the
         // equipartition constraint still spreads them (rows sum to B / K = 2).
-        let logits = Tensor::from_slice(&[2e5f32, 0.0, 2e5, 0.0, 2e5, 0.0, 2e5, 0.0]).view([4, 2]);
+        let logits = Tensor::from_slice(&[2e5f32, 0.0, 2e5, 0.0, 2e5, 0.0, 2e5, 0.0])
+            .view([4, 2])
+            .to_device(test_device());
         let q = sinkhorn_knopp(&logits, 3);
         let sums = to_rows(&q.sum_dim_intlist(0, true, Kind::Float));
         assert!(sums[0].iter().all(|s| (s - 2.0).abs() < 1e-4), "{sums:?}");
@@ -730,8 +743,8 @@ mod tests {
     #[test]
     fn codes_include_the_queue_in_the_sinkhorn_batch_and_return_the_batch_rows() {
         tch::manual_seed(3);
-        let batch = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
-        let queue = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
+        let batch = Tensor::randn([3, 4], (Kind::Float, test_device()));
+        let queue = Tensor::randn([5, 4], (Kind::Float, test_device()));
         let got = codes(&batch, Some(&queue), 0.5, 3);
         let want = sinkhorn_knopp(&(Tensor::cat(&[&queue, &batch], 0) / 0.5), 3).narrow(0, 5, 3);
         assert!(got.allclose(&want, 1e-6, 1e-7, false));
@@ -742,8 +755,10 @@ mod tests {
     fn swapped_prediction_matches_a_hand_computation() {
         // Uniform scores: log softmax = -ln K for every view, so any codes give ln K.
         let k = 4;
-        let flat = Tensor::zeros([2, k], (Kind::Float, Device::Cpu));
-        let q = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 0.25, 0.25, 0.25, 0.25]).view([2, k]);
+        let flat = Tensor::zeros([2, k], (Kind::Float, test_device()));
+        let q = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 0.25, 0.25, 0.25, 0.25])
+            .view([2, k])
+            .to_device(test_device());
         let loss = swapped_prediction(&[flat.shallow_clone(), flat.shallow_clone(), flat], &[q], 0.1);
         assert!((loss.double_value(&[]) - (k as f64).ln()).abs() < 1e-6);
 
@@ -757,7 +772,12 @@ mod tests {
         let ce = |q: &[f64; 2], v: &[f64; 2]| -(q[0] * log_softmax(v)[0] + q[1] * log_softmax(v)[1]);
         // Code of view 0 predicted from views 1 and 2; code of view 1 from views 0 and 2.
         let want = ((ce(&q[0], &s[1]) + ce(&q[0], &s[2])) / 2.0 + (ce(&q[1], &s[0]) + ce(&q[1], &s[2])) / 2.0) / 2.0;
-        let t = |m: &[f64; 2]| Tensor::from_slice(m).view([1, 2]).to_kind(Kind::Float);
+        let t = |m: &[f64; 2]| {
+            Tensor::from_slice(m)
+                .view([1, 2])
+                .to_kind(Kind::Float)
+                .to_device(test_device())
+        };
         let got = swapped_prediction(&[t(&s[0]), t(&s[1]), t(&s[2])], &[t(&q[0]), t(&q[1])], 1.0);
         assert!(
             (got.double_value(&[]) - want).abs() < 1e-6,
@@ -768,11 +788,11 @@ mod tests {
 
     #[test]
     fn objective_loss_is_swapped_prediction_of_sinkhorn_codes() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let cfg = small_config();
         let mut obj = SwavObjective::new(vs.root() / "swav", cfg.clone(), &shape(7, None)).unwrap();
         let v = views(4, 7, 4, 0);
-        let ids = Tensor::arange(4, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(4, (Kind::Int64, test_device()));
         let loss = obj.loss(&input(&ids, &v, 2), &progress(0, 0)).unwrap();
         // Recompute from the parts.
         let z: Vec<Tensor> = Tensor::cat(&v, 0)
@@ -801,13 +821,13 @@ mod tests {
 
     #[test]
     fn prototypes_are_unit_norm_at_build_and_after_every_step() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut obj = SwavObjective::new(vs.root(), small_config(), &shape(7, None)).unwrap();
         let norms = |t: &Tensor| t.norm_scalaropt_dim(2, [1], false);
-        let ones = Tensor::ones([5], (Kind::Float, Device::Cpu));
+        let ones = Tensor::ones([5], (Kind::Float, test_device()));
         assert!(norms(&obj.prototypes).allclose(&ones, 1e-5, 1e-6, false));
         tch::no_grad(|| {
-            let noise = Tensor::randn([5, 6], (Kind::Float, Device::Cpu));
+            let noise = Tensor::randn([5, 6], (Kind::Float, test_device()));
             let scrambled = &obj.prototypes * 3.0 + noise;
             obj.prototypes.shallow_clone().copy_(&scrambled);
         });
@@ -821,14 +841,14 @@ mod tests {
 
     #[test]
     fn prototypes_get_no_gradient_while_frozen_and_do_after() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let cfg = SwavConfig {
             freeze_prototypes_steps: 5,
             ..small_config()
         };
         let mut obj = SwavObjective::new(vs.root(), cfg, &shape(7, None)).unwrap();
         let v = views(4, 7, 3, 1);
-        let ids = Tensor::arange(4, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(4, (Kind::Int64, test_device()));
         let projector = vs.variables()["projector.0.weight"].shallow_clone();
         for (step, frozen) in [(0, true), (4, true), (5, false), (100, false)] {
             let mut p = obj.prototypes.shallow_clone();
@@ -859,9 +879,9 @@ mod tests {
 
     #[test]
     fn the_queue_fills_from_its_start_epoch_and_feeds_the_codes() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut obj = SwavObjective::new(vs.root(), queue_config(), &shape(7, None)).unwrap();
-        let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(3, (Kind::Int64, test_device()));
         let v = views(3, 7, 3, 2);
         let queue = obj.queue.as_ref().unwrap().shallow_clone();
         assert_eq!(queue.size(), [2, 5, 6]);
@@ -911,14 +931,14 @@ mod tests {
     #[test]
     fn a_queue_longer_or_shorter_than_the_batch_keeps_the_newest_rows() {
         for length in [1usize, 2, 7] {
-            let vs = nn::VarStore::new(Device::Cpu);
+            let vs = nn::VarStore::new(test_device());
             let cfg = SwavConfig {
                 queue_length: length,
                 queue_start_epoch: 0,
                 ..small_config()
             };
             let mut obj = SwavObjective::new(vs.root(), cfg, &shape(7, None)).unwrap();
-            let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+            let ids = Tensor::arange(3, (Kind::Int64, test_device()));
             for seed in 0..3 {
                 let v = views(3, 7, 2, seed);
                 let loss = obj.loss(&input(&ids, &v, 2), &progress(0, seed as usize)).unwrap();
@@ -932,9 +952,9 @@ mod tests {
     fn queue_and_its_fill_survive_a_checkpoint_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tensors.safetensors");
-        let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(3, (Kind::Int64, test_device()));
         let v = views(3, 7, 4, 4);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut obj = SwavObjective::new(vs.root(), queue_config(), &shape(7, None)).unwrap();
         obj.loss(&input(&ids, &v, 2), &progress(1, 10)).unwrap();
         obj.on_step_end(&progress(1, 10)).unwrap();
@@ -942,7 +962,7 @@ mod tests {
         let state = obj.state();
         assert_eq!(state, serde_json::json!({ "queue_filled": [3, 3] }));
 
-        let mut vs2 = nn::VarStore::new(Device::Cpu);
+        let mut vs2 = nn::VarStore::new(test_device());
         tch::manual_seed(99); // different initial weights
         let mut restored = SwavObjective::new(vs2.root(), queue_config(), &shape(7, None)).unwrap();
         vs2.load(&file).unwrap();
@@ -977,7 +997,7 @@ mod tests {
             ..shape(7, Some(9))
         };
         for (level, want) in [(ViewLevel::Slice, 3), (ViewLevel::Volume, 4)] {
-            let vs = nn::VarStore::new(Device::Cpu);
+            let vs = nn::VarStore::new(test_device());
             let cfg = SwavConfig {
                 level,
                 ..queue_config()
@@ -986,9 +1006,9 @@ mod tests {
             assert_eq!(obj.queue.as_ref().unwrap().size(), [want, 5, 6], "{level:?}");
             assert_eq!(obj.filled, vec![0; want as usize]);
         }
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut obj = SwavObjective::new(vs.root(), queue_config(), &shape).unwrap();
-        let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(3, (Kind::Int64, test_device()));
         let v = views(3, 7, 4, 5);
         let loss = obj.loss(&input(&ids, &v, 3), &progress(1, 0)).unwrap();
         assert!(loss.total.double_value(&[]).is_finite());
@@ -997,9 +1017,9 @@ mod tests {
 
     #[test]
     fn a_step_with_other_global_views_than_announced_is_a_clear_error() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let mut obj = SwavObjective::new(vs.root(), queue_config(), &shape(7, None)).unwrap();
-        let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(3, (Kind::Int64, test_device()));
         let v = views(3, 7, 4, 5);
         let err = obj
             .loss(&input(&ids, &v, 3), &progress(0, 0))
@@ -1014,14 +1034,14 @@ mod tests {
 
     #[test]
     fn volume_level_uses_every_view_as_global() {
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let cfg = SwavConfig {
             level: ViewLevel::Volume,
             ..queue_config()
         };
         let mut obj = SwavObjective::new(vs.root(), cfg, &shape(7, Some(9))).unwrap();
         assert_eq!(obj.consumes(), Consumes::VolumeViews);
-        let ids = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange(3, (Kind::Int64, test_device()));
         let v = views(3, 9, 2, 6);
         let step = StepInput {
             ids: &ids,
@@ -1042,7 +1062,7 @@ mod tests {
     #[test]
     fn invalid_settings_are_errors_naming_the_key() {
         let build = |cfg: SwavConfig, volume_dim: Option<i64>| {
-            let vs = nn::VarStore::new(Device::Cpu);
+            let vs = nn::VarStore::new(test_device());
             SwavObjective::new(vs.root(), cfg, &shape(8, volume_dim))
                 .err()
                 .unwrap()
@@ -1089,7 +1109,7 @@ mod tests {
             let err = build(cfg, Some(8));
             assert!(err.contains(key), "{err}");
         }
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(test_device());
         let no_global = ObjectiveShape {
             global_slice_views: 0,
             ..shape(8, None)

@@ -153,10 +153,13 @@ register!(OBJECTIVES, VICREG: ObjectiveEntry = ObjectiveEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::device::test_device;
     use proptest::prelude::*;
 
     fn matrix(rows: &[[f32; 2]]) -> Tensor {
-        Tensor::from_slice(&rows.concat()).view([rows.len() as i64, 2])
+        Tensor::from_slice(&rows.concat())
+            .view([rows.len() as i64, 2])
+            .to_device(test_device())
     }
 
     #[test]
@@ -179,9 +182,12 @@ mod tests {
         #[test]
         fn terms_are_non_negative_and_invariance_vanishes_on_equal_views(
             n in 2i64..8, d in 1i64..6, seed in 0i64..1000,
+            // Read as the strategies are built, before any case runs: a bad MEDSSL_TEST_DEVICE
+            // fails plainly, not as a shrunk case saved to proptest-regressions.
+            device in Just(test_device()),
         ) {
             tch::manual_seed(seed);
-            let z = Tensor::randn([n, d], (Kind::Float, Device::Cpu));
+            let z = Tensor::randn([n, d], (Kind::Float, device));
             prop_assert!(variance(&z, 1.0).double_value(&[]) >= 0.0);
             prop_assert!(covariance(&z).double_value(&[]) >= 0.0);
             prop_assert!(invariance(&z, &z).double_value(&[]).abs() < 1e-12);

@@ -89,6 +89,20 @@ char* tx_autocast_enter(int device_type, int enabled, int dtype, tx_autocast_sta
 // was the outermost one, and restores `*prev`.
 char* tx_autocast_exit(int device_type, const tx_autocast_state* prev);
 
+// CUDA memory (cuda_memory.cpp, built with nccl.cpp): the caching allocator's peaks, bytes.
+char* tx_cuda_memory_peaks(int device, int64_t* peak_allocated, int64_t* peak_reserved);
+char* tx_cuda_memory_reset_peaks(int device);
+
+// Determinism (determinism.cpp): ATen's process-wide reproducibility switches.
+typedef struct tx_determinism {
+  int cudnn_deterministic;
+  int cudnn_benchmark;
+  int deterministic_algorithms;
+  int warn_only;
+} tx_determinism;
+char* tx_set_determinism(const tx_determinism* wanted);
+char* tx_determinism_state(tx_determinism* out);
+
 #ifdef __cplusplus
 }
 #endif

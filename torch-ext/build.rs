@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 /// The shim's translation units, one job each; nccl.cpp is added when the CUDA headers are
 /// found (see `cuda_includes`).
-const SOURCES: [&str; 7] = [
+const SOURCES: [&str; 8] = [
     "src/shim/errors.cpp",
     "src/shim/store.cpp",
     "src/shim/gloo.cpp",
@@ -29,6 +29,7 @@ const SOURCES: [&str; 7] = [
     "src/shim/autograd.cpp",
     "src/shim/autocast.cpp",
     "src/shim/determinism.cpp",
+    "src/shim/gradients.cpp",
 ];
 
 /// The CUDA 13.0 header wheels that match torch 2.13's `cuda-toolkit==13.0.3.0` pins.

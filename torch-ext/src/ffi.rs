@@ -89,6 +89,8 @@ extern "C" {
     #[cfg(medssl_nccl)]
     fn tx_cuda_memory_reset_peaks(device: c_int) -> *mut c_char;
 
+    fn tx_clear_grad(tensor: *mut C_tensor) -> *mut c_char;
+
     fn tx_set_determinism(wanted: *const Determinism) -> *mut c_char;
     fn tx_determinism_state(out: *mut Determinism) -> *mut c_char;
 }
@@ -116,6 +118,12 @@ pub(crate) fn cuda_memory_peaks(device: c_int) -> CallResult<(i64, i64)> {
 pub(crate) fn cuda_memory_reset_peaks(device: c_int) -> CallResult<()> {
     // SAFETY: a plain value in.
     check(unsafe { tx_cuda_memory_reset_peaks(device) })
+}
+
+/// Drops `tensor`'s gradient (it becomes undefined).
+pub(crate) fn clear_grad(tensor: &mut Tensor) -> CallResult<()> {
+    // SAFETY: a live tensor borrowed mutably for the call.
+    check(unsafe { tx_clear_grad(tensor.as_mut_ptr()) })
 }
 
 pub(crate) fn set_determinism(wanted: &Determinism) -> CallResult<()> {

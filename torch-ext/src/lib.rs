@@ -16,6 +16,7 @@ mod autocast;
 mod cuda_memory;
 mod determinism;
 mod error;
+mod gradients;
 mod process_group;
 mod store;
 
@@ -23,5 +24,6 @@ pub use autocast::{autocast_dtype, autocast_enabled, AutocastDevice, AutocastReg
 pub use cuda_memory::{cuda_memory_peaks, reset_cuda_memory_peaks, CudaMemoryPeaks};
 pub use determinism::{determinism, set_determinism, Determinism};
 pub use error::{Error, Result};
+pub use gradients::clear_grad;
 pub use process_group::{Backend, GlooDevice, ProcessGroup};
 pub use store::{torchelastic_agent_store, Store, TcpStoreOptions, DEFAULT_STORE_TIMEOUT};

@@ -93,6 +93,9 @@ char* tx_autocast_exit(int device_type, const tx_autocast_state* prev);
 char* tx_cuda_memory_peaks(int device, int64_t* peak_allocated, int64_t* peak_reserved);
 char* tx_cuda_memory_reset_peaks(int device);
 
+// Gradients (gradients.cpp): `tensor.grad = None`.
+char* tx_clear_grad(tx_tensor* tensor);
+
 // Determinism (determinism.cpp): ATen's process-wide reproducibility switches.
 typedef struct tx_determinism {
   int cudnn_deterministic;

@@ -18,7 +18,7 @@
 mod common;
 
 use common::decathlon::decathlon;
-use common::{assert_fails_with, medssl, write, TINY};
+use common::{assert_fails_with, final_tensors, medssl, records, write, TINY};
 use std::path::{Path, PathBuf};
 
 /// The joint demo's stages at test size: 8 phantom volumes, batches of 4, so stage 0 has 6
@@ -104,31 +104,6 @@ const SWAV: &str =
     "name = \"swav\"\nlevel = \"slice\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = 6\nfreeze_prototypes_steps = 3";
 const DEEPCLUSTER: &str =
     "name = \"deepcluster-v2\"\nlevel = \"slice\"\nhidden_dim = 16\noutput_dim = 8\nprototypes = [3, 4]\nkmeans_iterations = 3";
-
-/// Every record of `metrics.jsonl` without its wall-time field.
-fn records(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
-            record.as_object_mut().unwrap().remove("samples_per_s");
-            record
-        })
-        .collect()
-}
-
-/// The bytes of the final checkpoint's tensors.
-fn final_tensors(run_dir: &Path) -> Vec<u8> {
-    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
-    std::fs::read(
-        run_dir
-            .join("checkpoints")
-            .join(latest.trim())
-            .join("tensors.safetensors"),
-    )
-    .unwrap()
-}
 
 fn run(config: &Path, run_dir: &Path, abort_at: Option<&str>) -> std::process::Output {
     let mut command = medssl();

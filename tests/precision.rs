@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::medssl;
+use common::{final_tensors, medssl, records};
 use medssl_core::aggregator::AggregatorShape;
 use medssl_core::config::Section;
 use medssl_core::objective::{ObjectiveShape, Progress, SliceSequence, StepInput};
@@ -66,31 +66,8 @@ objectives = {{ contrast = 1.0 }}
     )
 }
 
-fn records(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
-            record.as_object_mut().unwrap().remove("samples_per_s");
-            record
-        })
-        .collect()
-}
-
 fn checkpoint_file(run_dir: &Path, step: usize, file: &str) -> std::path::PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:08}")).join(file)
-}
-
-fn final_tensors(run_dir: &Path) -> Vec<u8> {
-    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
-    std::fs::read(
-        run_dir
-            .join("checkpoints")
-            .join(latest.trim())
-            .join("tensors.safetensors"),
-    )
-    .unwrap()
 }
 
 fn train(config: &Path, run_dir: &Path, env: &[(&str, &str)]) -> std::process::Output {
@@ -409,16 +386,27 @@ lr = 0.01
     )
 }
 
-fn finetune(config: &Path, pretrained: &Path, out: &Path) -> std::process::Output {
-    medssl()
+/// `medssl finetune CONFIG --pretrained PRETRAINED --out OUT EXTRA...` with `env` set.
+fn finetune(
+    config: &Path,
+    pretrained: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut command = medssl();
+    command
         .arg("finetune")
         .arg(config)
         .arg("--pretrained")
         .arg(pretrained)
         .arg("--out")
         .arg(out)
-        .output()
-        .unwrap()
+        .args(extra);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().unwrap()
 }
 
 #[test]
@@ -438,7 +426,7 @@ fn a_bf16_fine_tune_trains_close_to_fp32_and_fp16_on_the_cpu_is_refused() {
             &segmentation(&task, precision),
         );
         let out_dir = tmp.path().join(precision);
-        let out = finetune(&config, &pretrained, &out_dir);
+        let out = finetune(&config, &pretrained, &out_dir, &[], &[]);
         assert!(out.status.success(), "{precision}: {}", common::stderr(&out));
         let records: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
             .unwrap()
@@ -466,7 +454,7 @@ fn a_bf16_fine_tune_trains_close_to_fp32_and_fp16_on_the_cpu_is_refused() {
     );
 
     let config = common::write(tmp.path(), "fp16.toml", &segmentation(&task, "fp16"));
-    let out = finetune(&config, &pretrained, &tmp.path().join("fp16"));
+    let out = finetune(&config, &pretrained, &tmp.path().join("fp16"), &[], &[]);
     assert!(!out.status.success());
     let stderr = common::stderr(&out);
     assert!(
@@ -566,26 +554,9 @@ fn a_fine_tune_with_loss_scaling_skips_an_overflow_and_resumes_exactly() {
     let task = common::decathlon::decathlon(tmp.path(), 6, 2);
     let text = segmentation(&task, "fp32").replace("precision = \"fp32\"", "loss_scaling = \"dynamic\"");
     let config = common::write(tmp.path(), "scaled.toml", &text);
-    let run = |out: &Path, env: &[(&str, &str)], resume: bool| {
-        let mut command = medssl();
-        command
-            .arg("finetune")
-            .arg(&config)
-            .arg("--pretrained")
-            .arg(&pretrained)
-            .arg("--out")
-            .arg(out);
-        if resume {
-            command.arg("--resume");
-        }
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        command.output().unwrap()
-    };
     let overflow = ("INJECT_MEDSSL_OVERFLOW", "step:8");
     let reference = tmp.path().join("reference");
-    let out = run(&reference, &[overflow], false);
+    let out = finetune(&config, &pretrained, &reference, &[], &[overflow]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     let stderr = common::stderr(&out);
     assert_eq!(stderr.matches("optimizer step skipped").count(), 1, "{stderr}");
@@ -603,7 +574,13 @@ fn a_fine_tune_with_loss_scaling_skips_an_overflow_and_resumes_exactly() {
         (records, weights)
     };
     let crashed = tmp.path().join("crashed");
-    let out = run(&crashed, &[overflow, ("INJECT_MEDSSL_ABORT", "step:11")], false);
+    let out = finetune(
+        &config,
+        &pretrained,
+        &crashed,
+        &[],
+        &[overflow, ("INJECT_MEDSSL_ABORT", "step:11")],
+    );
     assert!(!out.status.success(), "the fine-tune was not aborted");
     // Its last checkpoint, after the scratch row's first epoch (step 9), holds the scaler.
     let latest = std::fs::read_to_string(crashed.join("checkpoints/latest")).unwrap();
@@ -616,7 +593,7 @@ fn a_fine_tune_with_loss_scaling_skips_an_overflow_and_resumes_exactly() {
         serde_json::json!({"scale": 32768.0, "growth_tracker": 1, "skipped_steps": 1}),
         "{state}"
     );
-    let out = run(&crashed, &[], true);
+    let out = finetune(&config, &pretrained, &crashed, &["--resume"], &[]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert!(
         outcome(&crashed) == outcome(&reference),

@@ -18,6 +18,7 @@
 //! The scale and the count of clean steps are part of the checkpoint (`TrainingState`), so a
 //! resumed run scales, skips and grows exactly as the uninterrupted one would.
 
+use crate::optim::Optimizer;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -131,6 +132,53 @@ impl LossScaler {
                     self.growth_tracker = 0;
                 }
             }
+        }
+    }
+}
+
+/// The tensor to call backward on: the loss scaled by `scaler`'s S, or the loss itself.
+pub fn loss_for_backward(scaler: Option<&LossScaler>, loss: &Tensor) -> Tensor {
+    match scaler {
+        Some(scaler) => scaler.scaled(loss),
+        None => loss.shallow_clone(),
+    }
+}
+
+/// The rest of an optimizer step once the backward pass (and, under data parallelism, the
+/// gradients' all-reduce) is done: without a scaler, clip and step; with one, unscale and
+/// check this step's gradients first, and skip the step when one overflowed, with a warning
+/// that starts with `at()` (where in the run), then move the scale. The gradient norm before
+/// clipping, or `None` for a skipped step.
+pub fn finish_step(
+    scaler: Option<&mut LossScaler>,
+    optimizer: &mut Optimizer,
+    clip_grad_norm: f64,
+    lr: f64,
+    global_step: usize,
+    at: impl FnOnce() -> String,
+) -> Option<f64> {
+    let Some(scaler) = scaler else {
+        let norm = optimizer.clip_grad_norm(clip_grad_norm);
+        optimizer.step(lr);
+        return Some(norm);
+    };
+    let gradients = optimizer.fresh_gradients();
+    inject_overflow_if_asked(global_step, &gradients);
+    let step = scaler.unscale(&gradients);
+    scaler.update(step);
+    match step {
+        ScaledStep::Skip { scale } => {
+            tracing::warn!(
+                "{}: gradients overflowed at loss scale {scale}; optimizer step skipped, scale now {}",
+                at(),
+                scaler.scale
+            );
+            None
+        }
+        ScaledStep::Apply => {
+            let norm = optimizer.clip_grad_norm(clip_grad_norm);
+            optimizer.step(lr);
+            Some(norm)
         }
     }
 }

@@ -143,6 +143,32 @@ pub fn medssl() -> Command {
     cmd
 }
 
+/// Every record of a run's `metrics.jsonl` without its wall-time field (`samples_per_s`),
+/// for comparing two runs that should be the same.
+pub fn records(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record.as_object_mut().unwrap().remove("samples_per_s");
+            record
+        })
+        .collect()
+}
+
+/// The bytes of a run's latest checkpoint's tensors.
+pub fn final_tensors(run_dir: &Path) -> Vec<u8> {
+    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
+    std::fs::read(
+        run_dir
+            .join("checkpoints")
+            .join(latest.trim())
+            .join("tensors.safetensors"),
+    )
+    .unwrap()
+}
+
 /// Writes `text` as `name` in `dir` and returns its path.
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

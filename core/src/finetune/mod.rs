@@ -35,7 +35,7 @@ use crate::config::{LoadedConfig, Section};
 use crate::detection::ap::{self, ApReport};
 use crate::encoder::EncoderOutput;
 use crate::head::{Head, HeadInput, HeadShape, Prediction, Targets, Task};
-use crate::loss_scaling::{self, LossScaler, ScaledStep};
+use crate::loss_scaling::{self, LossScaler};
 use crate::metrics::MetricsLog;
 use crate::optim::{self, Optimizer};
 use crate::precision::Precision;
@@ -868,31 +868,16 @@ impl Protocol {
                     init.name()
                 );
                 optimizer.zero_grad();
-                match &loss_scaler {
-                    Some(scaler) => scaler.scaled(&loss).backward(),
-                    None => loss.backward(),
-                }
-                // As in pre-training (crate::loss_scaling): unscale, then clip and step,
-                // or skip the step when a gradient overflowed.
-                let scaled_step = loss_scaler.as_ref().map(|scaler| {
-                    let gradients = optimizer.fresh_gradients();
-                    loss_scaling::inject_overflow_if_asked(progress.global_step + 1, &gradients);
-                    scaler.unscale(&gradients)
-                });
-                if let Some(ScaledStep::Skip { scale }) = scaled_step {
-                    tracing::warn!(
-                        "the {} row of repeat {run}, epoch {epoch}, step {step}: gradients overflowed at loss scale {scale}; optimizer step skipped, scale now {}",
-                        init.name(),
-                        scale * loss_scaling::BACKOFF_FACTOR
-                    );
-                } else {
-                    optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad_norm);
-                    let lr = optim::learning_rate(&self.cfg.optimizer, step, total_steps, steps_per_epoch);
-                    optimizer.step(lr);
-                }
-                if let (Some(scaler), Some(scaled_step)) = (loss_scaler.as_mut(), scaled_step) {
-                    scaler.update(scaled_step);
-                }
+                loss_scaling::loss_for_backward(loss_scaler.as_ref(), &loss).backward();
+                let lr = optim::learning_rate(&self.cfg.optimizer, step, total_steps, steps_per_epoch);
+                loss_scaling::finish_step(
+                    loss_scaler.as_mut(),
+                    &mut optimizer,
+                    self.cfg.optimizer.clip_grad_norm,
+                    lr,
+                    progress.global_step + 1,
+                    || format!("the {} row of repeat {run}, epoch {epoch}, step {step}", init.name()),
+                );
                 losses.push(value);
                 step += 1;
                 progress.global_step += 1;

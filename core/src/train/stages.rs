@@ -6,7 +6,7 @@ use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
 use crate::config::{OptimizerConfig, StageConfig};
 use crate::distributed::{self, gradients};
 use crate::loader::Batch;
-use crate::loss_scaling::{self, LossScaler, ScaledStep};
+use crate::loss_scaling::{self, LossScaler};
 use crate::metrics::MetricsLog;
 use crate::objective::{Progress, SliceSequence, StepInput};
 use crate::optim::{self, Optimizer};
@@ -484,48 +484,30 @@ impl Run {
                     batch.ids.size()[0]
                 );
                 optimizer.zero_grad();
-                let backward_loss = match &position.loss_scaler {
-                    Some(scaler) => scaler.scaled(&loss),
-                    None => loss.shallow_clone(),
-                };
-                backward_loss.f_backward().map_err(|e| {
-                    distributed::collective_failed(
-                        e.into(),
-                        &format!("the backward pass of step {}", position.global_step + 1),
-                    )
-                })?;
+                loss_scaling::loss_for_backward(position.loss_scaler.as_ref(), &loss)
+                    .f_backward()
+                    .map_err(|e| {
+                        distributed::collective_failed(
+                            e.into(),
+                            &format!("the backward pass of step {}", position.global_step + 1),
+                        )
+                    })?;
                 gradients::average_gradients(&*comm, optimizer.parameters(), bucket_bytes).map_err(|e| {
                     distributed::collective_failed(
                         e,
                         &format!("averaging the gradients of step {}", position.global_step + 1),
                     )
                 })?;
-                // Loss scaling: unscale after the all-reduce (every rank then sees the same
-                // overflow), before clipping reads the norm.
-                let scaled_step = position.loss_scaler.as_ref().map(|scaler| {
-                    let gradients = optimizer.fresh_gradients();
-                    loss_scaling::inject_overflow_if_asked(position.global_step + 1, &gradients);
-                    scaler.unscale(&gradients)
-                });
-                let grad_norm = match scaled_step {
-                    Some(ScaledStep::Skip { scale }) => {
-                        tracing::warn!(
-                            "stage {} step {}: gradients overflowed at loss scale {scale}; optimizer step skipped, scale now {}",
-                            stage.name,
-                            position.global_step + 1,
-                            scale * loss_scaling::BACKOFF_FACTOR
-                        );
-                        None
-                    }
-                    _ => {
-                        let norm = optimizer.clip_grad_norm(opt_cfg.clip_grad_norm);
-                        optimizer.step(lr);
-                        Some(norm)
-                    }
-                };
-                if let (Some(scaler), Some(scaled_step)) = (position.loss_scaler.as_mut(), scaled_step) {
-                    scaler.update(scaled_step);
-                }
+                // After the all-reduce, so that every rank sees the same overflow.
+                let global_step = position.global_step + 1;
+                let grad_norm = loss_scaling::finish_step(
+                    position.loss_scaler.as_mut(),
+                    optimizer,
+                    opt_cfg.clip_grad_norm,
+                    lr,
+                    global_step,
+                    || format!("stage {} step {global_step}", stage.name),
+                );
                 for key in stage.objectives.keys() {
                     self.model
                         .objectives

@@ -18,7 +18,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
-use torch_ext::{autocast_enabled, AutocastDevice, AutocastRegion};
+use torch_ext::{AutocastDevice, AutocastRegion};
 
 /// `run.precision`: the floating-point kind of a run's activations; weights, optimizer state
 /// and checkpoints stay fp32 (f64 under `fp64`).
@@ -119,17 +119,6 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// Runs `f` with autocast off on `device`, as `torch.autocast(enabled=False)` does, when a
-/// caller has it on; for numerics that must see their inputs' kind whoever calls them.
-pub fn full_precision<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    let region = AutocastDevice::of(device)
-        .filter(|d| autocast_enabled(*d).unwrap_or(false))
-        .map(|d| AutocastRegion::disable(d).expect("autocast's dtype was set by medssl, which sets valid ones"));
-    let out = f();
-    drop(region);
-    out
-}
-
 /// The kind a loss over `t` is computed in: f64 for f64 input, fp32 for any other.
 pub fn loss_kind(t: &Tensor) -> Kind {
     if t.kind() == Kind::Double {
@@ -186,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn the_bf16_region_lowers_matmuls_and_full_precision_undoes_it_inside() {
+    fn the_bf16_region_lowers_matmuls_until_it_closes() {
         let (a, b) = (
             Tensor::randn([4, 4], (Kind::Float, Device::Cpu)),
             Tensor::randn([4, 4], (Kind::Float, Device::Cpu)),
@@ -194,11 +183,8 @@ mod tests {
         assert!(Precision::Fp32.autocast(Device::Cpu).unwrap().is_none());
         let region = Precision::Bf16.autocast(Device::Cpu).unwrap();
         assert_eq!(a.matmul(&b).kind(), Kind::BFloat16);
-        assert_eq!(full_precision(Device::Cpu, || a.matmul(&b).kind()), Kind::Float);
-        assert_eq!(a.matmul(&b).kind(), Kind::BFloat16);
         drop(region);
         assert_eq!(a.matmul(&b).kind(), Kind::Float);
-        assert_eq!(full_precision(Device::Cpu, || a.matmul(&b).kind()), Kind::Float);
     }
 
     #[test]

@@ -745,6 +745,19 @@ impl Protocol {
         })
     }
 
+    /// The protocol's network, initialised from `seed`.
+    fn network(&self, seed: u64) -> Result<Network> {
+        let (network, _) = Network::build(
+            &self.run_cfg,
+            &self.head_section,
+            self.cfg.classes,
+            self.device,
+            self.cfg.precision,
+            seed,
+        )?;
+        Ok(network)
+    }
+
     /// The first repeat's figure material of a row that finished before an interruption:
     /// its saved weights scored again (evaluation is deterministic, so this is what the
     /// uninterrupted fine-tune kept).
@@ -752,14 +765,7 @@ impl Protocol {
         if matches!(self.sets, Sets::Classification { .. }) {
             return Ok(None);
         }
-        let (network, _) = Network::build(
-            &self.run_cfg,
-            &self.head_section,
-            self.cfg.classes,
-            self.device,
-            self.cfg.precision,
-            self.seed(run),
-        )?;
+        let network = self.network(self.seed(run))?;
         let file = weights_file(out, init, run);
         let stored = checkpoint::read_safetensors(&file)?;
         run_dir::load_variables(&network.weights(), &stored, "", &[], &file)?;
@@ -785,14 +791,7 @@ impl Protocol {
     ) -> Result<(Trial, Option<Example>)> {
         let started = Instant::now();
         let seed = self.seed(run);
-        let (network, _) = Network::build(
-            &self.run_cfg,
-            &self.head_section,
-            self.cfg.classes,
-            self.device,
-            self.cfg.precision,
-            seed,
-        )?;
+        let network = self.network(seed)?;
         if init == Init::Pretrained {
             network.backbone.load(&self.checkpoint, &self.checkpoint_path)?;
         }

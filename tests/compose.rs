@@ -250,6 +250,8 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
         None => None,
     };
     let shape = HeadShape {
+        in_channels: encoder.in_channels(),
+        spatial_dims: encoder.spatial_dims(),
         levels: encoder.levels().to_vec(),
         embedding_dim: encoder.embedding_dim(),
         volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
@@ -279,11 +281,13 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
         encoder: &out,
         volume: volume.as_ref(),
         image_size: [height, width],
+        images: None,
     };
     let targets = match head.task() {
         Task::VolumeClassification => {
             Targets::Classes(Tensor::arange(volumes, (Kind::Int64, device)).remainder(HEAD_CLASSES))
         }
+        Task::VolumeSegmentation => return Err(format!("{combo:?}: 3D heads are not probed yet")),
         Task::Segmentation => Targets::Classes(Tensor::randint(
             HEAD_CLASSES,
             [volumes * slices, height, width],

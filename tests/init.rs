@@ -247,6 +247,9 @@ fn every_component_starts_as_its_reference() {
         let vs = nn::VarStore::new(Device::Cpu);
         let section = default_section("objectives.o", entry, entry.default_config);
         let shape = ObjectiveShape {
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
+            in_channels: 1,
+            deepest_level: (reference.embedding_dim(), 32),
             slice_dim: reference.embedding_dim(),
             volume_dim: Some(256),
             sequence_dim: Some(960),
@@ -264,6 +267,8 @@ fn every_component_starts_as_its_reference() {
         let vs = nn::VarStore::new(Device::Cpu);
         let section = default_section("head", entry, entry.default_config);
         let shape = HeadShape {
+            in_channels: reference.in_channels(),
+            spatial_dims: reference.spatial_dims(),
             levels: reference.levels().to_vec(),
             embedding_dim: reference.embedding_dim(),
             volume_dim: Some(256),

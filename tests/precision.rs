@@ -272,6 +272,9 @@ fn objective_loss(name: &str, seed: u64, memory: &[Tensor], embeddings: &[Tensor
     )
     .unwrap();
     let shape = ObjectiveShape {
+        spatial_dims: medssl_core::encoder::SpatialDims::Two,
+        in_channels: 1,
+        deepest_level: (width, 32),
         slice_dim: width,
         volume_dim: Some(aggregator.output_dim()),
         sequence_dim: Some(aggregator.input_dim()),
@@ -291,6 +294,7 @@ fn objective_loss(name: &str, seed: u64, memory: &[Tensor], embeddings: &[Tensor
         slice_views: Some(views),
         global_slice_views: embeddings.len(),
         volume_views: None,
+        volume_crops: None,
         slice_sequence: Some(SliceSequence {
             embeddings: sequence,
             valid: &valid,

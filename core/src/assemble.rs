@@ -223,6 +223,9 @@ impl Model {
         let views = cfg.run.data.views.resolved()?;
 
         let shape = ObjectiveShape {
+            spatial_dims: encoder.spatial_dims(),
+            in_channels: encoder.in_channels(),
+            deepest_level: encoder.levels().last().map_or((encoder.embedding_dim(), 1), |l| (l.channels, l.stride)),
             slice_dim: encoder.embedding_dim(),
             volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
             sequence_dim: aggregator.as_ref().map(|a| a.input_dim()),

@@ -10,7 +10,7 @@
 //! encoder's levels and widths, the aggregator's width), never from magic numbers.
 
 use crate::detection::{Detections, ImageTargets};
-use crate::encoder::{EncoderOutput, Level};
+use crate::encoder::{EncoderOutput, Level, SpatialDims};
 use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
@@ -32,13 +32,28 @@ pub enum Task {
     /// object categories, `num_classes = C + 1` counting the background). Scored by AP at IoU
     /// 0.5 per category and its mean.
     Detection,
+    /// Per-voxel class logits `[N, K, D, H, W]` of 3D crops, from a 3D encoder's levels (and
+    /// the crops themselves, [`HeadInput::images`]). Targets: `[N, D, H, W]` int64 class ids.
+    /// Trained on random crops; scored by per-class 3D Dice of whole volumes predicted by
+    /// sliding-window inference.
+    VolumeSegmentation,
 }
 
 impl Task {
-    /// Whether the head reads the aggregator's volume embedding (so the backbone needs an
-    /// aggregator).
+    /// Whether the head reads the aggregator's volume embedding, so that a backbone with a
+    /// 2D encoder needs an aggregator (a 3D encoder's pooled embedding is the volume
+    /// embedding).
     pub fn needs_aggregator(self) -> bool {
         self == Task::VolumeClassification
+    }
+
+    /// The encoders whose features the task reads: `None` where either kind serves.
+    pub fn spatial_dims(self) -> Option<SpatialDims> {
+        match self {
+            Task::Segmentation | Task::Detection => Some(SpatialDims::Two),
+            Task::VolumeSegmentation => Some(SpatialDims::Three),
+            Task::VolumeClassification => None,
+        }
     }
 }
 
@@ -49,13 +64,18 @@ pub struct HeadInput<'a> {
     pub encoder: &'a EncoderOutput,
     /// The volume embeddings `[B, F]` (volume tasks only).
     pub volume: Option<&'a Tensor>,
+    /// The batch's input as the encoder saw it (`[N, C, D, H, W]` crops for
+    /// [`Task::VolumeSegmentation`], whose decoders read the input itself, as UNETR's first
+    /// skip connection does); `None` for the 2D tasks.
+    pub images: Option<&'a Tensor>,
     /// Height and width of the input images, the size dense predictions come back at.
     pub image_size: [i64; 2],
 }
 
 /// A batch's training targets, as the head's [`Task`] says.
 pub enum Targets {
-    /// int64 class ids: `[N, H, W]` (segmentation) or `[B]` (volume classification).
+    /// int64 class ids: `[N, H, W]` (segmentation), `[N, D, H, W]` (volume segmentation) or
+    /// `[B]` (volume classification).
     Classes(Tensor),
     /// One entry per image (detection).
     Boxes(Vec<ImageTargets>),
@@ -81,7 +101,8 @@ impl Targets {
 
 /// A head's predictions of a batch.
 pub enum Prediction {
-    /// Class logits: `[N, K, H, W]` (segmentation) or `[B, K]` (volume classification).
+    /// Class logits: `[N, K, H, W]` (segmentation), `[N, K, D, H, W]` (volume segmentation)
+    /// or `[B, K]` (volume classification).
     Logits(Tensor),
     /// One entry per image, boxes in input pixels (detection).
     Detections(Vec<Detections>),
@@ -102,11 +123,16 @@ pub trait Head {
 /// number of classes of the task.
 #[derive(Debug, Clone)]
 pub struct HeadShape {
+    /// Channels of the encoder's input images.
+    pub in_channels: i64,
+    /// Spatial axes of the encoder's input ([`crate::encoder::Encoder::spatial_dims`]).
+    pub spatial_dims: SpatialDims,
     /// The encoder's levels, shallow to deep.
     pub levels: Vec<Level>,
     /// Width of the encoder's pooled embedding.
     pub embedding_dim: i64,
-    /// Width of the aggregator's volume embedding (`None`: the backbone has no aggregator).
+    /// Width of the volume embedding: the aggregator's, or a 3D encoder's pooled embedding
+    /// (`None`: a 2D encoder without an aggregator).
     pub volume_dim: Option<i64>,
     /// Classes to predict (background included for segmentation).
     pub num_classes: i64,

@@ -55,6 +55,7 @@ pub struct Needs {
     slice_views: bool,
     volume_views: bool,
     sequence: bool,
+    volume_crops: bool,
 }
 
 impl Needs {
@@ -66,6 +67,7 @@ impl Needs {
                 Consumes::SliceViews => needs.slice_views = true,
                 Consumes::VolumeViews => needs.volume_views = true,
                 Consumes::SliceSequence => needs.sequence = true,
+                Consumes::VolumeCrops => needs.volume_crops = true,
             }
         }
         needs
@@ -76,6 +78,7 @@ impl Needs {
             Consumes::SliceViews => self.slice_views,
             Consumes::VolumeViews => self.volume_views,
             Consumes::SliceSequence => self.sequence,
+            Consumes::VolumeCrops => self.volume_crops,
         }
     }
 }

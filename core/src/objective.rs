@@ -8,6 +8,7 @@
 //! [`Objective::load_state`].
 
 use crate::aggregator::Aggregator;
+use crate::encoder::{EncoderOutput, SpatialDims};
 use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
@@ -22,6 +23,21 @@ pub enum Consumes {
     /// The un-augmented sequence of slice embeddings `[B, n, E]` with the aggregator, for
     /// objectives that transform the sequence themselves (masked prediction).
     SliceSequence,
+    /// The 3D crops themselves `[B, C, D, H, W]` with a 3D encoder to run on them, for
+    /// objectives that corrupt their input before encoding it (MONAI's ViT reconstruction).
+    VolumeCrops,
+}
+
+impl Consumes {
+    /// The encoders that can supply this input: slice inputs need a 2D encoder, crops a 3D
+    /// one; volume views come from either (through an aggregator in 2D).
+    pub fn spatial_dims(self) -> Option<SpatialDims> {
+        match self {
+            Consumes::SliceViews | Consumes::SliceSequence => Some(SpatialDims::Two),
+            Consumes::VolumeCrops => Some(SpatialDims::Three),
+            Consumes::VolumeViews => None,
+        }
+    }
 }
 
 /// Which embeddings a view-based objective compares: 2D views of slices through the
@@ -41,7 +57,9 @@ impl ViewLevel {
             (ViewLevel::Slice, _) => Ok((Consumes::SliceViews, shape.slice_dim)),
             (ViewLevel::Volume, Some(dim)) => Ok((Consumes::VolumeViews, dim)),
             (ViewLevel::Volume, None) => {
-                anyhow::bail!("{objective} with level = \"volume\" needs an [aggregator] section")
+                anyhow::bail!(
+                    "{objective} with level = \"volume\" needs an [aggregator] section (or a 3D encoder)"
+                )
             }
         }
     }
@@ -89,6 +107,16 @@ pub struct SliceSequence<'a> {
     pub train: bool,
 }
 
+/// This step's 3D crops and the encoder to run on them.
+pub struct VolumeCrops<'a> {
+    /// One `[B, C, D, H, W]` (fp32, on the run's device) per crop of each volume
+    /// (`data.views.volume_views`), augmented but not otherwise transformed.
+    pub crops: &'a [Tensor],
+    /// The run's 3D encoder on a `[N, C, D, H, W]` input, in the stage's training mode and
+    /// the run's precision (autocast), its outputs in fp32 ([`crate::precision`]).
+    pub encode: &'a dyn Fn(&Tensor) -> Result<EncoderOutput>,
+}
+
 /// Everything the runner computed this step; each objective reads what it declared.
 pub struct StepInput<'a> {
     /// Global sample id of each row (unique across every dataset of the run).
@@ -99,6 +127,7 @@ pub struct StepInput<'a> {
     pub global_slice_views: usize,
     pub volume_views: Option<&'a [Tensor]>,
     pub slice_sequence: Option<SliceSequence<'a>>,
+    pub volume_crops: Option<VolumeCrops<'a>>,
 }
 
 /// Where the run is.
@@ -151,9 +180,17 @@ pub trait Objective {
 /// What the rest of the run tells an objective when building it.
 #[derive(Debug, Clone, Copy)]
 pub struct ObjectiveShape {
-    /// Width of the slice embeddings (encoder output).
+    /// Spatial axes of the run's encoder.
+    pub spatial_dims: SpatialDims,
+    /// Channels of the encoder's input.
+    pub in_channels: i64,
+    /// Channels and stride of the encoder's deepest level (a ViT's hidden width and patch
+    /// size), for objectives that decode it back to the input (reconstruction).
+    pub deepest_level: (i64, i64),
+    /// Width of the slice embeddings (a 2D encoder's pooled output; a 3D encoder's too).
     pub slice_dim: i64,
-    /// Width of the volume embeddings (aggregator output), if the run has an aggregator.
+    /// Width of the volume embeddings: the aggregator's output, or a 3D encoder's pooled
+    /// one; `None` for a 2D encoder without an aggregator.
     pub volume_dim: Option<i64>,
     /// Width of the slice features in [`StepInput::slice_sequence`] (the aggregator's input,
     /// Eq. 9), if the run has an aggregator.
@@ -165,7 +202,8 @@ pub struct ObjectiveShape {
     pub global_slice_views: usize,
     /// Local 2D views per sample (`data.views.local_views`), after the global ones.
     pub local_slice_views: usize,
-    /// 3D views per volume (`data.views.volume_views`).
+    /// 3D views per volume (`data.views.volume_views`): slice stacks for a 2D encoder, 3D
+    /// crops for a 3D one.
     pub volume_views: usize,
     /// The run's seed, for objectives that draw their own randomness (derive from it with
     /// [`crate::rng::derive`] so runs stay reproducible and resumable).

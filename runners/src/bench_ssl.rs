@@ -100,6 +100,9 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
          temperature = 0.1\nepsilon = 0.05\nsinkhorn_iterations = 3\nfreeze_prototypes_steps = 0",
     )?;
     let shape = ObjectiveShape {
+        spatial_dims: medssl_core::encoder::SpatialDims::Two,
+        in_channels: 1,
+        deepest_level: (encoder.embedding_dim(), 32),
         slice_dim: encoder.embedding_dim(),
         volume_dim: None,
         sequence_dim: None,
@@ -173,6 +176,7 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
             slice_views: Some(&views),
             global_slice_views: global_views,
             volume_views: None,
+            volume_crops: None,
             slice_sequence: None,
         };
         let loss = objective.loss(&input, &progress)?.total;

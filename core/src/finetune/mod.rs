@@ -156,6 +156,8 @@ impl Network {
             .with_context(|| head_section.selector_context())?;
         tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::HEAD]) as i64);
         let shape = HeadShape {
+            in_channels: backbone.encoder.in_channels(),
+            spatial_dims: backbone.encoder.spatial_dims(),
             levels: backbone.encoder.levels().to_vec(),
             embedding_dim: backbone.encoder.embedding_dim(),
             volume_dim: backbone.aggregator.as_ref().map(|a| a.output_dim()),
@@ -185,7 +187,7 @@ impl Network {
     /// The prefixes of the backbone's variables this task trains.
     fn backbone_prefixes(&self) -> &'static [&'static str] {
         match self.task {
-            Task::Segmentation | Task::Detection => &["encoder."],
+            Task::Segmentation | Task::Detection | Task::VolumeSegmentation => &["encoder."],
             Task::VolumeClassification => &["encoder.", "aggregator."],
         }
     }
@@ -267,6 +269,7 @@ impl Network {
             encoder: &out,
             volume: volume.as_ref(),
             image_size,
+            images: None,
         })
     }
 
@@ -356,6 +359,9 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
                 "[data.eval] holds one class only ({eval_classes:?}): AUC is undefined; evaluate on a set with at least two classes"
             );
             Sets::Classification { train, eval }
+        }
+        Task::VolumeSegmentation => {
+            bail!("3D segmentation fine-tuning is being built (issue 21): head `{}`", head_section.name)
         }
         Task::Detection => {
             let size = cfg.input.image_size.unwrap_or(views.slice_size);

@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 /// The metric a task's table leads with.
 pub fn primary_metric(task: Task) -> &'static str {
     match task {
-        Task::Segmentation => "dice_3d",
+        Task::Segmentation | Task::VolumeSegmentation => "dice_3d",
         Task::VolumeClassification => "auc",
         Task::Detection => "ap50",
     }

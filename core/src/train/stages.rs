@@ -47,6 +47,7 @@ impl Embedded {
                 }),
                 _ => None,
             },
+            volume_crops: None,
         }
     }
 }

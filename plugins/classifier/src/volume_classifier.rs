@@ -140,6 +140,8 @@ mod tests {
 
     fn shape(volume_dim: Option<i64>, classes: i64) -> HeadShape {
         HeadShape {
+            in_channels: 1,
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
             levels: Vec::new(),
             embedding_dim: 8,
             volume_dim,
@@ -185,6 +187,8 @@ mod tests {
 
         fn head_shape(&self, classes: i64) -> HeadShape {
             HeadShape {
+                in_channels: self.encoder.in_channels(),
+                spatial_dims: self.encoder.spatial_dims(),
                 levels: self.encoder.levels().to_vec(),
                 embedding_dim: self.encoder.embedding_dim(),
                 volume_dim: Some(self.aggregator.output_dim()),
@@ -204,6 +208,7 @@ mod tests {
                 encoder: &features,
                 volume: Some(&volume),
                 image_size: [h, w],
+                images: None,
             })
         }
     }
@@ -284,6 +289,7 @@ mod tests {
             encoder: &features,
             volume: Some(&volume),
             image_size: [1, 1],
+            images: None,
         };
         let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
         let mut losses = Vec::new();
@@ -315,6 +321,7 @@ mod tests {
             encoder: &features,
             volume: Some(&volume),
             image_size: [1, 1],
+            images: None,
         };
         let volume = input.volume.unwrap();
         assert!(head.logits(volume, false).equal(&head.logits(volume, false)));

@@ -424,6 +424,9 @@ mod tests {
 
     fn shape(num_samples: usize) -> ObjectiveShape {
         ObjectiveShape {
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
+            in_channels: 1,
+            deepest_level: (6, 32),
             slice_dim: 6,
             volume_dim: None,
             sequence_dim: None,
@@ -451,6 +454,7 @@ mod tests {
             slice_views: Some(views),
             global_slice_views: 2,
             volume_views: None,
+            volume_crops: None,
             slice_sequence: None,
         }
     }
@@ -626,6 +630,7 @@ mod tests {
             slice_views: Some(&v),
             global_slice_views: 3,
             volume_views: None,
+            volume_crops: None,
             slice_sequence: None,
         };
         objective.observe(&step, &progress(0)).unwrap();

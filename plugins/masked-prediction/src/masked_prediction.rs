@@ -340,6 +340,9 @@ mod tests {
 
     fn shape(dim: i64) -> ObjectiveShape {
         ObjectiveShape {
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
+            in_channels: 1,
+            deepest_level: (dim, 32),
             slice_dim: dim,
             volume_dim: Some(dim),
             sequence_dim: Some(dim),
@@ -378,6 +381,7 @@ mod tests {
             slice_views: None,
             global_slice_views: 0,
             volume_views: None,
+            volume_crops: None,
             slice_sequence: Some(SliceSequence {
                 embeddings: features,
                 valid,

@@ -211,6 +211,9 @@ mod tests {
             ..Default::default()
         };
         let shape = ObjectiveShape {
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
+            in_channels: 1,
+            deepest_level: (8, 32),
             slice_dim: 8,
             volume_dim: None,
             sequence_dim: None,

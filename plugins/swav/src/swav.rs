@@ -531,6 +531,9 @@ mod tests {
 
     fn shape(slice_dim: i64, volume_dim: Option<i64>) -> ObjectiveShape {
         ObjectiveShape {
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
+            in_channels: 1,
+            deepest_level: (slice_dim, 32),
             slice_dim,
             volume_dim,
             sequence_dim: None,
@@ -565,6 +568,7 @@ mod tests {
             slice_views: Some(views),
             global_slice_views: global,
             volume_views: None,
+            volume_crops: None,
             slice_sequence: None,
         }
     }
@@ -1048,6 +1052,7 @@ mod tests {
             slice_views: None,
             global_slice_views: 0,
             volume_views: Some(&v),
+            volume_crops: None,
             slice_sequence: None,
         };
         assert!(obj

@@ -299,6 +299,8 @@ mod tests {
 
     fn shape_of(encoder: &dyn Encoder, classes: i64) -> HeadShape {
         HeadShape {
+            in_channels: encoder.in_channels(),
+            spatial_dims: encoder.spatial_dims(),
             levels: encoder.levels().to_vec(),
             embedding_dim: encoder.embedding_dim(),
             volume_dim: None,
@@ -343,6 +345,7 @@ mod tests {
                     encoder: &features,
                     volume: None,
                     image_size: [h, w],
+                    images: None,
                 };
                 for train in [true, false] {
                     let logits = head.logits(&input, train);
@@ -362,6 +365,8 @@ mod tests {
             stride,
         };
         let shape = HeadShape {
+            in_channels: 1,
+            spatial_dims: medssl_core::encoder::SpatialDims::Two,
             levels: vec![level("a", 3, 1), level("b", 7, 3), level("c", 5, 9)],
             embedding_dim: 5,
             volume_dim: None,
@@ -379,6 +384,7 @@ mod tests {
             encoder: &features,
             volume: None,
             image_size: [19, 19],
+            images: None,
         };
         let vs = nn::VarStore::new(Device::Cpu);
         let all = unet(&vs, "channels = [6, 4, 2]", &shape).unwrap();
@@ -406,6 +412,7 @@ mod tests {
                 encoder: &features,
                 volume: None,
                 image_size: [21, 18],
+                images: None,
             };
             let targets = Targets::Classes(Tensor::randint(3, [2, 21, 18], (Kind::Int64, Device::Cpu)));
             let loss = head.loss(&input, &targets, 0).unwrap();
@@ -479,6 +486,7 @@ mod tests {
             encoder: &features,
             volume: None,
             image_size: [h, w],
+            images: None,
         };
         let logits = head.logits(&input, true);
         assert!(
@@ -568,6 +576,7 @@ mod tests {
                 encoder: &features,
                 volume: None,
                 image_size: [20, 20],
+                images: None,
             };
             let loss = head.loss(&input, &targets, 0).unwrap();
             opt.backward_step(&loss);

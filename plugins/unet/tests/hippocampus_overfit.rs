@@ -108,6 +108,8 @@ fn overfit(images: &Tensor, masks: &Tensor) -> Result<f64> {
         &EncoderShape { in_channels: 1 },
     )?;
     let shape = HeadShape {
+        in_channels: encoder.in_channels(),
+        spatial_dims: encoder.spatial_dims(),
         levels: encoder.levels().to_vec(),
         embedding_dim: encoder.embedding_dim(),
         volume_dim: None,
@@ -123,6 +125,7 @@ fn overfit(images: &Tensor, masks: &Tensor) -> Result<f64> {
             encoder: features,
             volume: None,
             image_size: [SIZE, SIZE],
+            images: None,
         }
     }
     let started = Instant::now();

@@ -5,7 +5,7 @@
 
 use crate::aggregator::{Aggregator, AggregatorShape};
 use crate::config::LoadedConfig;
-use crate::encoder::{Encoder, EncoderOutput, EncoderShape};
+use crate::encoder::{Encoder, EncoderOutput, EncoderShape, SpatialDims};
 use crate::loader::DataPipeline;
 use crate::objective::{Consumes, Objective, ObjectiveShape};
 use crate::precision::Precision;
@@ -13,6 +13,7 @@ use crate::registry::{self, Registered};
 use crate::run_dir;
 use crate::slice_features::{SliceFeatureConfig, SliceFeatures, LEVELS_KEY};
 use crate::sources::{Source, SourceOptions, Sources, SOURCE_OPTION_KEYS};
+use crate::views::ViewConfig;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,11 +25,15 @@ pub const IMAGE_CHANNELS: i64 = 1;
 /// The data pipeline of a config: every source under `[data.sources]`, and each source
 /// section as resolved for the run directory.
 pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, toml::Value)>)> {
+    let views = cfg.run.data.views.resolved()?;
+    views.validate()?;
     let mut sources = Vec::new();
     let mut resolved = Vec::new();
     for key in cfg.run.data.sources.keys() {
         let mut section = cfg.section(&format!("data.sources.{key}"), "format")?;
-        let options: SourceOptions = section.take(&SOURCE_OPTION_KEYS).parse()?;
+        let mut options: SourceOptions = section.take(&SOURCE_OPTION_KEYS).parse()?;
+        // `data.views.spacing_mm` is every source's spacing unless the source sets its own.
+        options.target_spacing = options.target_spacing.or(views.spacing_mm);
         let entry = registry::datasets()
             .get(&section.name)
             .with_context(|| section.selector_context())?;
@@ -45,8 +50,6 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
             options,
         });
     }
-    let views = cfg.run.data.views.resolved()?;
-    views.validate()?;
     anyhow::ensure!(
         cfg.run.data.loader.batch_size >= 1,
         "config key `data.loader.batch_size` must be at least 1"
@@ -54,6 +57,21 @@ pub fn data_pipeline(cfg: &LoadedConfig) -> Result<(DataPipeline, Vec<(String, t
     let sources = Sources::new(sources, cfg.run.data.loader.cache_mib)?;
     let pipeline = DataPipeline::new(sources, views, cfg.run.data.loader.clone(), cfg.run.seed)?;
     Ok((pipeline, resolved))
+}
+
+/// Refuses an encoder with a fixed input size whose size the data views do not give: a
+/// 3D encoder's crops (`data.views.crop_size`).
+fn check_encoder_input(encoder: &dyn Encoder, name: &str, views: &ViewConfig) -> Result<()> {
+    if encoder.spatial_dims() == SpatialDims::Three {
+        if let Some(size) = encoder.input_size() {
+            anyhow::ensure!(
+                size == views.crop_size,
+                "encoder `{name}` takes inputs of exactly {size:?} voxels (its `img_size`), but `data.views.crop_size` is {:?}; set one to the other",
+                views.crop_size
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The representation part of a run: the encoder (f_intra), the optional aggregator
@@ -96,7 +114,15 @@ impl Backbone {
         ));
 
         let views = cfg.run.data.views.resolved()?;
+        check_encoder_input(encoder.as_ref(), &section.name, &views)?;
         let (aggregator, slice_features) = match &cfg.run.aggregator {
+            Some(_) if encoder.spatial_dims() == SpatialDims::Three => {
+                let aggregator = cfg.section("aggregator", "name")?.name;
+                bail!(
+                    "encoder `{}` is 3D: it embeds whole volumes itself, but aggregator `{aggregator}` reads the slice sequences of a 2D encoder; remove the `[aggregator]` section",
+                    section.name
+                )
+            }
             None => (
                 None,
                 SliceFeatures::new(&SliceFeatureConfig::default(), encoder.as_ref())?,
@@ -180,7 +206,9 @@ impl Backbone {
     /// The volume embedding `[B, F]` of `volumes` `[B, C, T, H, W]` whose real slices are
     /// `valid` `[B, T]`: the aggregator over the slice sequence (Eq. 10), in training mode
     /// with `train_aggregator`; without an aggregator, the mean of the real slices' pooled
-    /// encoder embeddings. Also returns the slices' encoder output.
+    /// encoder embeddings. Also returns the slices' encoder output. A 3D encoder embeds the
+    /// volumes whole (`[B, C, D, H, W]`, every voxel real): its pooled embedding, and its
+    /// output on the volumes.
     pub fn embed_volumes(
         &self,
         volumes: &Tensor,
@@ -188,6 +216,11 @@ impl Backbone {
         train_encoder: bool,
         train_aggregator: bool,
     ) -> (EncoderOutput, Tensor) {
+        if self.encoder.spatial_dims() == SpatialDims::Three {
+            let out = self.embed_images(volumes, train_encoder);
+            let volume = out.pooled.shallow_clone();
+            return (out, volume);
+        }
         let (out, sequence) = self.embed_slices(volumes, train_encoder);
         let volume = match &self.aggregator {
             Some(aggregator) => aggregator.forward(&sequence, Some(valid), train_aggregator).volume,
@@ -227,7 +260,10 @@ impl Model {
             in_channels: encoder.in_channels(),
             deepest_level: encoder.levels().last().map_or((encoder.embedding_dim(), 1), |l| (l.channels, l.stride)),
             slice_dim: encoder.embedding_dim(),
-            volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
+            volume_dim: match encoder.spatial_dims() {
+                SpatialDims::Two => aggregator.as_ref().map(|a| a.output_dim()),
+                SpatialDims::Three => Some(encoder.embedding_dim()),
+            },
             sequence_dim: aggregator.as_ref().map(|a| a.input_dim()),
             num_samples,
             global_slice_views: views.slice_views,
@@ -244,7 +280,17 @@ impl Model {
                 .with_context(|| section.selector_context())?;
             let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape)?;
             resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
-            if aggregator.is_none() && objective.consumes() != Consumes::SliceViews {
+            let dims = encoder.spatial_dims();
+            if let Some(wanted) = objective.consumes().spatial_dims().filter(|&d| d != dims) {
+                let encoder_name = cfg.section("encoder", "name")?.name;
+                bail!(
+                    "objective `{key}` ({}) consumes {:?}, which needs a {wanted} encoder, but encoder `{encoder_name}` is {dims}; pair it with a {wanted} encoder",
+                    section.name,
+                    objective.consumes()
+                );
+            }
+            let needs_aggregator = matches!(objective.consumes(), Consumes::VolumeViews | Consumes::SliceSequence);
+            if dims == SpatialDims::Two && aggregator.is_none() && needs_aggregator {
                 bail!(
                     "objective `{key}` ({}) consumes {:?}, which needs an aggregator; add an `[aggregator]` section",
                     section.name,

@@ -41,6 +41,7 @@ pub mod slice_features;
 pub mod sources;
 pub mod train;
 pub mod views;
+pub mod volume_crops;
 
 pub use anyhow;
 pub use serde;

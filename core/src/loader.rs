@@ -2,10 +2,12 @@
 //! augmentation on worker threads behind a bounded prefetch window, so batches arrive in
 //! order and memory stays bounded whatever the dataset size.
 
+use crate::encoder::SpatialDims;
 use crate::objective::Consumes;
 use crate::rng::{self, domain};
 use crate::sources::Sources;
 use crate::views::{self, ViewConfig};
+use crate::volume_crops;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -73,6 +75,17 @@ impl Needs {
         needs
     }
 
+    /// The inputs of objectives that consume `consumes` in a run whose encoder has `dims`: a
+    /// 3D encoder's volume views are 3D crops, not slice stacks.
+    pub fn of_run(consumes: impl IntoIterator<Item = Consumes>, dims: SpatialDims) -> Needs {
+        let mut needs = Needs::of(consumes);
+        if dims == SpatialDims::Three && needs.volume_views {
+            needs.volume_views = false;
+            needs.volume_crops = true;
+        }
+        needs
+    }
+
     pub fn contains(&self, input: Consumes) -> bool {
         match input {
             Consumes::SliceViews => self.slice_views,
@@ -94,6 +107,9 @@ pub struct Batch {
     pub volume_views: Vec<Tensor>,
     /// Which slices of each 3D view are real: one `[B, T]` (bool) per view.
     pub volume_valid: Vec<Tensor>,
+    /// One `[B, 1, D, H, W]` per 3D crop of each volume (`volume_views` of them), for a 3D
+    /// encoder ([`crate::volume_crops`]).
+    pub volume_crops: Vec<Tensor>,
     /// The un-augmented sequence `[B, 1, T, S, S]` and its real slices `[B, T]`.
     pub sequence: Option<(Tensor, Tensor)>,
     /// Class labels `[B]` (int64, -1 where a sample has none).
@@ -115,6 +131,7 @@ impl Batch {
             slice_views: pin_all(&self.slice_views)?,
             volume_views: pin_all(&self.volume_views)?,
             volume_valid: pin_all(&self.volume_valid)?,
+            volume_crops: pin_all(&self.volume_crops)?,
             sequence: match &self.sequence {
                 Some((voxels, valid)) => Some((pin(voxels)?, pin(valid)?)),
                 None => None,
@@ -282,7 +299,8 @@ impl DataPipeline {
     fn make_batch(&self, epoch: usize, order: &[usize], step: usize, needs: Needs) -> Result<Batch> {
         let b = self.batch_size();
         let (mut ids, mut labels) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        let (mut slices, mut volumes, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut slices, mut volumes, mut sequences, mut crops) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let crop_settings = self.views.crop_settings();
         let mut skipped = 0;
         for &id in &order[self.shard.batch(step, b)] {
             let sample = match self.sources.load(id) {
@@ -323,6 +341,18 @@ impl DataPipeline {
             if needs.contains(Consumes::SliceSequence) {
                 sequences.push(views::sequence_view(volume, &self.views));
             }
+            if needs.contains(Consumes::VolumeCrops) {
+                let (prepared, _) = volume_crops::prepare(volume, None, &crop_settings);
+                crops.push(
+                    (0..self.views.volume_views)
+                        .map(|v| {
+                            let view = rng::VOLUME_VIEW_BASE + v as u64;
+                            let mut generator = rng::generator(self.seed, &coords(view));
+                            volume_crops::random_crop(&prepared, &mut generator, &crop_settings)
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
         }
         if ids.is_empty() {
             return Err(anyhow!("every sample of batch {step} in epoch {epoch} was unreadable"));
@@ -352,6 +382,7 @@ impl DataPipeline {
                 &|i, v| volumes[i][v].valid.shallow_clone(),
                 volumes.len(),
             ),
+            volume_crops: per_view(self.views.volume_views, &|i, v| crops[i][v].shallow_clone(), crops.len()),
             sequence: (!sequences.is_empty()).then(|| {
                 (
                     stack(sequences.iter().map(|s| s.voxels.shallow_clone()).collect()),

@@ -62,6 +62,25 @@ pub struct ViewConfig {
     pub blur_sigma: [f64; 2],
     /// Largest in-plane rotation, in degrees; a 3D view rotates all its slices alike.
     pub rotation: f64,
+    /// Side (D, H, W) of a 3D crop, the view a 3D encoder sees: `volume_views` crops per
+    /// volume ([`crate::volume_crops`]). Must equal a fixed-size encoder's input (a ViT's
+    /// `img_size`).
+    pub crop_size: [i64; 3],
+    /// Voxel spacing in mm (D, H, W) that every volume is resampled to, from its file's header
+    /// (MONAI's `Spacing`): the default `target_spacing` of each `[data.sources.*]`.
+    pub spacing_mm: Option<[f64; 3]>,
+    /// Intensity window `[lo, hi]` mapped onto [0, 1] before cropping (MONAI's
+    /// `ScaleIntensityRange` with clipping), e.g. Hounsfield units of CT: pair it with the
+    /// reader's `normalize = "none"`, so that the window sees raw values.
+    pub clip: Option<[f64; 2]>,
+    /// Cut each volume to the bounding box of its voxels above this value before cropping
+    /// (MONAI's `CropForeground`, whose default keeps voxels > 0).
+    pub foreground_threshold: Option<f64>,
+    /// Probability of a 3D crop's flip along each axis.
+    pub crop_flip: f64,
+    /// Probability of a 3D crop's rotation by 90, 180 or 270 degrees in the (H, W) plane
+    /// (needs `crop_size` H = W).
+    pub crop_rotate90: f64,
     /// `"swav"` sets SwAV's multi-crop (2 x 224 px global crops of scale [0.14, 1], 6 x 96 px
     /// local crops of scale [0.05, 0.14], blur 0.5); keys given beside it are ignored in
     /// favour of the preset's.
@@ -90,6 +109,12 @@ impl Default for ViewConfig {
             blur: 0.0,
             blur_sigma: [0.1, 2.0],
             rotation: 0.0,
+            crop_size: [96, 96, 96],
+            spacing_mm: None,
+            clip: None,
+            foreground_threshold: None,
+            crop_flip: 0.0,
+            crop_rotate90: 0.0,
             preset: None,
         }
     }
@@ -169,7 +194,46 @@ impl ViewConfig {
             "data.views.flip is a probability, got {}",
             self.flip
         );
+        anyhow::ensure!(
+            self.crop_size.iter().all(|&s| s >= 1),
+            "config key `data.views.crop_size` must be at least 1 voxel along each axis, got {:?}",
+            self.crop_size
+        );
+        if let Some(s) = self.spacing_mm {
+            anyhow::ensure!(
+                s.iter().all(|v| v.is_finite() && *v > 0.0),
+                "config key `data.views.spacing_mm` must be positive, got {s:?}"
+            );
+        }
+        if let Some([lo, hi]) = self.clip {
+            anyhow::ensure!(
+                lo.is_finite() && hi.is_finite() && lo < hi,
+                "config key `data.views.clip` must be [lo, hi] with lo < hi, got [{lo}, {hi}]"
+            );
+        }
+        for (key, p) in [("crop_flip", self.crop_flip), ("crop_rotate90", self.crop_rotate90)] {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&p),
+                "config key `data.views.{key}` is a probability, got {p}"
+            );
+        }
+        anyhow::ensure!(
+            self.crop_rotate90 == 0.0 || self.crop_size[1] == self.crop_size[2],
+            "config key `data.views.crop_rotate90` rotates crops in the (H, W) plane, which needs a square crop, but `data.views.crop_size` is {:?}",
+            self.crop_size
+        );
         Ok(())
+    }
+
+    /// The settings of 3D crops.
+    pub fn crop_settings(&self) -> crate::volume_crops::CropSettings {
+        crate::volume_crops::CropSettings {
+            size: self.crop_size,
+            clip: self.clip,
+            foreground_threshold: self.foreground_threshold,
+            flip: self.crop_flip,
+            rotate90: self.crop_rotate90,
+        }
     }
 }
 

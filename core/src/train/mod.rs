@@ -274,7 +274,10 @@ impl Run {
     }
 
     pub(super) fn needs(&self, stage: &StageConfig) -> Needs {
-        Needs::of(stage.objectives.keys().map(|key| self.model.objectives[key].consumes()))
+        Needs::of_run(
+            stage.objectives.keys().map(|key| self.model.objectives[key].consumes()),
+            self.model.backbone.encoder.spatial_dims(),
+        )
     }
 
     /// Steps of each stage (0 for a skipped one).

@@ -8,7 +8,9 @@ use crate::distributed::{self, gradients};
 use crate::loader::Batch;
 use crate::loss_scaling::{self, LossScaler};
 use crate::metrics::MetricsLog;
-use crate::objective::{Progress, SliceSequence, StepInput};
+use crate::encoder::{EncoderOutput, SpatialDims};
+use crate::objective::{Consumes, Progress, SliceSequence, StepInput, VolumeCrops};
+use crate::precision::Precision;
 use crate::optim::{self, Optimizer};
 use crate::rng::{self, domain};
 use crate::run_dir::{self, CHECKPOINT_DIR, METRICS_FILE};
@@ -29,10 +31,20 @@ pub(super) struct Embedded {
     pub(super) sequence: Option<Tensor>,
     pub(super) valid: Option<Tensor>,
     pub(super) train_aggregator: bool,
+    /// The batch's 3D crops on the device, for objectives that encode them themselves.
+    pub(super) crops: Vec<Tensor>,
+    /// Whether those objectives' encoder passes train it.
+    pub(super) train_encoder: bool,
 }
 
 impl Embedded {
-    pub(super) fn input<'a>(&'a self, aggregator: Option<&'a dyn crate::aggregator::Aggregator>) -> StepInput<'a> {
+    /// What the objectives read; `encode` runs the encoder on crops, for objectives that
+    /// consume them.
+    pub(super) fn input<'a>(
+        &'a self,
+        aggregator: Option<&'a dyn crate::aggregator::Aggregator>,
+        encode: &'a dyn Fn(&Tensor) -> Result<EncoderOutput>,
+    ) -> StepInput<'a> {
         StepInput {
             ids: &self.ids,
             slice_views: (!self.slice_views.is_empty()).then_some(self.slice_views.as_slice()),
@@ -47,9 +59,40 @@ impl Embedded {
                 }),
                 _ => None,
             },
-            volume_crops: None,
+            volume_crops: (!self.crops.is_empty()).then_some(VolumeCrops {
+                crops: &self.crops,
+                encode,
+            }),
         }
     }
+}
+
+/// The encoder on `x` as a stage's step runs it: in training mode with `train` (else eval
+/// mode without autograd), in `precision`'s autocast region, with fp32 outputs under mixed
+/// precision.
+fn encode(
+    encoder: &dyn crate::encoder::Encoder,
+    precision: Precision,
+    x: &Tensor,
+    train: bool,
+) -> Result<EncoderOutput> {
+    let region = precision.autocast(x.device())?;
+    let out = if train {
+        encoder.forward(x, true)
+    } else {
+        tch::no_grad(|| encoder.forward(x, false))
+    };
+    Ok(match region {
+        None => out,
+        Some(region) => {
+            drop(region);
+            let kind = precision.kind();
+            EncoderOutput {
+                levels: out.levels.iter().map(|t| t.to_kind(kind)).collect(),
+                pooled: out.pooled.to_kind(kind),
+            }
+        }
+    })
 }
 
 /// The name of the first tensor of `tensors` with a NaN or infinite value: one sum each, so
@@ -364,9 +407,12 @@ impl Run {
                 let batch = batch.with_context(|| format!("memory pass of stage `{}`", stage.name))?;
                 let embedded = tch::no_grad(|| self.embed(stage, &batch, true))?;
                 let aggregator = self.model.backbone.aggregator.as_deref();
+                let encoder = self.model.backbone.encoder.as_ref();
+                let precision = self.cfg.run.options.precision;
+                let encode = move |x: &Tensor| encode(encoder, precision, x, false);
                 for key in &wanting {
                     let objective = self.model.objectives.get_mut(key).expect("checked");
-                    tch::no_grad(|| objective.observe(&embedded.input(aggregator), progress))
+                    tch::no_grad(|| objective.observe(&embedded.input(aggregator, &encode), progress))
                         .with_context(|| format!("objective `{key}` in its memory pass"))?;
                 }
             }
@@ -606,9 +652,17 @@ impl Run {
             .iter()
             .map(|v| output(backbone.embed_images(&input(v), train_encoder).pooled))
             .collect();
-        // Volume views need an aggregator; `Model::build` refuses objectives that consume
-        // them without one.
+        // Volume views need an aggregator (in 2D); `Model::build` refuses objectives that
+        // consume them without one. A 3D encoder's volume views are its crops' embeddings.
+        let consumes = |input: Consumes| stage.objectives.keys().any(|k| self.model.objectives[k].consumes() == input);
+        let three_d = backbone.encoder.spatial_dims() == SpatialDims::Three;
         let volume_views = match &backbone.aggregator {
+            _ if three_d && consumes(Consumes::VolumeViews) => batch
+                .volume_crops
+                .iter()
+                .map(|c| output(backbone.embed_images(&input(c), train_encoder).pooled))
+                .collect(),
+            _ if three_d => Vec::new(),
             Some(_) => batch
                 .volume_views
                 .iter()
@@ -630,6 +684,11 @@ impl Run {
             .map(|(voxels, _)| output(backbone.embed_slices(&input(voxels), train_encoder).1));
         drop(region);
         let valid = batch.sequence.as_ref().map(|(_, valid)| valid.to_device(device));
+        let crops = if consumes(Consumes::VolumeCrops) {
+            batch.volume_crops.iter().map(input).collect()
+        } else {
+            Vec::new()
+        };
         Ok(Embedded {
             ids: batch.ids.to_device(device),
             slice_views,
@@ -638,6 +697,8 @@ impl Run {
             sequence,
             valid,
             train_aggregator,
+            crops,
+            train_encoder,
         })
     }
 
@@ -651,12 +712,16 @@ impl Run {
     ) -> Result<(Tensor, Terms, Terms)> {
         let embedded = self.embed(stage, batch, false)?;
         let aggregator = self.model.backbone.aggregator.as_deref();
+        let encoder = self.model.backbone.encoder.as_ref();
+        let precision = self.cfg.run.options.precision;
+        let train_encoder = embedded.train_encoder;
+        let encode = move |x: &Tensor| encode(encoder, precision, x, train_encoder);
         let mut total: Option<Tensor> = None;
         let mut terms = Vec::new();
         for (key, weight) in &stage.objectives {
             let objective = self.model.objectives.get_mut(key).expect("checked");
             let loss = objective
-                .loss(&embedded.input(aggregator), progress)
+                .loss(&embedded.input(aggregator, &encode), progress)
                 .with_context(|| format!("objective `{key}`"))?;
             terms.push((key.clone(), loss.total.double_value(&[])));
             for (name, v) in loss.terms {

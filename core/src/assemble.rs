@@ -6,6 +6,7 @@
 use crate::aggregator::{Aggregator, AggregatorShape};
 use crate::config::LoadedConfig;
 use crate::encoder::{Encoder, EncoderOutput, EncoderShape, SpatialDims};
+use crate::encoder_init::{EncoderInit, INIT_KEYS};
 use crate::loader::DataPipeline;
 use crate::objective::{Consumes, Objective, ObjectiveShape};
 use crate::precision::Precision;
@@ -86,6 +87,9 @@ pub struct Backbone {
     pub slice_features: SliceFeatures,
     /// The encoder and aggregator sections as resolved (defaults filled in).
     pub resolved: Vec<(String, toml::Value)>,
+    /// Where the encoder's weights start from (`encoder.init`), applied by
+    /// [`Backbone::apply_init`] when a run starts.
+    pub init: EncoderInit,
 }
 
 impl Backbone {
@@ -97,7 +101,9 @@ impl Backbone {
         let root = vs.root();
         let mut resolved = Vec::new();
 
-        let section = cfg.section("encoder", "name")?;
+        let mut section = cfg.section("encoder", "name")?;
+        let mut init: EncoderInit = section.take(&INIT_KEYS).parse()?;
+        init.init = init.init.map(|path| section.resolve_path("init", &path));
         let entry = registry::encoders()
             .get(&section.name)
             .with_context(|| section.selector_context())?;
@@ -108,10 +114,14 @@ impl Backbone {
                 in_channels: IMAGE_CHANNELS,
             },
         )?;
-        resolved.push((
-            "encoder".to_string(),
-            section.resolved("name", &entry.default_config())?,
-        ));
+        let mut table = section.resolved("name", &entry.default_config())?;
+        // Only where given, so that the resolved config of a run without one is as before.
+        if let (Some(_), toml::Value::Table(table), Ok(toml::Value::Table(core))) =
+            (&init.init, &mut table, toml::Value::try_from(&init))
+        {
+            table.extend(core);
+        }
+        resolved.push(("encoder".to_string(), table));
 
         let views = cfg.run.data.views.resolved()?;
         check_encoder_input(encoder.as_ref(), &section.name, &views)?;
@@ -162,7 +172,26 @@ impl Backbone {
             aggregator,
             slice_features,
             resolved,
+            init,
         })
+    }
+
+    /// Loads `encoder.init`'s weights into the encoder, where the config names a file.
+    pub fn apply_init(&self) -> Result<()> {
+        let variables: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter_map(|(name, t)| name.strip_prefix("encoder.").map(|n| (n.to_string(), t)))
+            .collect();
+        if let Some(report) = self.init.apply(&variables)? {
+            tracing::info!(
+                "encoder initialised from {} ({} tensors)",
+                self.init.init.as_deref().unwrap_or(Path::new("?")).display(),
+                report.loaded
+            );
+        }
+        Ok(())
     }
 
     /// Copies the checkpoint's `model.encoder.*` and `model.aggregator.*` tensors into this

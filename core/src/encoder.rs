@@ -44,6 +44,38 @@ impl std::fmt::Display for SpatialDims {
     }
 }
 
+/// The library whose parameter names an encoder's variables carry, so that its weights
+/// move to and from that library's model with a strict load (`medssl export --format`,
+/// `encoder.init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceLibrary {
+    /// torchvision's `resnet18/34/50` (its `state_dict` without `fc.*`).
+    Torchvision,
+    /// MONAI's `ViT` / `SwinViT` (the `vit.` / `swinViT.` sub-trees of UNETR / SwinUNETR).
+    Monai,
+}
+
+impl std::str::FromStr for ReferenceLibrary {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "torchvision" => Ok(ReferenceLibrary::Torchvision),
+            "monai" => Ok(ReferenceLibrary::Monai),
+            other => anyhow::bail!("unknown weight format `{other}`; known: torchvision, monai"),
+        }
+    }
+}
+
+impl std::fmt::Display for ReferenceLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReferenceLibrary::Torchvision => "torchvision",
+            ReferenceLibrary::Monai => "monai",
+        })
+    }
+}
+
 /// One feature level of an encoder: its name (`stem`, `layer1`, ...), its channel count and
 /// its stride relative to the input (the same along every spatial axis; a ViT's patch size).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -75,6 +107,10 @@ pub trait Encoder {
     /// The one spatial size it accepts, for encoders that fix it (a ViT's learned position
     /// embeddings fix its patch grid): `[D, H, W]` or `[H, W]`. `None`: any size.
     fn input_size(&self) -> Option<Vec<i64>> {
+        None
+    }
+    /// The library whose parameter names its variables carry, if any.
+    fn reference_library(&self) -> Option<ReferenceLibrary> {
         None
     }
     /// Its feature levels, shallow to deep.

@@ -15,6 +15,7 @@ pub mod detection;
 pub mod device;
 pub mod distributed;
 pub mod encoder;
+pub mod encoder_init;
 pub mod eval;
 pub mod finetune;
 pub mod head;
@@ -54,7 +55,9 @@ pub mod prelude {
     pub use crate::dataset::{Dataset, DatasetEntry, Volume};
     pub use crate::detection::{Detections, ImageTargets};
     pub use crate::distributed;
-    pub use crate::encoder::{Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level};
+    pub use crate::encoder::{
+        Encoder, EncoderEntry, EncoderOutput, EncoderShape, Level, ReferenceLibrary, SpatialDims,
+    };
     pub use crate::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
     pub use crate::layers;
     pub use crate::memory_format::MemoryFormat;

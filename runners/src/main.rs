@@ -20,6 +20,7 @@ mod bench_ssl;
 mod boxes;
 mod devices;
 mod eval;
+mod export;
 mod finetune;
 mod sweep;
 
@@ -98,6 +99,24 @@ enum Command {
     /// Fine-tune a pre-trained backbone with a task head (U-Net segmentation, 3D
     /// classification) over several seeds, beside the same protocol from scratch.
     Finetune(finetune::FinetuneArgs),
+    /// Write a run's encoder weights under a reference library's parameter names (MONAI's
+    /// ViT, torchvision's ResNets), for a strict load there.
+    Export {
+        /// The run directory, a checkpoint folder or a `.safetensors` checkpoint.
+        run_dir: PathBuf,
+        /// `monai` or `torchvision`.
+        #[arg(long)]
+        format: String,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Put every name under this prefix (e.g. `vit.` for MONAI's UNETR).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Continue a run from its latest checkpoint.
     Resume {
         /// The run directory.
@@ -708,6 +727,25 @@ fn execute(command: Command) -> Result<()> {
         Command::Eval { command } => {
             single_process("eval")?;
             eval::run(command)
+        }
+        Command::Export {
+            run_dir,
+            format,
+            out,
+            prefix,
+            json,
+        } => {
+            let format: medssl_core::encoder::ReferenceLibrary = format.parse().context("--format")?;
+            let exported = export::export(&run_dir, format, &prefix, &out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&exported)?);
+            } else {
+                println!(
+                    "wrote {} tensors of encoder `{}` ({} numbers) as {} to {}",
+                    exported.tensors, exported.encoder, exported.elements, exported.format, exported.out
+                );
+            }
+            Ok(())
         }
         Command::Finetune(args) => {
             single_process("finetune")?;

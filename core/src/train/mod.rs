@@ -117,6 +117,10 @@ impl Run {
             stage_data.push(pipeline);
         }
         let model = Model::build(&cfg, backbone, data.num_samples())?;
+        // After every component has drawn its initialisation, so that a partial
+        // (`init_strict = false`) load leaves the rest as a run without one would start; a
+        // resumed run's checkpoint then replaces it all.
+        model.backbone.apply_init()?;
         resolved.extend(model.resolved.iter().cloned());
         let resolved_config = cfg.resolved_toml(&resolved)?;
         let run = Run {

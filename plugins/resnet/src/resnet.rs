@@ -221,6 +221,9 @@ impl ResNet {
 }
 
 impl Encoder for ResNet {
+    fn reference_library(&self) -> Option<ReferenceLibrary> {
+        Some(ReferenceLibrary::Torchvision)
+    }
     fn in_channels(&self) -> i64 {
         1
     }

@@ -56,7 +56,7 @@
 //!   (`reduction="none"`) over the classes kept.
 
 use medssl_deepcluster_v2::cluster_loss;
-use medssl_ntxent::nt_xent;
+use medssl_core::contrastive::nt_xent;
 use medssl_swav::{codes, sinkhorn_knopp, swapped_prediction};
 use medssl_unet::soft_dice_loss;
 use medssl_vicreg::{covariance, invariance, variance, VicRegConfig};

@@ -10,6 +10,7 @@ pub mod batch_norm;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod contrastive;
 pub mod dataset;
 pub mod detection;
 pub mod device;

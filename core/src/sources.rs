@@ -324,6 +324,25 @@ pub fn resample_to_spacing(voxels: &Tensor, spacing: [f64; 3], target: [f64; 3])
     crate::resize::resize_linear(voxels, [out[0], out[1], out[2]])
 }
 
+/// Nearest-neighbour resampling of a label map `[D, H, W]` (int64 class ids) from `spacing`
+/// to `target`, to the size [`resample_to_spacing`] gives its image, so that the two stay
+/// voxel for voxel aligned (MONAI resamples labels with `mode="nearest"`).
+pub fn resample_labels_to_spacing(labels: &Tensor, spacing: [f64; 3], target: [f64; 3]) -> Tensor {
+    let size = labels.size();
+    let out: Vec<i64> = (0..3)
+        .map(|i| ((size[i] as f64 * spacing[i] / target[i]).round() as i64).max(1))
+        .collect();
+    if out == size {
+        return labels.shallow_clone();
+    }
+    labels
+        .to_kind(tch::Kind::Float)
+        .view([1, 1, size[0], size[1], size[2]])
+        .upsample_nearest3d([out[0], out[1], out[2]], None, None, None)
+        .view([out[0], out[1], out[2]])
+        .to_kind(tch::Kind::Int64)
+}
+
 /// Shared handle.
 pub type SharedSources = Arc<Sources>;
 

@@ -405,6 +405,29 @@ pub fn sequence_view(volume: &Tensor, cfg: &ViewConfig) -> SliceStack {
     fit_depth(&window, cfg)
 }
 
+/// A whole volume `[D, H, W]` as a backbone with an encoder of `dims` reads it, without
+/// augmentation (evaluation, volume classification): the run's slice sequence
+/// ([`sequence_view`]) for a 2D encoder; for a 3D one the volume windowed and cut to its
+/// foreground as the run's crops are ([`crate::volume_crops::prepare`]) and resized to
+/// `crop_size` (trilinear), every slice real.
+pub fn whole_volume(volume: &Tensor, cfg: &ViewConfig, dims: crate::encoder::SpatialDims) -> SliceStack {
+    match dims {
+        crate::encoder::SpatialDims::Two => sequence_view(volume, cfg),
+        crate::encoder::SpatialDims::Three => {
+            let settings = crate::volume_crops::CropSettings {
+                size: [1, 1, 1],
+                ..cfg.crop_settings()
+            };
+            let (whole, _) = crate::volume_crops::prepare(volume, None, &settings);
+            let [d, h, w] = cfg.crop_size;
+            SliceStack {
+                voxels: resize_linear(&whole, [d, h, w]).unsqueeze(0),
+                valid: Tensor::ones([d], (Kind::Bool, volume.device())),
+            }
+        }
+    }
+}
+
 /// `[D, H, W]` to `[1, T, S, S]`: in-plane always resized to S; along the slice axis
 /// resampled to T, or (crop_or_pad, with D <= T) zero-padded at the end.
 fn fit_depth(window: &Tensor, cfg: &ViewConfig) -> SliceStack {

@@ -8,6 +8,7 @@ use crate::dataset::Dataset;
 use crate::inspect;
 use crate::precision::Precision;
 use crate::registry::{self, Registered};
+use crate::encoder::SpatialDims;
 use crate::views::{self, ViewConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -96,6 +97,7 @@ pub(super) fn prepare(
     index: usize,
     input: Input,
     views: &ViewConfig,
+    dims: SpatialDims,
     flag: &str,
 ) -> Result<Prepared> {
     let volume = dataset
@@ -138,7 +140,7 @@ pub(super) fn prepare(
             }
         }
         Input::Volume => {
-            let stack = views::sequence_view(&voxels, views);
+            let stack = views::whole_volume(&voxels, views, dims);
             Prepared {
                 input: stack.voxels,
                 valid: Some(stack.valid),
@@ -184,6 +186,13 @@ pub(super) fn encode(
         Input::Volume
     };
     drop(first);
+    let dims = backbones
+        .first()
+        .map_or(SpatialDims::Two, |b| b.encoder.spatial_dims());
+    ensure!(
+        !(dims == SpatialDims::Three && input == Input::Image),
+        "{flag}: the set holds 2D images, but the run's encoder is 3D: evaluate it on volumes"
+    );
     let n = dataset.len();
     let mut features: Vec<Vec<Tensor>> = backbones.iter().map(|_| Vec::new()).collect();
     let mut raw_parts = Vec::new();
@@ -201,7 +210,7 @@ pub(super) fn encode(
                             .iter()
                             .enumerate()
                             .filter(|(i, _)| i % threads == w)
-                            .map(|(i, &index)| (i, prepare(dataset, index, input, views, flag)))
+                            .map(|(i, &index)| (i, prepare(dataset, index, input, views, dims, flag)))
                             .collect::<Vec<_>>()
                     })
                 })

@@ -69,6 +69,17 @@ pub struct InputConfig {
     pub flip: f64,
     /// Threads that decode the sets (once, before training).
     pub workers: usize,
+    /// 3D segmentation: crops cut from each training volume a step (`RandCropByPosNegLabel`'s
+    /// `num_samples`).
+    pub crops_per_volume: usize,
+    /// 3D segmentation: probability that a crop is centred on a foreground voxel (MONAI's
+    /// `pos / (pos + neg)`).
+    pub positive_fraction: f64,
+    /// 3D segmentation: probability of a crop's turn by 90, 180 or 270 degrees in the (H, W)
+    /// plane (`flip` is then the probability of a flip along each of the three axes).
+    pub rotate90: f64,
+    /// 3D segmentation: how whole evaluation volumes are predicted from crop-sized windows.
+    pub sliding_window: crate::sliding_window::SlidingWindowConfig,
 }
 
 impl Default for InputConfig {
@@ -77,6 +88,10 @@ impl Default for InputConfig {
             image_size: None,
             flip: 0.5,
             workers: 2,
+            crops_per_volume: 4,
+            positive_fraction: 0.5,
+            rotate90: 0.0,
+            sliding_window: Default::default(),
         }
     }
 }
@@ -191,6 +206,20 @@ impl LoadedFinetune {
                 "config key `input.image_size` must be at least 8 pixels, found {size}"
             );
         }
+        for (key, p) in [
+            ("input.positive_fraction", c.input.positive_fraction),
+            ("input.rotate90", c.input.rotate90),
+        ] {
+            ensure!(
+                (0.0..=1.0).contains(&p),
+                "config key `{key}` is a probability in [0, 1], found {p}"
+            );
+        }
+        ensure!(
+            c.input.crops_per_volume >= 1,
+            "config key `input.crops_per_volume` must be at least 1"
+        );
+        c.input.sliding_window.validate("input.sliding_window")?;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use crate::dataset::{Dataset, Volume};
 use crate::registry::{self, Registered};
 use crate::rng::{self, domain};
 use crate::section::Section;
+use crate::encoder::SpatialDims;
 use crate::views::{self, ViewConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
@@ -35,6 +36,8 @@ pub mod stream {
     /// The head's initialisation: its own stream, so that it does not depend on how much
     /// the backbone drew (an aggregator a segmentation head never uses included).
     pub const HEAD: u64 = 6;
+    /// A 3D training crop's position and orientation.
+    pub const CROP: u64 = 7;
 }
 
 /// Which set, for messages.
@@ -170,6 +173,18 @@ fn check_classes(values: &Tensor, classes: i64, what: &str, name: &str, split: S
 
 /// Every volume of a segmentation set with its mask.
 pub fn masked_volumes(dataset: &dyn Dataset, classes: i64, workers: usize, split: Split) -> Result<Vec<MaskedVolume>> {
+    masked_volumes_with(dataset, classes, workers, split, |voxels, mask, _| (voxels, mask))
+}
+
+/// [`masked_volumes`], each volume and mask then mapped by `prepare` (given the file's voxel
+/// spacing, where it records one), e.g. resampled and cropped as a 3D encoder's inputs are.
+pub fn masked_volumes_with(
+    dataset: &dyn Dataset,
+    classes: i64,
+    workers: usize,
+    split: Split,
+    prepare: impl Fn(Tensor, Tensor, Option<[f64; 3]>) -> (Tensor, Tensor) + Sync,
+) -> Result<Vec<MaskedVolume>> {
     decode_all(dataset, workers, split, |i, volume| {
         let name = dataset.describe(i);
         let Some(mask) = volume.mask else {
@@ -187,11 +202,8 @@ pub fn masked_volumes(dataset: &dyn Dataset, classes: i64, workers: usize, split
         );
         let mask = mask.to_kind(Kind::Int64);
         check_classes(&mask, classes, "mask values", &name, split)?;
-        Ok(MaskedVolume {
-            name,
-            voxels: volume.voxels.to_kind(Kind::Float),
-            mask,
-        })
+        let (voxels, mask) = prepare(volume.voxels.to_kind(Kind::Float), mask, volume.spacing);
+        Ok(MaskedVolume { name, voxels, mask })
     })
 }
 
@@ -205,11 +217,14 @@ pub struct SequenceSet {
     pub labels: Vec<i64>,
 }
 
-/// Every volume of a classification set as the run's slice sequence, with its label.
+/// Every volume of a classification set as the run's slice sequence, with its label; for a
+/// 3D encoder, the whole volume (windowed and cut to its foreground as the run's crops are)
+/// resized to the run's `data.views.crop_size`, every slice real.
 pub fn sequences(
     dataset: &dyn Dataset,
     classes: i64,
     views: &ViewConfig,
+    dims: SpatialDims,
     workers: usize,
     split: Split,
 ) -> Result<SequenceSet> {
@@ -229,8 +244,9 @@ pub fn sequences(
             split.key(),
             voxels.size()
         );
-        let stack = views::sequence_view(&voxels, views);
-        Ok((name, stack.voxels, stack.valid, label))
+        let stack = views::whole_volume(&voxels, views, dims);
+        let (voxels, valid) = (stack.voxels, stack.valid);
+        Ok((name, voxels, valid, label))
     })?;
     let names = prepared.iter().map(|p| p.0.clone()).collect();
     let inputs = Tensor::stack(&prepared.iter().map(|p| p.1.shallow_clone()).collect::<Vec<_>>(), 0);

@@ -11,6 +11,9 @@
 //! - Volume classification (a [`Task::VolumeClassification`] head, e.g.
 //!   `volume-classifier`): f_intra + f_inter + the head on the volume embedding, both parts
 //!   fine-tuned; AUC and accuracy.
+//! - 3D segmentation (a [`Task::VolumeSegmentation`] head, e.g. `unetr`) on a 3D encoder:
+//!   trained on random crops around the labels, scored on whole volumes predicted by sliding
+//!   windows ([`volume_segmentation`]).
 //! - Detection (a [`Task::Detection`] head, e.g. `faster-rcnn`): f_intra as the detector's
 //!   backbone; trained on the images (slices) of the training samples with the boxes of a
 //!   COCO file; every image of the evaluation samples is predicted, the detections scaled
@@ -28,12 +31,13 @@ pub mod data;
 pub mod detection;
 pub mod progress;
 pub mod report;
+pub mod volume_segmentation;
 
 use crate::assemble::Backbone;
 use crate::checkpoint;
 use crate::config::{LoadedConfig, Section};
 use crate::detection::ap::{self, ApReport};
-use crate::encoder::EncoderOutput;
+use crate::encoder::{EncoderOutput, SpatialDims};
 use crate::head::{Head, HeadInput, HeadShape, Prediction, Targets, Task};
 use crate::loss_scaling::{self, LossScaler};
 use crate::metrics::MetricsLog;
@@ -112,6 +116,11 @@ enum Sets {
         train: SequenceSet,
         eval: SequenceSet,
     },
+    VolumeSegmentation {
+        train: Vec<MaskedVolume>,
+        eval: Vec<MaskedVolume>,
+        sampling: volume_segmentation::CropSampling,
+    },
     Detection {
         train: DetectionSet,
         eval: DetectionSet,
@@ -155,18 +164,29 @@ impl Network {
             .get(&head_section.name)
             .with_context(|| head_section.selector_context())?;
         tch::manual_seed(rng::derive(seed, &[domain::FINETUNE, stream::HEAD]) as i64);
+        let dims = backbone.encoder.spatial_dims();
         let shape = HeadShape {
             in_channels: backbone.encoder.in_channels(),
-            spatial_dims: backbone.encoder.spatial_dims(),
+            spatial_dims: dims,
             levels: backbone.encoder.levels().to_vec(),
             embedding_dim: backbone.encoder.embedding_dim(),
-            volume_dim: backbone.aggregator.as_ref().map(|a| a.output_dim()),
+            volume_dim: match dims {
+                SpatialDims::Two => backbone.aggregator.as_ref().map(|a| a.output_dim()),
+                SpatialDims::Three => Some(backbone.encoder.embedding_dim()),
+            },
             num_classes: classes,
         };
         let head = (entry.build)(head_section, backbone.vs.root() / "head", &shape)
             .with_context(|| format!("building head `{}` from `[head]`", head_section.name))?;
         let task = head.task();
-        if task.needs_aggregator() && backbone.aggregator.is_none() {
+        if let Some(wanted) = task.spatial_dims().filter(|&d| d != dims) {
+            let encoder = run_cfg.section("encoder", "name")?.name;
+            bail!(
+                "head `{}` serves {task:?}, which reads the features of a {wanted} encoder, but the pre-training run's encoder `{encoder}` is {dims}",
+                head_section.name
+            );
+        }
+        if task.needs_aggregator() && dims == SpatialDims::Two && backbone.aggregator.is_none() {
             bail!(
                 "head `{}` classifies volume embeddings, but the pre-training run has no `[aggregator]`: fine-tune a run that trained one",
                 head_section.name
@@ -265,11 +285,12 @@ impl Network {
                 (out, volume.as_ref().map(fp32))
             }
         };
+        let three_d = self.backbone.encoder.spatial_dims() == SpatialDims::Three;
         then(&HeadInput {
             encoder: &out,
             volume: volume.as_ref(),
             image_size,
-            images: None,
+            images: three_d.then_some(x),
         })
     }
 
@@ -332,6 +353,7 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     let task = network.task;
     let checkpoint = checkpoint::read_safetensors(&located.tensors)?;
     network.backbone.load(&checkpoint, &located.tensors)?;
+    let dims = network.backbone.encoder.spatial_dims();
     drop(network);
 
     let train_section = loaded.data_section("train")?;
@@ -350,8 +372,8 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
             Sets::Segmentation { train, eval, size }
         }
         Task::VolumeClassification => {
-            let train = data::sequences(train_set.dataset.as_ref(), cfg.classes, &views, workers, Split::Train)?;
-            let eval = data::sequences(eval_set.dataset.as_ref(), cfg.classes, &views, workers, Split::Eval)?;
+            let train = data::sequences(train_set.dataset.as_ref(), cfg.classes, &views, dims, workers, Split::Train)?;
+            let eval = data::sequences(eval_set.dataset.as_ref(), cfg.classes, &views, dims, workers, Split::Eval)?;
             data::check_disjoint(&train.names, &eval.names)?;
             let eval_classes: std::collections::BTreeSet<i64> = eval.labels.iter().copied().collect();
             ensure!(
@@ -361,7 +383,29 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
             Sets::Classification { train, eval }
         }
         Task::VolumeSegmentation => {
-            bail!("3D segmentation fine-tuning is being built (issue 21): head `{}`", head_section.name)
+            let prepare = |set: &OpenedSet, split| {
+                volume_segmentation::prepared_volumes(set.dataset.as_ref(), cfg.classes, &views, workers, split)
+            };
+            let train = prepare(&train_set, Split::Train)?;
+            let eval = prepare(&eval_set, Split::Eval)?;
+            let names = |v: &[MaskedVolume]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+            data::check_disjoint(&names(&train), &names(&eval))?;
+            let settings = crate::volume_crops::CropSettings {
+                flip: cfg.input.flip,
+                rotate90: cfg.input.rotate90,
+                ..views.crop_settings()
+            };
+            ensure!(
+                settings.rotate90 == 0.0 || settings.size[1] == settings.size[2],
+                "config key `input.rotate90` turns crops in the (H, W) plane, which needs a square crop, but the run's `data.views.crop_size` is {:?}",
+                settings.size
+            );
+            let sampling = volume_segmentation::CropSampling {
+                settings,
+                crops_per_volume: cfg.input.crops_per_volume,
+                positive: cfg.input.positive_fraction,
+            };
+            Sets::VolumeSegmentation { train, eval, sampling }
         }
         Task::Detection => {
             let size = cfg.input.image_size.unwrap_or(views.slice_size);
@@ -510,7 +554,9 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
             Example::Detection(_) => None,
         })
         .collect();
-    if let (Sets::Segmentation { eval, .. }, false) = (&protocol.sets, predictions.is_empty()) {
+    if let (Sets::Segmentation { eval, .. } | Sets::VolumeSegmentation { eval, .. }, false) =
+        (&protocol.sets, predictions.is_empty())
+    {
         if let Some(first) = eval.first() {
             report::plot_segmentation(first, &predictions, &out.join(SEGMENTATION_FILE))?;
         }
@@ -624,6 +670,12 @@ enum TrainingData {
         valid: Tensor,
         labels: Tensor,
     },
+    /// 3D segmentation: the prepared volumes (and their indices in the training set, which
+    /// seed their crops), cut into crops batch by batch.
+    Crops {
+        volumes: Vec<(usize, MaskedVolume)>,
+        sampling: volume_segmentation::CropSampling,
+    },
     /// Detection: `S x S` images and each one's boxes (pixels of the resized image) and
     /// labels.
     Images {
@@ -638,6 +690,7 @@ impl TrainingData {
             TrainingData::Slices { images, .. } => images.size()[0] as usize,
             TrainingData::Volumes { inputs, .. } => inputs.size()[0] as usize,
             TrainingData::Images { images, .. } => images.size()[0] as usize,
+            TrainingData::Crops { volumes, .. } => volumes.len(),
         }
     }
 
@@ -662,6 +715,15 @@ impl TrainingData {
                     x: flipped[0].to_device(device),
                     valid: Some(valid.index_select(0, &index).to_device(device)),
                     y: Targets::Classes(labels.index_select(0, &index).to_device(device)),
+                }
+            }
+            TrainingData::Crops { volumes, sampling } => {
+                let chosen: Vec<(usize, &MaskedVolume)> = indices.iter().map(|&i| (volumes[i].0, &volumes[i].1)).collect();
+                let (x, y) = volume_segmentation::training_crops(&chosen, sampling, seed, epoch);
+                Batch {
+                    x: x.to_device(device),
+                    valid: None,
+                    y: Targets::Classes(y.to_device(device)),
                 }
             }
             TrainingData::Images { images, targets } => {
@@ -690,7 +752,9 @@ impl Protocol {
         let seed = self.seed(run);
         let fraction = self.cfg.label_fraction;
         let subset = match &self.sets {
-            Sets::Segmentation { train, .. } => data::volume_fraction(train.len(), fraction, seed),
+            Sets::Segmentation { train, .. } | Sets::VolumeSegmentation { train, .. } => {
+                data::volume_fraction(train.len(), fraction, seed)
+            }
             Sets::Detection { train, .. } => data::volume_fraction(train.names.len(), fraction, seed),
             Sets::Classification { train, .. } => split::stratified_fraction(
                 &train.labels,
@@ -708,7 +772,7 @@ impl Protocol {
 
     fn train_len(&self) -> usize {
         match &self.sets {
-            Sets::Segmentation { train, .. } => train.len(),
+            Sets::Segmentation { train, .. } | Sets::VolumeSegmentation { train, .. } => train.len(),
             Sets::Classification { train, .. } => train.labels.len(),
             Sets::Detection { train, .. } => train.names.len(),
         }
@@ -721,6 +785,21 @@ impl Protocol {
                 let (images, masks) = data::training_slices(&volumes, *size);
                 TrainingData::Slices { images, masks }
             }
+            Sets::VolumeSegmentation { train, sampling, .. } => TrainingData::Crops {
+                volumes: subset
+                    .iter()
+                    .map(|&i| {
+                        let v = &train[i];
+                        let copy = MaskedVolume {
+                            name: v.name.clone(),
+                            voxels: v.voxels.shallow_clone(),
+                            mask: v.mask.shallow_clone(),
+                        };
+                        (i, copy)
+                    })
+                    .collect(),
+                sampling: *sampling,
+            },
             Sets::Classification { train, .. } => {
                 let index = Tensor::from_slice(&subset.iter().map(|&i| i as i64).collect::<Vec<_>>());
                 let labels: Vec<i64> = subset.iter().map(|&i| train.labels[i]).collect();
@@ -1015,6 +1094,28 @@ impl Protocol {
                 }
                 Ok((report::segmentation_scores(&per_volume, classes), first))
             }
+            Sets::VolumeSegmentation { eval, sampling, .. } => {
+                let mut per_volume = Vec::with_capacity(eval.len());
+                let mut first = None;
+                for (i, volume) in eval.iter().enumerate() {
+                    let prediction = volume_segmentation::predict_volume(
+                        &volume.voxels,
+                        sampling.settings.size,
+                        &self.cfg.input.sliding_window,
+                        self.device,
+                        |window| tch::no_grad(|| network.logits(window, None)),
+                    )
+                    .with_context(|| format!("predicting {}", volume.name))?;
+                    per_volume.push(
+                        segmentation::volume_scores(&prediction, &volume.mask, classes)
+                            .with_context(|| format!("scoring {}", volume.name))?,
+                    );
+                    if keep && i == 0 {
+                        first = Some(Example::Segmentation(prediction));
+                    }
+                }
+                Ok((report::segmentation_scores(&per_volume, classes), first))
+            }
             Sets::Classification { eval, .. } => {
                 let n = eval.labels.len() as i64;
                 let probabilities: Vec<Tensor> = (0..n)
@@ -1077,6 +1178,8 @@ impl Protocol {
         let (samples, units) = match (&self.sets, split) {
             (Sets::Segmentation { train, .. }, Split::Train) => (train.len(), slices(train)),
             (Sets::Segmentation { eval, .. }, Split::Eval) => (eval.len(), slices(eval)),
+            (Sets::VolumeSegmentation { train, .. }, Split::Train) => (train.len(), None),
+            (Sets::VolumeSegmentation { eval, .. }, Split::Eval) => (eval.len(), None),
             (Sets::Classification { train, .. }, Split::Train) => (train.labels.len(), None),
             (Sets::Classification { eval, .. }, Split::Eval) => (eval.labels.len(), None),
             (Sets::Detection { train, .. }, Split::Train) => (train.names.len(), Some(train.images.len())),
@@ -1093,6 +1196,15 @@ impl Protocol {
         match &self.sets {
             Sets::Segmentation { size, .. } => {
                 format!("slices resized to {size} x {size}; predictions resized back to each slice's size")
+            }
+            Sets::VolumeSegmentation { sampling, .. } => {
+                let [d, h, w] = sampling.settings.size;
+                format!(
+                    "{} crops of {d} x {h} x {w} a training volume ({:.0}% centred on the foreground); whole volumes predicted by sliding windows ({:?})",
+                    sampling.crops_per_volume,
+                    100.0 * sampling.positive,
+                    self.cfg.input.sliding_window
+                )
             }
             Sets::Detection { size, .. } => format!(
                 "images resized to {size} x {size} with their boxes; detections scaled back to each image's size"

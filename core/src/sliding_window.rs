@@ -369,6 +369,26 @@ mod tests {
     }
 
     #[test]
+    fn short_axes_are_padded_symmetrically_and_cropped_back() {
+        // The model answers each voxel's position inside its window along the first spatial
+        // axis, so the output shows where the crop sat in the padded window. Side 5 in a
+        // window of 8: MONAI pads 3 // 2 = 1 before and 2 after, so voxel i reads i + 1.
+        // Side 4 in 8 (second case): 2 before.
+        for (side, before) in [(5i64, 1i64), (4, 2), (7, 0), (8, 0)] {
+            let x = Tensor::zeros([1, 1, side, 6, 2], (Kind::Float, Device::Cpu));
+            let ramp = Tensor::arange(8, (Kind::Float, Device::Cpu)).view([1, 1, 8, 1, 1]);
+            let out = sliding_window_inference(&x, &[8, 3, 2], &cfg(0.25, Blend::Constant, 2), |t: &Tensor| {
+                Ok(t.zeros_like() + &ramp)
+            })
+            .unwrap();
+            assert_eq!(out.size(), vec![1, 1, side, 6, 2]);
+            let first: Vec<f32> = Vec::try_from(&out.select(3, 0).select(3, 0).flatten(0, -1)).unwrap();
+            let want: Vec<f32> = (0..side).map(|i| (i + before) as f32).collect();
+            assert_eq!(first, want, "side {side}");
+        }
+    }
+
+    #[test]
     fn gaussian_map_is_monai_s() {
         // roi 5, sigma 0.625: exp(-x^2 / 0.78125) at x = -2..2; the ends are above the floor.
         let m = importance_map(&[5], Blend::Gaussian, 0.125, Device::Cpu);

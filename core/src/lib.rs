@@ -40,6 +40,7 @@ pub mod run_dir;
 pub mod section;
 pub mod segmentation;
 pub mod slice_features;
+pub mod sliding_window;
 pub mod sources;
 pub mod train;
 pub mod views;

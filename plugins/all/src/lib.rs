@@ -17,6 +17,7 @@ use medssl_mean_pool as _;
 use medssl_ntxent as _;
 use medssl_phantom as _;
 use medssl_readers as _;
+use medssl_reconstruction as _;
 use medssl_resnet as _;
 use medssl_slice_transformer as _;
 use medssl_swav as _;

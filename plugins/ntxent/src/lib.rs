@@ -2,4 +2,4 @@
 
 mod ntxent;
 
-pub use ntxent::{nt_xent, NtXentConfig, NtXentObjective};
+pub use ntxent::{NtXentConfig, NtXentObjective};

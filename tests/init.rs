@@ -73,6 +73,8 @@ const EXCEPTIONS: &[(&str, Expect, &str)] = &[
     ("mask_token", Expect::Normal(0.02), "BERT"),
     // DAT / Swin relative position bias tables: std 0.02.
     ("relative_bias", Expect::Normal(0.02), "Swin / DAT"),
+    // MONAI PatchEmbeddingBlock: trunc_normal_(std=0.02, a=-2, b=2) (ViT position embeddings).
+    ("position_embeddings", Expect::Normal(0.02), "MONAI ViT"),
 ];
 
 /// Buffers that are state, not parameters: (name contains, value).
@@ -263,19 +265,38 @@ fn every_component_starts_as_its_reference() {
             .unwrap_or_else(|e| panic!("objective {}: {e:#}", entry.name()));
         checked += check_store(&format!("objective {}", entry.name()), &vs, &mut failures);
     }
+    // Heads serve 2D or 3D encoders: each is built on both references, and must build on one.
+    let volume_vs = nn::VarStore::new(Device::Cpu);
+    let vit = registry::encoders().get("vit3d").unwrap();
+    let volume_reference = (vit.build)(
+        &default_section("encoder", vit, vit.default_config),
+        volume_vs.root() / "encoder",
+        &EncoderShape { in_channels: 1 },
+    )
+    .unwrap();
     for entry in registry::heads().entries {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let section = default_section("head", entry, entry.default_config);
-        let shape = HeadShape {
-            in_channels: reference.in_channels(),
-            spatial_dims: reference.spatial_dims(),
-            levels: reference.levels().to_vec(),
-            embedding_dim: reference.embedding_dim(),
-            volume_dim: Some(256),
-            num_classes: 3,
-        };
-        (entry.build)(&section, vs.root() / "head", &shape).unwrap_or_else(|e| panic!("head {}: {e:#}", entry.name()));
-        checked += check_store(&format!("head {}", entry.name()), &vs, &mut failures);
+        let mut errors = Vec::new();
+        for encoder in [&reference, &volume_reference] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let section = default_section("head", entry, entry.default_config);
+            let shape = HeadShape {
+                in_channels: encoder.in_channels(),
+                spatial_dims: encoder.spatial_dims(),
+                levels: encoder.levels().to_vec(),
+                embedding_dim: encoder.embedding_dim(),
+                volume_dim: Some(256),
+                num_classes: 3,
+            };
+            match (entry.build)(&section, vs.root() / "head", &shape) {
+                Ok(_) => checked += check_store(&format!("head {}", entry.name()), &vs, &mut failures),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        assert!(
+            errors.len() < 2,
+            "head {} builds on no reference encoder: {errors:?}",
+            entry.name()
+        );
     }
     assert!(
         failures.is_empty(),

@@ -126,6 +126,101 @@ pub fn conv2d<'a>(p: impl Borrow<nn::Path<'a>>, c_in: i64, c_out: i64, kernel: i
     nn::conv2d(p, c_in, c_out, kernel, conv.config(c_in, kernel * kernel))
 }
 
+/// `torch.nn.Conv3d` with a cubic kernel.
+pub fn conv3d<'a>(p: impl Borrow<nn::Path<'a>>, c_in: i64, c_out: i64, kernel: i64, conv: Conv) -> nn::Conv3D {
+    nn::conv3d(p, c_in, c_out, kernel, conv.config(c_in, kernel * kernel * kernel))
+}
+
+/// A transposed convolution's geometry and initialisation. The default is
+/// `torch.nn.ConvTransposeNd`'s: stride 1, no padding, a bias, weight [`TORCH_DEFAULT`] and
+/// PyTorch's bias.
+///
+/// Its weight is `[c_in, c_out / groups, k, ...]`, so PyTorch's fan-in (the size of axis 1
+/// times the kernel volume, `torch.nn.init._calculate_fan_in_and_fan_out`) is the output
+/// width's: both the weight bound and the bias bound are 1 / sqrt(c_out / groups * k^d).
+/// tch's Kaiming fan-in reads the same axis, so only the bias needs computing here.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvTranspose {
+    pub stride: i64,
+    pub padding: i64,
+    pub output_padding: i64,
+    pub groups: i64,
+    pub bias: bool,
+    pub weight: Init,
+    /// `None`: PyTorch's U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)), fan-in as above.
+    pub bias_init: Option<Init>,
+}
+
+impl Default for ConvTranspose {
+    fn default() -> Self {
+        ConvTranspose {
+            stride: 1,
+            padding: 0,
+            output_padding: 0,
+            groups: 1,
+            bias: true,
+            weight: TORCH_DEFAULT,
+            bias_init: None,
+        }
+    }
+}
+
+/// `torch.nn.ConvTranspose3d` with a cubic kernel.
+pub fn conv_transpose3d<'a>(
+    p: impl Borrow<nn::Path<'a>>,
+    c_in: i64,
+    c_out: i64,
+    kernel: i64,
+    conv: ConvTranspose,
+) -> nn::ConvTranspose3D {
+    let fan_in = c_out / conv.groups.max(1) * kernel * kernel * kernel;
+    let config = nn::ConvTransposeConfig {
+        stride: conv.stride,
+        padding: conv.padding,
+        output_padding: conv.output_padding,
+        groups: conv.groups,
+        bias: conv.bias,
+        dilation: 1,
+        ws_init: conv.weight,
+        bs_init: conv.bias_init.unwrap_or_else(|| torch_bias(fan_in)),
+    };
+    nn::conv_transpose3d(p, c_in, c_out, kernel, config)
+}
+
+/// A parameter `name` of shape `dims` drawn from the normal N(mean, std^2) truncated to
+/// [a, b] (absolute bounds, not in units of std), as `torch.nn.init.trunc_normal_` and
+/// MONAI's `trunc_normal_` draw it: inverse-CDF sampling of a uniform draw, then a clamp.
+/// ViTs start their learned position embeddings so (std 0.02, bounds ±2, where the
+/// truncation removes nothing measurable).
+pub fn trunc_normal<'a>(
+    p: impl Borrow<nn::Path<'a>>,
+    name: &str,
+    dims: &[i64],
+    mean: f64,
+    std: f64,
+    [a, b]: [f64; 2],
+) -> tch::Tensor {
+    assert!(
+        std > 0.0 && a < b,
+        "trunc_normal: std {std} must be positive and {a} < {b}"
+    );
+    let cdf = |x: f64| {
+        let erf = tch::Tensor::from_slice(&[x / std::f64::consts::SQRT_2]).erf();
+        (1.0 + erf.double_value(&[0])) / 2.0
+    };
+    let (lo, up) = (cdf((a - mean) / std), cdf((b - mean) / std));
+    let t = p.borrow().var(name, dims, Init::Const(0.0));
+    tch::no_grad(|| {
+        let mut t = t.shallow_clone();
+        let _ = t.uniform_(2.0 * lo - 1.0, 2.0 * up - 1.0);
+        let _ = t.erfinv_();
+        let _ = t.g_mul_scalar_(std * std::f64::consts::SQRT_2);
+        let _ = t.g_add_scalar_(mean);
+        let _ = t.clamp_(a, b);
+    });
+    t
+}
+
 pub use crate::batch_norm::BatchNorm;
 
 /// Batch norm as `torch.nn.BatchNorm*d`: scale 1, shift 0, momentum 0.1, eps 1e-5.
@@ -227,6 +322,48 @@ mod tests {
         let expected = (2.0f64 / (256.0 * 9.0)).sqrt();
         assert!((std(&kaiming.ws) / expected - 1.0).abs() < 0.02, "{}", std(&kaiming.ws));
         assert!(kaiming.bs.is_none());
+    }
+
+    #[test]
+    fn conv3d_and_its_transpose_take_pytorchs_fan_in() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        // fan_in = 8 channels x 27 taps.
+        let conv = conv3d(vs.root() / "c", 8, 16, 3, Default::default());
+        assert_eq!(conv.ws.size(), [16, 8, 3, 3, 3]);
+        let bound = 1.0 / 216f64.sqrt();
+        let (lo, hi) = bounds(&conv.ws);
+        assert!(lo >= -bound && hi <= bound && hi > 0.95 * bound, "{lo} {hi}");
+        let (lo, hi) = bounds(conv.bs.as_ref().unwrap());
+        assert!(lo >= -bound && hi <= bound, "{lo} {hi}");
+        // The weight is [c_in, c_out, k, k, k]: fan_in = 4 outputs x 8 taps, not 64 inputs.
+        let transposed = conv_transpose3d(vs.root() / "t", 64, 4, 2, Default::default());
+        assert_eq!(transposed.ws.size(), [64, 4, 2, 2, 2]);
+        let bound = 1.0 / 32f64.sqrt();
+        for t in [&transposed.ws, transposed.bs.as_ref().unwrap()] {
+            let (lo, hi) = bounds(t);
+            assert!(lo >= -bound && hi <= bound && hi > 0.5 * bound, "{lo} {hi}");
+        }
+        let without = ConvTranspose {
+            bias: false,
+            ..Default::default()
+        };
+        assert!(conv_transpose3d(vs.root() / "u", 4, 4, 2, without).bs.is_none());
+    }
+
+    #[test]
+    fn trunc_normal_has_the_std_asked_and_stays_within_its_bounds() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let wide = trunc_normal(vs.root(), "wide", &[200, 500], 0.0, 0.02, [-2.0, 2.0]);
+        assert!(wide.requires_grad());
+        assert!((std(&wide) / 0.02 - 1.0).abs() < 0.01, "{}", std(&wide));
+        assert!(wide.mean(Kind::Float).double_value(&[]).abs() < 1e-3);
+        // Bounds at one std: N(0, 1) truncated to [-1, 1] has std 0.5379.
+        let tight = trunc_normal(vs.root(), "tight", &[200, 500], 1.0, 1.0, [0.0, 2.0]);
+        let (lo, hi) = bounds(&tight);
+        assert!(lo >= 0.0 && hi <= 2.0 && lo < 0.01 && hi > 1.99, "{lo} {hi}");
+        assert!((std(&tight) / 0.5379 - 1.0).abs() < 0.01, "{}", std(&tight));
     }
 
     #[test]

@@ -12,16 +12,23 @@ use std::process::{Command, Output};
 /// left out of that crate, or a binary that does not link it, fails the tests comparing
 /// against this.
 pub const COMPONENTS: &[(&str, &[&str])] = &[
-    ("encoders", &["resnet18", "resnet34", "resnet50"]),
+    ("encoders", &["resnet18", "resnet34", "resnet50", "vit3d"]),
     (
         "aggregators",
         &["attention-pool", "deformable-attention", "full-attention", "mean-pool"],
     ),
     (
         "objectives",
-        &["deepcluster-v2", "masked-prediction", "ntxent", "swav", "vicreg"],
+        &[
+            "deepcluster-v2",
+            "masked-prediction",
+            "ntxent",
+            "reconstruction",
+            "swav",
+            "vicreg",
+        ],
     ),
-    ("heads", &["faster-rcnn", "unet", "volume-classifier"]),
+    ("heads", &["faster-rcnn", "unet", "unetr", "volume-classifier"]),
     (
         "datasets",
         &[

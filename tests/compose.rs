@@ -12,7 +12,7 @@ mod common;
 use medssl_core::aggregator::AggregatorShape;
 use medssl_core::config::{LoadedConfig, Section};
 use medssl_core::detection::ImageTargets;
-use medssl_core::encoder::EncoderShape;
+use medssl_core::encoder::{EncoderShape, SpatialDims};
 use medssl_core::head::{HeadInput, HeadShape, Targets, Task};
 use medssl_core::registry;
 use medssl_core::slice_features::{SliceFeatureConfig, SliceFeatures};
@@ -33,15 +33,37 @@ fn variants<E: registry::Registered>(
         .collect()
 }
 
-fn combinations() -> Vec<[(&'static str, &'static str); 3]> {
+/// A pre-training composition: encoder, aggregator (none for a 3D encoder, which embeds
+/// volumes itself) and objective, each a (name, smoke config) pair.
+type Combo = [Option<(&'static str, &'static str)>; 3];
+
+/// What the composition needs to know of an encoder variant before building a run: its
+/// spatial dimensionality and the input size it fixes (a ViT's crop size).
+fn encoder_facts(name: &str, body: &str) -> (SpatialDims, Option<Vec<i64>>) {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let section = Section::inline("encoder", name, body).unwrap();
+    let entry = registry::encoders().get(name).unwrap();
+    let encoder = (entry.build)(&section, vs.root(), &EncoderShape { in_channels: 1 }).unwrap();
+    (encoder.spatial_dims(), encoder.input_size())
+}
+
+/// Every 2D encoder variant with every aggregator variant, every 3D encoder variant alone,
+/// each with every objective variant; [`probe`] skips the pairs a component declares
+/// incompatible (a slice objective on a 3D encoder, a context objective over a pooling
+/// aggregator).
+fn combinations() -> Vec<Combo> {
     let encoders = variants(&registry::encoders(), |e| e.smoke_configs);
     let aggregators = variants(&registry::aggregators(), |e| e.smoke_configs);
     let objectives = variants(&registry::objectives(), |e| e.smoke_configs);
     let mut all = Vec::new();
     for &e in &encoders {
-        for &a in &aggregators {
+        let with: Vec<Option<(&str, &str)>> = match encoder_facts(e.0, e.1).0 {
+            SpatialDims::Two => aggregators.iter().copied().map(Some).collect(),
+            SpatialDims::Three => vec![None],
+        };
+        for &a in &with {
             for &o in &objectives {
-                all.push([e, a, o]);
+                all.push([Some(e), a, Some(o)]);
             }
         }
     }
@@ -52,8 +74,14 @@ fn indent(table: &str, name: &str, body: &str) -> String {
     format!("[{table}]\nname = \"{name}\"\n{body}\n")
 }
 
-fn config(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize, precision: &str, size: usize) -> String {
-    let [(encoder, e), (aggregator, a), (objective, o)] = combo;
+fn config(combo: &Combo, seed: u64, batch: usize, slices: usize, precision: &str, size: usize) -> String {
+    let [Some((encoder, e)), aggregator, Some((objective, o))] = combo else {
+        panic!("{combo:?} is not a composition");
+    };
+    let crop_size = match encoder_facts(encoder, e).1 {
+        Some(size) => format!("crop_size = {size:?}"),
+        None => String::new(),
+    };
     format!(
         r#"
 seed = {seed}
@@ -70,6 +98,7 @@ size = {source_size}
 slice_size = {size}
 volume_slices = {slices}
 volume_size = {size}
+{crop_size}
 [data.loader]
 batch_size = {batch}
 workers = 1
@@ -79,19 +108,24 @@ workers = 1
 [[stages]]
 name = "probe"
 epochs = 1
-train = ["encoder", "aggregator"]
+train = {train}
 objectives = {{ probe = 1.0 }}
 "#,
         indent("encoder", encoder, e),
-        indent("aggregator", aggregator, a),
+        aggregator.map(|(a, body)| indent("aggregator", a, body)).unwrap_or_default(),
         indent("objectives.probe", objective, o),
         source_size = size + 4,
         device = common::test_device_name(),
+        train = if aggregator.is_some() {
+            r#"["encoder", "aggregator"]"#
+        } else {
+            r#"["encoder"]"#
+        },
     )
 }
 
 /// Builds the composition and checks one training step; the message names the combination.
-fn probe(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize) -> Result<(), String> {
+fn probe(combo: &Combo, seed: u64, batch: usize, slices: usize) -> Result<(), String> {
     probe_in(combo, seed, batch, slices, "fp32")
 }
 
@@ -100,7 +134,7 @@ fn probe(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize) -> R
 /// except under bf16: a ResNet-50 sees 16 px as 1 x 1 from its third stage on, where batch
 /// norm over a handful of values gives gradient norms of 1e9 already in fp32 and NaN in
 /// bf16; at 32 px they are 1e5 and bf16 trains.
-fn probe_in(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize, precision: &str) -> Result<(), String> {
+fn probe_in(combo: &Combo, seed: u64, batch: usize, slices: usize, precision: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     let size = if precision == "bf16" { 32 } else { 16 };
@@ -108,9 +142,10 @@ fn probe_in(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize, p
     let cfg = LoadedConfig::load(&path, &[]).map_err(|e| format!("{combo:?}: {e:#}"))?;
     let mut run = match Run::prepare(cfg) {
         Ok(run) => run,
-        // A declared incompatibility (a context objective over a pooling aggregator) is a
-        // config error, not a failure to compose.
-        Err(e) if format!("{e:#}").contains("treats each slice alone") => return Ok(()),
+        // A declared incompatibility (a context objective over a pooling aggregator, a slice
+        // objective on a 3D encoder, a 3D objective on a 2D one) is a config error, not a
+        // failure to compose.
+        Err(e) if declared_incompatible(&format!("{e:#}")) => return Ok(()),
         Err(e) => return Err(format!("{combo:?}: {e:#}")),
     };
     let probe = run.probe_step(0).map_err(|e| format!("{combo:?}: {e:#}"))?;
@@ -136,6 +171,15 @@ fn probe_in(combo: &[(&str, &str); 3], seed: u64, batch: usize, slices: usize, p
         }
     }
     Ok(())
+}
+
+/// Whether a refusal is one a component declares (see [`combinations`]).
+fn declared_incompatible(message: &str) -> bool {
+    message.contains("treats each slice alone")
+        || message.contains("needs a 2D encoder, but encoder")
+        || message.contains("needs a 3D encoder, but encoder")
+        || message.contains("but the run's encoder is 2D")
+        || message.contains("but the run's encoder is 3D")
 }
 
 /// Every plugin takes part: this binary registers the exact set the registry test expects.
@@ -179,6 +223,24 @@ fn every_composition_trains_one_step_in_bf16() {
 #[test]
 fn every_role_offers_a_variant() {
     assert!(combinations().len() >= 2 * 2 * 2, "{}", combinations().len());
+}
+
+/// The 3D encoders train with the objectives meant for them: every objective that reads
+/// volume views or crops composes with every 3D encoder variant (a probe that was skipped as
+/// incompatible would hide a broken pairing).
+#[test]
+fn three_d_encoders_train_with_crop_and_volume_objectives() {
+    let mut trained = std::collections::BTreeSet::new();
+    for combo in combinations().iter().filter(|c| c[1].is_none()) {
+        let [Some(e), _, Some(o)] = combo else { unreachable!() };
+        let volume_level = o.1.contains("level = \"volume\"") || o.0 == "reconstruction";
+        if volume_level {
+            probe(combo, 1, 2, 3).unwrap();
+            trained.insert((e.0, o.0));
+        }
+    }
+    assert!(trained.contains(&("vit3d", "reconstruction")), "{trained:?}");
+    assert!(trained.contains(&("vit3d", "ntxent")), "{trained:?}");
 }
 
 proptest! {
@@ -259,35 +321,62 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
     };
     let section = Section::inline("head", head, h).map_err(|e| fail(&e))?;
     let entry = registry::heads().get(head).map_err(|e| fail(&e))?;
+    let dims = encoder.spatial_dims();
     let head = match (entry.build)(&section, vs.root() / "head", &shape) {
         Ok(head) => head,
-        // A volume head without an aggregator is a declared config error, not a failure to
-        // compose.
+        // A volume head without an aggregator, a 2D head on a 3D encoder and the reverse are
+        // declared config errors, not failures to compose.
         Err(e) if aggregator.is_none() && format!("{e:#}").contains("needs an aggregator") => return Ok(false),
+        Err(e) if format!("{e:#}").contains(&format!("the run's encoder is {dims}")) => return Ok(false),
         Err(e) => return Err(fail(&e)),
     };
-    if head.task().needs_aggregator() != aggregator.is_some() {
+    if head.task().spatial_dims().is_some_and(|d| d != dims) {
+        return Err(format!("{combo:?}: a {:?} head built on a {dims} encoder", head.task()));
+    }
+    // A 2D encoder's volume heads read an aggregator; a 3D encoder has none.
+    if dims == SpatialDims::Two && head.task().needs_aggregator() != aggregator.is_some() {
+        return Ok(false);
+    }
+    if dims == SpatialDims::Three && aggregator.is_some() {
         return Ok(false);
     }
 
     let [height, width] = [17, 15];
-    let images = Tensor::randn([volumes * slices, 1, height, width], (Kind::Float, device));
+    let (images, image_size) = match encoder.input_size() {
+        Some(size) if dims == SpatialDims::Three => {
+            let mut shape = vec![volumes, 1];
+            shape.extend(&size);
+            (Tensor::randn(shape, (Kind::Float, device)), [size[1], size[2]])
+        }
+        _ => (
+            Tensor::randn([volumes * slices, 1, height, width], (Kind::Float, device)),
+            [height, width],
+        ),
+    };
     let out = encoder.forward(&images, true);
-    let volume = aggregator.as_ref().map(|a| {
-        let sequence = features.compute(&out).reshape([volumes, slices, -1]);
-        a.forward(&sequence, None, true).volume
-    });
+    let volume = match (&aggregator, dims) {
+        (_, SpatialDims::Three) => Some(out.pooled.shallow_clone()),
+        (Some(a), _) => {
+            let sequence = features.compute(&out).reshape([volumes, slices, -1]);
+            Some(a.forward(&sequence, None, true).volume)
+        }
+        (None, _) => None,
+    };
     let input = HeadInput {
         encoder: &out,
         volume: volume.as_ref(),
-        image_size: [height, width],
-        images: None,
+        image_size,
+        images: (dims == SpatialDims::Three).then_some(&images),
     };
     let targets = match head.task() {
         Task::VolumeClassification => {
             Targets::Classes(Tensor::arange(volumes, (Kind::Int64, device)).remainder(HEAD_CLASSES))
         }
-        Task::VolumeSegmentation => return Err(format!("{combo:?}: 3D heads are not probed yet")),
+        Task::VolumeSegmentation => {
+            let mut shape = images.size();
+            shape.remove(1);
+            Targets::Classes(Tensor::randint(HEAD_CLASSES, shape, (Kind::Int64, device)))
+        }
         Task::Segmentation => Targets::Classes(Tensor::randint(
             HEAD_CLASSES,
             [volumes * slices, height, width],
@@ -355,10 +444,20 @@ fn every_head_composition_trains_one_step() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // Every head variant ran on every encoder variant (with an aggregator or without, as
-    // its task asks).
-    let encoders = variants(&registry::encoders(), |e| e.smoke_configs).len();
-    let heads = variants(&registry::heads(), |e| e.smoke_configs).len();
-    assert!(heads >= 2, "{heads} head variants");
-    assert_eq!(ran.len(), encoders * heads, "{ran:?}");
+    // Every head variant ran on an encoder variant, and every encoder variant with a head
+    // (with an aggregator or without, 2D or 3D, as its task asks); 2D heads on every 2D
+    // encoder variant.
+    let encoders = variants(&registry::encoders(), |e| e.smoke_configs);
+    let heads = variants(&registry::heads(), |e| e.smoke_configs);
+    assert!(heads.len() >= 2, "{} head variants", heads.len());
+    for h in &heads {
+        assert!(ran.iter().any(|(_, rh)| *rh == Some(*h)), "head {h:?} never ran: {ran:?}");
+    }
+    for e in &encoders {
+        assert!(ran.iter().any(|(re, _)| *re == Some(*e)), "encoder {e:?} never ran: {ran:?}");
+    }
+    let two_d = encoders.iter().filter(|e| encoder_facts(e.0, e.1).0 == SpatialDims::Two).count();
+    for h in heads.iter().filter(|h| h.0 == "unet" || h.0 == "faster-rcnn") {
+        assert_eq!(ran.iter().filter(|(_, rh)| *rh == Some(*h)).count(), two_d, "{h:?}");
+    }
 }

@@ -29,7 +29,7 @@ use crate::roi_heads::{RoiHeads, RoiHeadsConfig};
 use crate::rpn::{Rpn, RpnConfig};
 use anyhow::{bail, ensure, Result};
 use medssl_core::config::Section;
-use medssl_core::encoder::Level;
+use medssl_core::encoder::{Level, SpatialDims};
 use medssl_core::head::{Head, HeadEntry, HeadInput, HeadShape, Prediction, Targets, Task};
 use medssl_core::memory_format::MemoryFormat;
 use medssl_core::register;
@@ -255,6 +255,11 @@ impl Head for FasterRcnn {
 }
 
 fn build(section: &Section, p: nn::Path, shape: &HeadShape) -> Result<Box<dyn Head>> {
+    ensure!(
+        shape.spatial_dims == SpatialDims::Two,
+        "head `faster-rcnn` detects objects in 2D images from a 2D encoder's feature maps, but the run's encoder is {}: use a 3D head (e.g. `unetr`)",
+        shape.spatial_dims
+    );
     let cfg: FasterRcnnConfig = section.parse()?;
     Ok(Box::new(FasterRcnn::new(&cfg, p, &shape.levels, shape.num_classes)?))
 }

@@ -174,6 +174,11 @@ impl MaskedPredictionObjective {
             "{NAME}: config key `{key}.min_masked` must be at least 1, got {}",
             cfg.min_masked
         );
+        ensure!(
+            shape.spatial_dims == SpatialDims::Two,
+            "{NAME} (`{key}`) predicts the slice embeddings of a 2D encoder through an aggregator, but the run's encoder is {}",
+            shape.spatial_dims
+        );
         let (Some(sequence_dim), Some(volume_dim)) = (shape.sequence_dim, shape.volume_dim) else {
             bail!(
                 "{NAME} (`{key}`) predicts slice features through the aggregator (f_inter): the run needs an [aggregator] section"

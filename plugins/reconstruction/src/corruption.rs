@@ -186,9 +186,10 @@ fn check_crop(crop: &Tensor) -> Result<Vec<i64>> {
         shape.len() >= 2 && shape.iter().all(|&s| s >= 1),
         "corruption: a crop must be [C, *spatial] with no empty axis, got {shape:?}"
     );
+    // f64 under `run.precision = "fp64"`, whose noise is the f32 draw widened.
     ensure!(
-        crop.kind() == Kind::Float,
-        "corruption: a crop must be float32, got {:?}",
+        matches!(crop.kind(), Kind::Float | Kind::Double),
+        "corruption: a crop must be float32 or float64, got {:?}",
         crop.kind()
     );
     Ok(shape)
@@ -231,6 +232,7 @@ fn noise_tensor(stream: &mut Xoshiro256PlusPlus, shape: &[i64], range: (f32, f32
     Tensor::from_slice(&noise(stream, n as usize, range))
         .view(shape)
         .to_device(like.device())
+        .to_kind(like.kind())
 }
 
 fn region_shape(channels: i64, b: &HoleBox) -> Vec<i64> {

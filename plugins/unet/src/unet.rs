@@ -266,6 +266,11 @@ impl Head for UNet {
 }
 
 fn build(section: &Section, p: nn::Path, shape: &HeadShape) -> Result<Box<dyn Head>> {
+    ensure!(
+        shape.spatial_dims == SpatialDims::Two,
+        "head `unet` decodes a 2D encoder's feature maps of slices, but the run's encoder is {}: use a 3D head (e.g. `unetr`)",
+        shape.spatial_dims
+    );
     let cfg: UNetConfig = section.parse()?;
     Ok(Box::new(UNet::new(&p, &cfg, shape, &section.key)?))
 }

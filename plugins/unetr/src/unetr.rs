@@ -222,7 +222,7 @@ impl Unetr {
     pub fn new(p: &nn::Path, cfg: &UnetrConfig, shape: &HeadShape, key: &str) -> Result<Unetr> {
         ensure!(
             shape.spatial_dims == SpatialDims::Three,
-            "the `{NAME}` head segments volumes from a 3D encoder's levels (such as `vit3d`); this encoder is {}",
+            "head `{NAME}` segments volumes from a 3D encoder's levels (such as `vit3d`), but the run's encoder is {}: use a 2D head (e.g. `unet`)",
             shape.spatial_dims
         );
         let strides: Vec<String> = shape

@@ -220,8 +220,13 @@ struct Block {
 impl Block {
     fn new(p: &nn::Path, cfg: &ViT3dConfig) -> Block {
         let hidden = cfg.hidden_size;
-        // Built for its names only: MONAI 1.6 keeps it in every block's state_dict.
-        let _norm_cross_attn = layers::layer_norm(p / "norm_cross_attn", vec![hidden]);
+        // Built for its names only: MONAI 1.6 keeps it in every block's state_dict. It is
+        // frozen, since nothing reads it: PyTorch's optimizers skip it too (its gradient stays
+        // None), and the composition test's "every trainable tensor gets a gradient" holds.
+        let norm_cross_attn = layers::layer_norm(p / "norm_cross_attn", vec![hidden]);
+        for t in norm_cross_attn.ws.iter().chain(norm_cross_attn.bs.iter()) {
+            let _ = t.shallow_clone().set_requires_grad(false);
+        }
         Block {
             norm1: layers::layer_norm(p / "norm1", vec![hidden]),
             attn: Attention::new(&(p / "attn"), cfg),
@@ -528,13 +533,16 @@ mod tests {
             assert_eq!(t.size(), [3, 24, 4, 6, 2], "{}", level.name);
         }
         assert_eq!(out.pooled.size(), [3, 24]);
-        // Every level and the pooled embedding in the loss: every parameter but the unused
-        // norm_cross_attn gets a gradient.
+        // Every level and the pooled embedding in the loss: every trainable parameter gets a
+        // gradient; the unused norm_cross_attn is frozen.
         let mut loss = out.pooled.square().sum(Kind::Float);
         for level in &out.levels {
             loss += (level * level.randn_like()).sum(Kind::Float);
         }
         loss.backward();
+        for (name, var) in vs.variables() {
+            assert_eq!(var.requires_grad(), !name.contains("norm_cross_attn"), "{name}");
+        }
         for (name, var) in vs.variables().into_iter().filter(|(_, v)| v.requires_grad()) {
             let grad = var.grad();
             let norm = if grad.defined() {

@@ -307,7 +307,14 @@ impl Model {
             let entry = registry::objectives()
                 .get(&section.name)
                 .with_context(|| section.selector_context())?;
-            let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape)?;
+            let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape).with_context(|| {
+                let encoder_name = cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default();
+                format!(
+                    "building objective `{key}` ({}) on encoder `{encoder_name}` ({})",
+                    section.name,
+                    encoder.spatial_dims()
+                )
+            })?;
             resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
             let dims = encoder.spatial_dims();
             if let Some(wanted) = objective.consumes().spatial_dims().filter(|&d| d != dims) {

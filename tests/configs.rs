@@ -3,7 +3,8 @@
 //! `medssl check` does before its forward pass, which is left out here to stay cheap). A sweep
 //! file (a `base` config and `[[variants]]`) is checked as its base with each variant's `set`.
 //! A fine-tuning config (one with a `[head]`) is checked with its head on the backbone of
-//! configs/demo/joint_swav.toml and its two sets opened. Configs that read ../shared/data
+//! configs/demo/joint_swav.toml (configs/demo/vit3d_reconstruction.toml for a 3D head) and its
+//! two sets opened. Configs that read ../shared/data
 //! are skipped, saying so, where that folder is absent.
 
 use medssl_core::config::LoadedConfig;
@@ -78,10 +79,18 @@ fn every_shipped_config_loads_and_builds() {
             }
             let what = format!("{} (from {}, --set {set:?})", config.display(), file.display());
             if text.contains("\n[head]") {
-                // A fine-tuning config: its head on the demo pre-training's backbone.
+                // A fine-tuning config: its head on a demo pre-training's backbone, the 2D one
+                // or, for a head that reads a 3D encoder, the 3D one.
                 let run = LoadedConfig::load(&root.join("configs/demo/joint_swav.toml"), &[]).unwrap();
                 let loaded = LoadedFinetune::load(&config, &set).unwrap_or_else(|e| panic!("{what}: {e:#}"));
-                finetune::check(&loaded, &run).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                match finetune::check(&loaded, &run) {
+                    Err(e) if format!("{e:#}").contains("but the run's encoder is 2D") => {
+                        let run3d =
+                            LoadedConfig::load(&root.join("configs/demo/vit3d_reconstruction.toml"), &[]).unwrap();
+                        finetune::check(&loaded, &run3d).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                    }
+                    other => other.map(|_| ()).unwrap_or_else(|e| panic!("{what}: {e:#}")),
+                }
                 checked += 1;
                 continue;
             }

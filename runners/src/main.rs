@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod aggregator_bench;
+mod bench_3d;
 mod bench_distributed;
 mod bench_ssl;
 mod boxes;
@@ -261,6 +262,44 @@ enum BenchCommand {
         #[arg(long, default_value = "fp32")]
         precision: medssl_core::precision::Precision,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One training step of the `reconstruction` objective with `vit3d` (ViT-B/16 by
+    /// default): corruption, encoder, decoder, L1 + contrastive, backward, Adam.
+    ReconstructionStep {
+        /// Crops a step, each corrupted twice.
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        /// Crop side (and the ViT's `img_size`).
+        #[arg(long, default_value_t = 96)]
+        size: i64,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// UNETR (vit3d + unetr, 14 classes) over one volume by sliding windows.
+    SlidingWindow {
+        /// Side of the (cubic) volume.
+        #[arg(long, default_value_t = 160)]
+        volume: i64,
+        /// Side of a window (the ViT's `img_size`).
+        #[arg(long, default_value_t = 96)]
+        window: i64,
+        #[arg(long, default_value_t = 0.25)]
+        overlap: f64,
+        /// Timed passes over the volume (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long)]
         json: bool,
     },
@@ -638,6 +677,57 @@ fn execute(command: Command) -> Result<()> {
                     bench.min_ms,
                     bench.max_ms,
                     bench.peak_rss_mib.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::ReconstructionStep {
+                    batch,
+                    size,
+                    warmup,
+                    steps,
+                    device,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(batch >= 1 && steps >= 1, "--batch and --steps must be at least 1");
+            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let report = bench_3d::reconstruction_step(batch, size, warmup, steps, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "reconstruction step, {batch} crops of {size}^3: {:.1} ms median of {steps} (min {:.1}, max {:.1}); peak memory {:.0} MiB",
+                    report.ms_per_step,
+                    report.min_ms,
+                    report.max_ms,
+                    report.peak_rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::SlidingWindow {
+                    volume,
+                    window,
+                    overlap,
+                    repeats,
+                    device,
+                    json,
+                },
+        } => {
+            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let report = bench_3d::sliding_window(volume, window, overlap, repeats, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "UNETR sliding window, {volume}^3 by {window}^3 windows: {:.1} ms median of {repeats}; peak memory {:.0} MiB",
+                    report.ms_per_step,
+                    report.peak_rss_mb.unwrap_or(f64::NAN)
                 );
             }
             Ok(())

@@ -88,6 +88,8 @@ pub fn load(path: &Path, prefix: &str, strict: bool, variables: &[(String, Tenso
         .filter(|(n, _)| !file.contains_key(n))
         .map(|(n, _)| n.clone())
         .collect();
+    let mut missing = missing;
+    missing.sort();
     let unexpected: Vec<String> = file.keys().filter(|n| !names.contains(n.as_str())).cloned().collect();
     if strict && !(missing.is_empty() && unexpected.is_empty()) {
         bail!(

@@ -340,10 +340,11 @@ mod tests {
         let transposed = conv_transpose3d(vs.root() / "t", 64, 4, 2, Default::default());
         assert_eq!(transposed.ws.size(), [64, 4, 2, 2, 2]);
         let bound = 1.0 / 32f64.sqrt();
-        for t in [&transposed.ws, transposed.bs.as_ref().unwrap()] {
-            let (lo, hi) = bounds(t);
-            assert!(lo >= -bound && hi <= bound && hi > 0.5 * bound, "{lo} {hi}");
-        }
+        let (lo, hi) = bounds(&transposed.ws);
+        assert!(lo >= -bound && hi <= bound && hi > 0.9 * bound, "{lo} {hi}");
+        // Four biases: within the bound, too few to approach it.
+        let (lo, hi) = bounds(transposed.bs.as_ref().unwrap());
+        assert!(lo >= -bound && hi <= bound, "{lo} {hi}");
         let without = ConvTranspose {
             bias: false,
             ..Default::default()

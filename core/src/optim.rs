@@ -185,19 +185,24 @@ impl Optimizer {
                         let _ = p.f_sub_(&(update * lr));
                     }
                     Rule::AdamW => {
+                        // PyTorch's single-tensor AdamW (its CPU default), op for op and in
+                        // place: two temporaries per parameter instead of one per operation.
+                        // tch's addcmul_/addcdiv_ take no `value`, so it is folded into an
+                        // operand (a rounding difference at the last bit, no more).
                         if decays {
                             let _ = p.f_mul_scalar_(1.0 - lr * cfg.weight_decay);
                         }
                         let [b1, b2] = cfg.betas;
                         let mut m = self.buffer(&name, "exp_avg", &p);
                         let mut v = self.buffer(&name, "exp_avg_sq", &p);
-                        m *= b1;
-                        m += &g * (1.0 - b1);
+                        let _ = m.f_lerp_(&g, 1.0 - b1);
                         v *= b2;
-                        v += &g * &g * (1.0 - b2);
-                        let m_hat = &m / (1.0 - b1.powf(t));
-                        let v_hat = &v / (1.0 - b2.powf(t));
-                        let _ = p.f_sub_(&(m_hat / (v_hat.sqrt() + cfg.eps) * lr));
+                        let _ = v.f_addcmul_(&(&g * (1.0 - b2)), &g);
+                        let step_size = lr / (1.0 - b1.powf(t));
+                        let mut denom = v.sqrt();
+                        denom *= -1.0 / (step_size * (1.0 - b2.powf(t)).sqrt());
+                        denom += -cfg.eps / step_size;
+                        let _ = p.f_addcdiv_(&m, &denom);
                     }
                 }
             }
@@ -375,6 +380,42 @@ mod tests {
         let moved = (w.detach() - before).norm().double_value(&[]);
         assert!((moved - 0.5 * 0.01 * 5.0).abs() < 1e-6, "{moved}");
         assert!((b.double_value(&[0]) - 0.0).abs() < 1e-6, "bias: 1 - 0.5 * 2 = 0");
+    }
+
+    #[test]
+    fn adamw_matches_pytorchs_update_over_three_steps() {
+        // f64 weights [2, 1] and loss sum(w^2 * c) with c = [1, 3]: the gradient 2 c w, the
+        // update of torch.optim.AdamW written out in f64 (weight decay on the matrix only).
+        let cfg = OptimizerConfig {
+            name: "adamw".into(),
+            lr: 0.01,
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let c = [1.0, 3.0];
+        let w = Tensor::from_slice(&[0.5f64, -2.0]).reshape([2, 1]).set_requires_grad(true);
+        let coef = Tensor::from_slice(&c).reshape([2, 1]);
+        let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())]).unwrap();
+        let ([b1, b2], eps, lr, wd) = (cfg.betas, cfg.eps, cfg.lr, cfg.weight_decay);
+        let mut expected = [0.5f64, -2.0];
+        let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
+        for step in 1..=3 {
+            opt.zero_grad();
+            (&w * &w * &coef).sum(Kind::Double).backward();
+            opt.step(lr);
+            for i in 0..2 {
+                let g = 2.0 * c[i] * expected[i];
+                expected[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let denom = (v[i] / (1.0 - b2.powi(step))).sqrt() + eps;
+                expected[i] -= lr / (1.0 - b1.powi(step)) * m[i] / denom;
+            }
+            let got = Vec::<f64>::try_from(&w.detach().flatten(0, -1)).unwrap();
+            for i in 0..2 {
+                assert!((got[i] - expected[i]).abs() < 1e-12, "step {step}: {got:?} vs {expected:?}");
+            }
+        }
     }
 
     #[test]

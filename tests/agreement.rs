@@ -55,8 +55,8 @@
 //!   (1 - 0 / sum p = 1): the second case shows medssl equal to MONAI's per-class loss
 //!   (`reduction="none"`) over the classes kept.
 
-use medssl_deepcluster_v2::cluster_loss;
 use medssl_core::contrastive::nt_xent;
+use medssl_deepcluster_v2::cluster_loss;
 use medssl_swav::{codes, sinkhorn_knopp, swapped_prediction};
 use medssl_unet::soft_dice_loss;
 use medssl_vicreg::{covariance, invariance, variance, VicRegConfig};

@@ -39,7 +39,14 @@ fn an_exported_resnet_has_torchvision_names_and_starts_a_new_run_strictly() {
     let run = common::pretrain(dir.path(), "tiny", common::TINY);
     let out_file = dir.path().join("exported/resnet18.safetensors");
     let out = common::medssl()
-        .args(["export", run.to_str().unwrap(), "--format", "torchvision", "--json", "--out"])
+        .args([
+            "export",
+            run.to_str().unwrap(),
+            "--format",
+            "torchvision",
+            "--json",
+            "--out",
+        ])
         .arg(&out_file)
         .output()
         .unwrap();
@@ -56,7 +63,12 @@ fn an_exported_resnet_has_torchvision_names_and_starts_a_new_run_strictly() {
         .filter_map(|(n, t)| n.strip_prefix("model.encoder.").map(|n| (n, t)))
         .collect();
     // torchvision's names: conv1, bn1, layer1.0.conv1, ..., each batch norm with its counter.
-    for name in ["conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer4.1.bn2.weight"] {
+    for name in [
+        "conv1.weight",
+        "bn1.running_var",
+        "bn1.num_batches_tracked",
+        "layer4.1.bn2.weight",
+    ] {
         assert!(exported.contains_key(name), "no `{name}` in {:?}", exported.keys());
     }
     let counters = exported.keys().filter(|n| n.ends_with("num_batches_tracked")).count();

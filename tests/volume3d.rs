@@ -85,12 +85,23 @@ fn reconstruction_pretraining_has_finite_falling_losses_and_logs_its_terms() {
     let records = records(&run);
     assert_eq!(records.len(), 24);
     for r in &records {
-        for key in ["loss", "loss/recon/l1", "loss/recon/contrastive", "loss/recon/corrupted_l1"] {
+        for key in [
+            "loss",
+            "loss/recon/l1",
+            "loss/recon/contrastive",
+            "loss/recon/corrupted_l1",
+        ] {
             let v = r[key].as_f64().unwrap_or_else(|| panic!("no {key} in {r}"));
             assert!(v.is_finite() && v >= 0.0, "{key} = {v}");
         }
-        let (l1, c) = (r["loss/recon/l1"].as_f64().unwrap(), r["loss/recon/contrastive"].as_f64().unwrap());
-        assert!((r["loss"].as_f64().unwrap() - (l1 + c * l1)).abs() < 1e-4, "loss = r + c r: {r}");
+        let (l1, c) = (
+            r["loss/recon/l1"].as_f64().unwrap(),
+            r["loss/recon/contrastive"].as_f64().unwrap(),
+        );
+        assert!(
+            (r["loss"].as_f64().unwrap() - (l1 + c * l1)).abs() < 1e-4,
+            "loss = r + c r: {r}"
+        );
     }
     let mean = |rs: &[Value]| rs.iter().map(|r| r["loss"].as_f64().unwrap()).sum::<f64>() / rs.len() as f64;
     let (first, last) = (mean(&records[..6]), mean(&records[18..]));
@@ -159,7 +170,11 @@ lr = 0.01
         unit(&row["mean"], "dice_3d");
     }
     assert!(out_dir.join("segmentation.png").is_file());
-    assert!(results["setup"]["input"].as_str().unwrap().contains("sliding windows"), "{}", results["setup"]);
+    assert!(
+        results["setup"]["input"].as_str().unwrap().contains("sliding windows"),
+        "{}",
+        results["setup"]
+    );
 
     // Frozen features of whole volumes, resized to the crop size, for a probe.
     let volumes = archive(tmp.path(), "volumes.npz", 6, true);
@@ -248,7 +263,10 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
 
     // A 3D encoder with an aggregator.
     let with_aggregator = format!("{TINY_3D}\n[aggregator]\nname = \"mean-pool\"\n");
-    assert_fails_with(&check(dir, &with_aggregator, &[]), &["encoder `vit3d` is 3D", "mean-pool"]);
+    assert_fails_with(
+        &check(dir, &with_aggregator, &[]),
+        &["encoder `vit3d` is 3D", "mean-pool"],
+    );
     // A 3D encoder with a slice-level objective.
     let slice_objective = TINY_3D.replace(
         "name = \"reconstruction\"\ndecoder_channels = 4\ncorruption = { inpaint_size = [2, 8], outpaint_size = [6, 16], shuffle_size = 3 }",
@@ -256,7 +274,11 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
     );
     assert_fails_with(
         &check(dir, &slice_objective, &[]),
-        &["objective `recon` (ntxent)", "needs a 2D encoder", "encoder `vit3d` is 3D"],
+        &[
+            "objective `recon` (ntxent)",
+            "needs a 2D encoder",
+            "encoder `vit3d` is 3D",
+        ],
     );
     // A 2D encoder with the 3D objective.
     let two_d = TINY_3D.replace(
@@ -267,7 +289,12 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
     // Crops of another size than the ViT's position embeddings.
     assert_fails_with(
         &check(dir, TINY_3D, &["data.views.crop_size=[48, 48, 48]"]),
-        &["encoder `vit3d`", "[32, 32, 32]", "data.views.crop_size", "[48, 48, 48]"],
+        &[
+            "encoder `vit3d`",
+            "[32, 32, 32]",
+            "data.views.crop_size",
+            "[48, 48, 48]",
+        ],
     );
 
     // A 2D head on the 3D run, and the 3D head on a 2D run.
@@ -294,6 +321,9 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
         &finetune("name = \"unet\"\nchannels = [8, 8, 8, 8, 8]", &run3d),
         &["head `unet`", "encoder is 3D"],
     );
-    assert_fails_with(&finetune("name = \"unetr\"", &run2d), &["head `unetr`", "encoder is 2D"]);
+    assert_fails_with(
+        &finetune("name = \"unetr\"", &run2d),
+        &["head `unetr`", "encoder is 2D"],
+    );
     assert!(!dir.join("ft").exists(), "a refused fine-tune writes nothing");
 }

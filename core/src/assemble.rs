@@ -287,7 +287,10 @@ impl Model {
         let shape = ObjectiveShape {
             spatial_dims: encoder.spatial_dims(),
             in_channels: encoder.in_channels(),
-            deepest_level: encoder.levels().last().map_or((encoder.embedding_dim(), 1), |l| (l.channels, l.stride)),
+            deepest_level: encoder
+                .levels()
+                .last()
+                .map_or((encoder.embedding_dim(), 1), |l| (l.channels, l.stride)),
             slice_dim: encoder.embedding_dim(),
             volume_dim: match encoder.spatial_dims() {
                 SpatialDims::Two => aggregator.as_ref().map(|a| a.output_dim()),
@@ -307,14 +310,15 @@ impl Model {
             let entry = registry::objectives()
                 .get(&section.name)
                 .with_context(|| section.selector_context())?;
-            let objective = (entry.build)(&section, &root / "objectives" / key.as_str(), &shape).with_context(|| {
-                let encoder_name = cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default();
-                format!(
-                    "building objective `{key}` ({}) on encoder `{encoder_name}` ({})",
-                    section.name,
-                    encoder.spatial_dims()
-                )
-            })?;
+            let objective =
+                (entry.build)(&section, &root / "objectives" / key.as_str(), &shape).with_context(|| {
+                    let encoder_name = cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default();
+                    format!(
+                        "building objective `{key}` ({}) on encoder `{encoder_name}` ({})",
+                        section.name,
+                        encoder.spatial_dims()
+                    )
+                })?;
             resolved.push((path.clone(), section.resolved("name", &entry.default_config())?));
             let dims = encoder.spatial_dims();
             if let Some(wanted) = objective.consumes().spatial_dims().filter(|&d| d != dims) {

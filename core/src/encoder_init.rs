@@ -150,13 +150,19 @@ mod tests {
     fn variables() -> Vec<(String, Tensor)> {
         vec![
             ("conv1.weight".into(), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))),
-            ("bn1.running_mean".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+            (
+                "bn1.running_mean".into(),
+                Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+            ),
         ]
     }
 
     fn file(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
         let path = dir.join("w.safetensors");
-        let owned: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+        let owned: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.shallow_clone()))
+            .collect();
         crate::checkpoint::write_safetensors(&path, &owned).unwrap();
         path
     }
@@ -168,7 +174,10 @@ mod tests {
             dir.path(),
             &[
                 ("vit.conv1.weight", Tensor::ones([2, 3], (Kind::Double, Device::Cpu))),
-                ("vit.bn1.running_mean", Tensor::full([2], 3.0, (Kind::Float, Device::Cpu))),
+                (
+                    "vit.bn1.running_mean",
+                    Tensor::full([2], 3.0, (Kind::Float, Device::Cpu)),
+                ),
                 ("vit.bn1.num_batches_tracked", Tensor::from(7i64)),
                 ("decoder.weight", Tensor::ones([1], (Kind::Float, Device::Cpu))),
             ],

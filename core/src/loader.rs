@@ -382,7 +382,11 @@ impl DataPipeline {
                 &|i, v| volumes[i][v].valid.shallow_clone(),
                 volumes.len(),
             ),
-            volume_crops: per_view(self.views.volume_views, &|i, v| crops[i][v].shallow_clone(), crops.len()),
+            volume_crops: per_view(
+                self.views.volume_views,
+                &|i, v| crops[i][v].shallow_clone(),
+                crops.len(),
+            ),
             sequence: (!sequences.is_empty()).then(|| {
                 (
                     stack(sequences.iter().map(|s| s.voxels.shallow_clone()).collect()),

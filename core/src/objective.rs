@@ -57,9 +57,7 @@ impl ViewLevel {
             (ViewLevel::Slice, _) => Ok((Consumes::SliceViews, shape.slice_dim)),
             (ViewLevel::Volume, Some(dim)) => Ok((Consumes::VolumeViews, dim)),
             (ViewLevel::Volume, None) => {
-                anyhow::bail!(
-                    "{objective} with level = \"volume\" needs an [aggregator] section (or a 3D encoder)"
-                )
+                anyhow::bail!("{objective} with level = \"volume\" needs an [aggregator] section (or a 3D encoder)")
             }
         }
     }

@@ -393,7 +393,9 @@ mod tests {
             ..Default::default()
         };
         let c = [1.0, 3.0];
-        let w = Tensor::from_slice(&[0.5f64, -2.0]).reshape([2, 1]).set_requires_grad(true);
+        let w = Tensor::from_slice(&[0.5f64, -2.0])
+            .reshape([2, 1])
+            .set_requires_grad(true);
         let coef = Tensor::from_slice(&c).reshape([2, 1]);
         let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())]).unwrap();
         let ([b1, b2], eps, lr, wd) = (cfg.betas, cfg.eps, cfg.lr, cfg.weight_decay);
@@ -413,7 +415,10 @@ mod tests {
             }
             let got = Vec::<f64>::try_from(&w.detach().flatten(0, -1)).unwrap();
             for i in 0..2 {
-                assert!((got[i] - expected[i]).abs() < 1e-12, "step {step}: {got:?} vs {expected:?}");
+                assert!(
+                    (got[i] - expected[i]).abs() < 1e-12,
+                    "step {step}: {got:?} vs {expected:?}"
+                );
             }
         }
     }

@@ -139,7 +139,11 @@ pub fn pos_neg_start(rng: &mut ChaCha8Rng, mask: &Tensor, size: [i64; 3], positi
         return random_start(rng, &shape, size);
     }
     let index = candidates.int64_value(&[rng.random_range(0..n), 0]);
-    let centre = [index / (shape[1] * shape[2]), (index / shape[2]) % shape[1], index % shape[2]];
+    let centre = [
+        index / (shape[1] * shape[2]),
+        (index / shape[2]) % shape[1],
+        index % shape[2],
+    ];
     let mut start = [0; 3];
     for axis in 0..3 {
         start[axis] = (centre[axis] - size[axis] / 2).clamp(0, shape[axis] - size[axis]);

@@ -41,10 +41,12 @@ pub fn export(run: &Path, format: ReferenceLibrary, prefix: &str, out: &Path) ->
     let encoder = cfg.section("encoder", "name")?.name;
     match backbone.encoder.reference_library() {
         Some(library) if library == format => {}
-        Some(library) => bail!(
-            "encoder `{encoder}` carries {library}'s parameter names, not {format}'s: use `--format {library}`"
+        Some(library) => {
+            bail!("encoder `{encoder}` carries {library}'s parameter names, not {format}'s: use `--format {library}`")
+        }
+        None => bail!(
+            "encoder `{encoder}` follows no reference library's parameter names, so it cannot be exported as {format}"
         ),
-        None => bail!("encoder `{encoder}` follows no reference library's parameter names, so it cannot be exported as {format}"),
     }
     let tensors = checkpoint::read_safetensors(&located.tensors)?;
     backbone.load(&tensors, &located.tensors)?;

@@ -5,10 +5,10 @@ use super::{DataSpec, SetInfo};
 use crate::assemble::Backbone;
 use crate::config::Section;
 use crate::dataset::Dataset;
+use crate::encoder::SpatialDims;
 use crate::inspect;
 use crate::precision::Precision;
 use crate::registry::{self, Registered};
-use crate::encoder::SpatialDims;
 use crate::views::{self, ViewConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -186,9 +186,7 @@ pub(super) fn encode(
         Input::Volume
     };
     drop(first);
-    let dims = backbones
-        .first()
-        .map_or(SpatialDims::Two, |b| b.encoder.spatial_dims());
+    let dims = backbones.first().map_or(SpatialDims::Two, |b| b.encoder.spatial_dims());
     ensure!(
         !(dims == SpatialDims::Three && input == Input::Image),
         "{flag}: the set holds 2D images, but the run's encoder is 3D: evaluate it on volumes"

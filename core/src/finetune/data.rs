@@ -9,10 +9,10 @@
 //! into the pre-training run's slice sequence (`views::sequence_view`).
 
 use crate::dataset::{Dataset, Volume};
+use crate::encoder::SpatialDims;
 use crate::registry::{self, Registered};
 use crate::rng::{self, domain};
 use crate::section::Section;
-use crate::encoder::SpatialDims;
 use crate::views::{self, ViewConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;

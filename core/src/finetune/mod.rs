@@ -372,8 +372,22 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
             Sets::Segmentation { train, eval, size }
         }
         Task::VolumeClassification => {
-            let train = data::sequences(train_set.dataset.as_ref(), cfg.classes, &views, dims, workers, Split::Train)?;
-            let eval = data::sequences(eval_set.dataset.as_ref(), cfg.classes, &views, dims, workers, Split::Eval)?;
+            let train = data::sequences(
+                train_set.dataset.as_ref(),
+                cfg.classes,
+                &views,
+                dims,
+                workers,
+                Split::Train,
+            )?;
+            let eval = data::sequences(
+                eval_set.dataset.as_ref(),
+                cfg.classes,
+                &views,
+                dims,
+                workers,
+                Split::Eval,
+            )?;
             data::check_disjoint(&train.names, &eval.names)?;
             let eval_classes: std::collections::BTreeSet<i64> = eval.labels.iter().copied().collect();
             ensure!(
@@ -718,7 +732,8 @@ impl TrainingData {
                 }
             }
             TrainingData::Crops { volumes, sampling } => {
-                let chosen: Vec<(usize, &MaskedVolume)> = indices.iter().map(|&i| (volumes[i].0, &volumes[i].1)).collect();
+                let chosen: Vec<(usize, &MaskedVolume)> =
+                    indices.iter().map(|&i| (volumes[i].0, &volumes[i].1)).collect();
                 let (x, y) = volume_segmentation::training_crops(&chosen, sampling, seed, epoch);
                 Batch {
                     x: x.to_device(device),

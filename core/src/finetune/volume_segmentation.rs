@@ -76,11 +76,18 @@ pub fn training_crops(
             );
             let start = volume_crops::pos_neg_start(&mut g, &volume.mask, size, sampling.positive);
             let orientation = Orientation::draw(&mut g, &sampling.settings);
-            images.push(orientation.apply(&volume_crops::crop_at(&volume.voxels, start, size)).unsqueeze(0));
+            images.push(
+                orientation
+                    .apply(&volume_crops::crop_at(&volume.voxels, start, size))
+                    .unsqueeze(0),
+            );
             masks.push(orientation.apply(&volume_crops::crop_at(&volume.mask, start, size)));
         }
     }
-    (Tensor::stack(&images, 0).contiguous(), Tensor::stack(&masks, 0).contiguous())
+    (
+        Tensor::stack(&images, 0).contiguous(),
+        Tensor::stack(&masks, 0).contiguous(),
+    )
 }
 
 /// The class map `[D, H, W]` (int64, on the CPU) that `logits` gives the prepared volume
@@ -133,7 +140,10 @@ mod tests {
         assert!(x.equal(&x2) && y.equal(&y2));
         // Every crop is centred on the foreground (positive = 1), and the mask moved with it.
         for i in 0..6 {
-            assert!(bool::try_from(y.get(i).eq(2).any()).unwrap(), "crop {i} misses the foreground");
+            assert!(
+                bool::try_from(y.get(i).eq(2).any()).unwrap(),
+                "crop {i} misses the foreground"
+            );
         }
         let (x3, _) = training_crops(&[(0, &v), (5, &v)], &sampling, 7, 1);
         assert!(!x.equal(&x3), "another epoch draws other crops");

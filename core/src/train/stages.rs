@@ -5,13 +5,13 @@ use super::{Run, Summary, Terms};
 use crate::checkpoint::{self, Checkpoints, TrainingState, FORMAT};
 use crate::config::{OptimizerConfig, StageConfig};
 use crate::distributed::{self, gradients};
+use crate::encoder::{EncoderOutput, SpatialDims};
 use crate::loader::Batch;
 use crate::loss_scaling::{self, LossScaler};
 use crate::metrics::MetricsLog;
-use crate::encoder::{EncoderOutput, SpatialDims};
 use crate::objective::{Consumes, Progress, SliceSequence, StepInput, VolumeCrops};
-use crate::precision::Precision;
 use crate::optim::{self, Optimizer};
+use crate::precision::Precision;
 use crate::rng::{self, domain};
 use crate::run_dir::{self, CHECKPOINT_DIR, METRICS_FILE};
 use anyhow::{bail, Context, Result};
@@ -654,7 +654,12 @@ impl Run {
             .collect();
         // Volume views need an aggregator (in 2D); `Model::build` refuses objectives that
         // consume them without one. A 3D encoder's volume views are its crops' embeddings.
-        let consumes = |input: Consumes| stage.objectives.keys().any(|k| self.model.objectives[k].consumes() == input);
+        let consumes = |input: Consumes| {
+            stage
+                .objectives
+                .keys()
+                .any(|k| self.model.objectives[k].consumes() == input)
+        };
         let three_d = backbone.encoder.spatial_dims() == SpatialDims::Three;
         let volume_views = match &backbone.aggregator {
             _ if three_d && consumes(Consumes::VolumeViews) => batch

@@ -8,8 +8,8 @@
 //! loss is averaged over its V - 1 positives. `level = "volume"` applies the same loss to
 //! volume embeddings of 3D views (a contrastive stand-in for the paper's L_inter).
 
-use medssl_core::prelude::*;
 use medssl_core::contrastive::{nt_xent, nt_xent_of_anchors};
+use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,7 +63,6 @@ impl NtXentObjective {
         })
     }
 }
-
 
 impl Objective for NtXentObjective {
     fn consumes(&self) -> Consumes {

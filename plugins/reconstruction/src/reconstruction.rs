@@ -119,7 +119,12 @@ impl ReconstructionObjective {
             for (view, crop) in crops.crops.iter().enumerate() {
                 let mut rngs: Vec<_> = ids
                     .iter()
-                    .map(|&id| rng::generator(self.seed, &[CORRUPTION_STREAM, epoch as u64, id as u64, view as u64, copy]))
+                    .map(|&id| {
+                        rng::generator(
+                            self.seed,
+                            &[CORRUPTION_STREAM, epoch as u64, id as u64, view as u64, copy],
+                        )
+                    })
                     .collect();
                 let (corrupted, _) = corrupt_batch(crop, &self.cfg.corruption, &mut rngs)?;
                 copies.push(corrupted);
@@ -142,7 +147,10 @@ impl Objective for ReconstructionObjective {
             .volume_crops
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("{NAME}: the runner supplied no 3D crops"))?;
-        ensure!(!crops.crops.is_empty(), "{NAME} needs at least one crop a volume (data.views.volume_views)");
+        ensure!(
+            !crops.crops.is_empty(),
+            "{NAME} needs at least one crop a volume (data.views.volume_views)"
+        );
         let ids = Vec::<i64>::try_from(input.ids.to_device(Device::Cpu))?;
         let (corrupted, clean) = self.corrupted(crops, &ids, progress.epoch)?;
         let out = (crops.encode)(&corrupted)?;
@@ -266,7 +274,10 @@ mod tests {
         let first = objective.loss(&input, &progress).unwrap();
         let l1 = first.terms[0].1;
         let expected = l1 + first.terms[1].1 * l1;
-        assert!((first.total.double_value(&[]) - expected).abs() < 1e-5, "total = r + c r");
+        assert!(
+            (first.total.double_value(&[]) - expected).abs() < 1e-5,
+            "total = r + c r"
+        );
         assert!(first.terms[2].1 > 0.0, "the corruption changed the crops");
         let again = objective.loss(&input, &progress).unwrap();
         assert_eq!(again.terms[2].1, first.terms[2].1, "the same coordinates corrupt alike");
@@ -277,7 +288,10 @@ mod tests {
             opt.zero_grad();
             loss.total.backward();
             for (name, t) in vs.variables() {
-                assert!(t.grad().defined() && t.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}");
+                assert!(
+                    t.grad().defined() && t.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0,
+                    "{name}"
+                );
             }
             opt.step();
             last = loss.total.double_value(&[]);
@@ -292,7 +306,10 @@ mod tests {
             spatial_dims: SpatialDims::Two,
             ..shape(8, 4)
         };
-        let err = ReconstructionObjective::new(vs.root(), small(), &two_d, "recon").err().unwrap().to_string();
+        let err = ReconstructionObjective::new(vs.root(), small(), &two_d, "recon")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("`recon`") && err.contains("2D"), "{err}");
         let err = ReconstructionObjective::new(vs.root() / "b", small(), &shape(8, 8), "recon")
             .err()

@@ -527,9 +527,9 @@ mod tests {
             let boxes = random_boxes(&mut ChaCha8Rng::seed_from_u64(seed), &spatial, holes, size);
             prop_assert_eq!(boxes.len(), holes);
             for b in &boxes {
-                for a in 0..spatial.len() {
-                    prop_assert!(b.size[a] >= size[0].min(spatial[a]) && b.size[a] <= size[1].min(spatial[a]));
-                    prop_assert!(b.start[a] >= 0 && b.start[a] + b.size[a] <= spatial[a]);
+                for (a, &side) in spatial.iter().enumerate() {
+                    prop_assert!(b.size[a] >= size[0].min(side) && b.size[a] <= size[1].min(side));
+                    prop_assert!(b.start[a] >= 0 && b.start[a] + b.size[a] <= side);
                 }
             }
         }

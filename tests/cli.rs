@@ -58,7 +58,9 @@ fn a_run_leaves_config_metrics_checkpoints_plot_and_report() {
     }
     let report = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
     assert!(
-        report.contains("| slices |") && report.contains("| joint |"),
+        report.contains("| slices |")
+            && report.contains("| joint |")
+            && report.contains("![losses and health signals by step](loss.png)"),
         "{report}"
     );
     let png = std::fs::read(run_dir.join("loss.png")).unwrap();

@@ -141,7 +141,10 @@ fn segmentation_finetune_reports_pretrained_and_scratch_and_writes_its_folder() 
     }
     let report = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(
-        report.contains("| pretrained |") && report.contains("| scratch |"),
+        report.contains("| pretrained |")
+            && report.contains("| scratch |")
+            && report.contains("](learning_curves.png)")
+            && report.contains("](segmentation.png)"),
         "{report}"
     );
     // One line an epoch for each of the 2 x 2 trials, each with the evaluation's metrics.

@@ -55,6 +55,25 @@ fn an_exported_resnet_has_torchvision_names_and_starts_a_new_run_strictly() {
     assert_eq!(report["format"], "torchvision");
     assert_eq!(report["encoder"], "resnet18");
 
+    // A bare file name writes into the working folder (its parent is "", synced as ".").
+    let bare = common::medssl()
+        .current_dir(dir.path())
+        .args([
+            "export",
+            run.to_str().unwrap(),
+            "--format",
+            "torchvision",
+            "--out",
+            "bare.safetensors",
+        ])
+        .output()
+        .unwrap();
+    assert!(bare.status.success(), "{}", common::stderr(&bare));
+    assert_eq!(
+        std::fs::read(dir.path().join("bare.safetensors")).unwrap(),
+        std::fs::read(&out_file).unwrap()
+    );
+
     let exported = tensors(&out_file);
     assert_eq!(report["tensors"].as_u64().unwrap() as usize, exported.len());
     let checkpoint = latest_checkpoint(&run);

@@ -162,16 +162,28 @@ pub fn legend_mark(colour: RGBAColor) -> impl Fn((i32, i32)) -> PathElement<(i32
     move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
 }
 
-/// Draws the total loss and every loss term against the global step into `out` (PNG).
-pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
+/// One panel of the run's plot: a title, its y axis and the series drawn on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Panel {
+    pub title: String,
+    pub y_desc: String,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// The panels of `loss.png`, from the records of metrics.jsonl: first the total loss beside
+/// each objective's loss (all losses, one axis); then one panel per objective that logs terms
+/// (its loss, its terms and baselines, `loss/<objective>/...`); then one panel per health
+/// signal (`health/...`: embedding std, code entropy, prototypes used, masked counts), each
+/// on its own axis, so that a count never shares an axis with a loss.
+pub fn loss_panels(records: &[Map<String, Value>]) -> Vec<Panel> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for record in records {
         let Some(step) = record.get("step").and_then(Value::as_f64) else {
             continue;
         };
         for (key, value) in record {
-            let is_loss = key == "loss" || key.starts_with("loss/");
-            if let (true, Some(v)) = (is_loss, value.as_f64()) {
+            let plotted = key == "loss" || key.starts_with("loss/") || key.starts_with("health/");
+            if let (true, Some(v)) = (plotted, value.as_f64()) {
                 match series.iter_mut().find(|(k, _)| k == key) {
                     Some((_, points)) => points.push((step, v)),
                     None => series.push((key.clone(), vec![(step, v)])),
@@ -179,40 +191,108 @@ pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
             }
         }
     }
-    let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|(_, v)| v.is_finite());
-    let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in points {
-        x_max = x_max.max(x);
+    let find = |key: &str| series.iter().find(|(k, _)| k == key).cloned();
+    let objectives: Vec<&str> = series
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix("loss/").filter(|rest| !rest.contains('/')))
+        .collect();
+    let mut panels = Vec::new();
+    let overview: Vec<_> = find("loss")
+        .into_iter()
+        .chain(objectives.iter().filter_map(|o| find(&format!("loss/{o}"))))
+        .collect();
+    if !overview.is_empty() {
+        panels.push(Panel {
+            title: "loss".into(),
+            y_desc: "loss".into(),
+            series: overview,
+        });
+    }
+    for objective in &objectives {
+        let prefix = format!("loss/{objective}/");
+        let terms: Vec<_> = series.iter().filter(|(k, _)| k.starts_with(&prefix)).cloned().collect();
+        if !terms.is_empty() {
+            panels.push(Panel {
+                title: format!("objective `{objective}`"),
+                y_desc: "loss".into(),
+                series: find(&format!("loss/{objective}")).into_iter().chain(terms).collect(),
+            });
+        }
+    }
+    for (key, points) in series.iter().filter(|(k, _)| k.starts_with("health/")) {
+        let name = key.trim_start_matches("health/");
+        panels.push(Panel {
+            title: name.to_string(),
+            y_desc: name.rsplit('/').next().unwrap_or(name).to_string(),
+            series: vec![(key.clone(), points.clone())],
+        });
+    }
+    panels
+}
+
+/// Draws [`loss_panels`] of `records` against the global step into `out` (PNG), two panels a
+/// row.
+pub fn plot_losses(records: &[Map<String, Value>], out: &Path) -> Result<()> {
+    let panels = loss_panels(records);
+    let columns = panels.len().clamp(1, 2);
+    let rows = panels.len().div_ceil(columns).max(1);
+    let with_text = register_font();
+    let root = BitMapBackend::new(out, (640 * columns as u32, 360 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_max = panels
+        .iter()
+        .flat_map(|p| p.series.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.0)))
+        .fold(1.0f64, f64::max);
+    for (panel, area) in panels.iter().zip(root.split_evenly((rows, columns))) {
+        draw_panel(&area, panel, x_max, with_text)?;
+    }
+    root.present()
+        .with_context(|| format!("cannot write `{}`", out.display()))?;
+    Ok(())
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    panel: &Panel,
+    x_max: f64,
+    with_text: bool,
+) -> Result<()> {
+    let finite = panel
+        .series
+        .iter()
+        .flat_map(|(_, p)| p.iter())
+        .filter(|(_, v)| v.is_finite());
+    let (mut y_min, mut y_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &(_, y) in finite {
         y_min = y_min.min(y);
         y_max = y_max.max(y);
     }
     if !y_min.is_finite() {
         (y_min, y_max) = (0.0, 1.0);
     }
-    let pad = ((y_max - y_min) * 0.05).max(1e-6);
-    let with_text = register_font();
-    let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = chart_builder(&root, "training loss", 60, with_text)
+    let pad = ((y_max - y_min) * 0.05).max(1e-6 * y_max.abs().max(1.0));
+    let mut chart = chart_builder(area, &panel.title, 60, with_text)
         .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
     if with_text {
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(panel.y_desc.as_str())
+            .draw()?;
     }
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    for (i, (name, pts)) in panel.series.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
         let drawn = chart.draw_series(LineSeries::new(
             pts.iter().copied().filter(|p| p.1.is_finite()),
-            color.stroke_width(2),
+            colour.stroke_width(2),
         ))?;
         if with_text {
-            drawn.label(name.clone()).legend(legend_mark(color));
+            drawn.label(name.clone()).legend(legend_mark(colour));
         }
     }
-    if with_text && !series.is_empty() {
-        draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
+    if with_text && panel.series.len() > 1 {
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
-    root.present()
-        .with_context(|| format!("cannot write `{}`", out.display()))?;
     Ok(())
 }
 
@@ -290,21 +370,63 @@ mod tests {
     #[test]
     fn the_epoch_table_averages_each_column_over_its_epoch() {
         let records: Vec<Map<String, Value>> = [
-            serde_json::json!({"epoch": 0, "step": 1, "loss": 4.0, "loss/swav/entropy": 4.1, "lr": 0.1}),
+            serde_json::json!({"epoch": 0, "step": 1, "loss": 4.0, "health/swav/entropy": 4.1, "lr": 0.1}),
             serde_json::json!({"epoch": 0, "step": 2, "loss": 2.0, "health/slice_embedding_std": 0.05}),
-            serde_json::json!({"epoch": 1, "step": 3, "loss": 1.0, "loss/swav/entropy": 3.0}),
+            serde_json::json!({"epoch": 1, "step": 3, "loss": 1.0, "health/swav/entropy": 3.0}),
         ]
         .into_iter()
         .map(|v| v.as_object().unwrap().clone())
         .collect();
         assert_eq!(
             epoch_table(&records),
-            "| epoch | records | health/slice_embedding_std | loss | loss/swav/entropy |\n\
+            "| epoch | records | health/slice_embedding_std | health/swav/entropy | loss |\n\
              |---|---|---|---|---|\n\
-             | 0 | 2 | 0.0500 | 3.0000 | 4.1000 |\n\
-             | 1 | 1 |  | 1.0000 | 3.0000 |\n"
+             | 0 | 2 | 0.0500 | 4.1000 | 3.0000 |\n\
+             | 1 | 1 |  | 3.0000 | 1.0000 |\n"
         );
         assert_eq!(epoch_table(&[]), "");
+    }
+
+    #[test]
+    fn losses_share_panels_and_every_health_signal_has_its_own() {
+        let records: Vec<Map<String, Value>> = [
+            serde_json::json!({"step": 1, "loss": 4.0, "loss/intra": 4.0, "loss/mask": 0.5,
+                "loss/mask/baseline_mean": 0.7, "health/intra/prototypes_used": 45.0,
+                "health/slice_embedding_std": 0.05, "lr": 0.1}),
+            serde_json::json!({"step": 2, "loss": 3.0, "loss/intra": 3.0, "loss/mask": 0.4,
+                "loss/mask/baseline_mean": 0.7, "health/intra/prototypes_used": 40.0,
+                "health/slice_embedding_std": 0.06}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().unwrap().clone())
+        .collect();
+        let panels = loss_panels(&records);
+        let names = |p: &Panel| p.series.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        let titles: Vec<&str> = panels.iter().map(|p| p.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "loss",
+                "objective `mask`",
+                "intra/prototypes_used",
+                "slice_embedding_std"
+            ]
+        );
+        assert_eq!(names(&panels[0]), ["loss", "loss/intra", "loss/mask"]);
+        assert_eq!(names(&panels[1]), ["loss/mask", "loss/mask/baseline_mean"]);
+        for health in &panels[2..] {
+            assert_eq!(health.series.len(), 1, "a health signal is alone on its axis");
+            assert!(health.series[0].0.starts_with("health/"));
+        }
+        assert_eq!(panels[2].series[0].1, [(1.0, 45.0), (2.0, 40.0)]);
+        assert!(panels.iter().all(|p| p.series.iter().all(|(k, _)| k != "lr")));
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("loss.png");
+        plot_losses(&records, &out).unwrap();
+        // A PNG's IHDR holds its width and height at bytes 16-23, big-endian.
+        let png = std::fs::read(&out).unwrap();
+        let side = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+        assert_eq!((side(16), side(20)), (1280, 720), "four panels, two a row");
     }
 
     #[test]

@@ -140,7 +140,13 @@ pub struct Progress {
 /// One objective's losses: the weighted sum trains; each named term is logged.
 pub struct Loss {
     pub total: Tensor,
+    /// Loss terms and baselines on the loss's own scale, logged as `loss/<objective>/<name>`
+    /// and drawn beside the loss.
     pub terms: Vec<(String, f64)>,
+    /// Signals that are not losses (a code entropy, prototypes or clusters used, a count of
+    /// masked slices), logged as `health/<objective>/<name>` and drawn each on its own axis:
+    /// a count never shares an axis with a loss.
+    pub health: Vec<(String, f64)>,
 }
 
 pub trait Objective {

@@ -554,13 +554,9 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
         out: out.display().to_string(),
     };
     let report = Report::new(task, &trials, setup);
-    checkpoint::write_atomic(&out.join(REPORT_FILE), report.markdown().as_bytes())?;
-    checkpoint::write_atomic(
-        &out.join(RESULTS_FILE),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
     let curves: Vec<&Curve> = trials.iter().map(|t| &t.curve).collect();
     report::plot_curves(&curves, report.metric.as_str(), &out.join(CURVES_FILE))?;
+    let mut figures = vec![(format!("learning curves ({})", report.metric), CURVES_FILE.to_string())];
     let predictions: BTreeMap<&str, Tensor> = examples
         .iter()
         .filter_map(|(init, e)| match e {
@@ -573,14 +569,24 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     {
         if let Some(first) = eval.first() {
             report::plot_segmentation(first, &predictions, &out.join(SEGMENTATION_FILE))?;
+            figures.push((
+                "the first evaluation volume: its slices with the most foreground, truth and predictions".into(),
+                SEGMENTATION_FILE.into(),
+            ));
         }
     }
     for (init, example) in &examples {
         if let Example::Detection(ap_report) = example {
-            let file = out.join(format!("{PRECISION_RECALL_PREFIX}_{init}.png"));
-            ap::plot_precision_recall(ap_report, &file)?;
+            let file = format!("{PRECISION_RECALL_PREFIX}_{init}.png");
+            ap::plot_precision_recall(ap_report, &out.join(&file))?;
+            figures.push((format!("precision-recall, {init} (first repeat)"), file));
         }
     }
+    checkpoint::write_atomic(&out.join(REPORT_FILE), report.markdown(&figures).as_bytes())?;
+    checkpoint::write_atomic(
+        &out.join(RESULTS_FILE),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     Ok(report)
 }
 

@@ -236,8 +236,9 @@ impl Report {
         out
     }
 
-    /// The report as Markdown: setup, table and every repeat's value.
-    pub fn markdown(&self) -> String {
+    /// The report as Markdown: setup, table, every repeat's value, and `figures` (caption,
+    /// file name in the fine-tuning directory) as linked pictures.
+    pub fn markdown(&self, figures: &[(String, String)]) -> String {
         let s = &self.setup;
         let mut out = format!(
             "# Fine-tuning: {:?} with head `{}`\n\n\
@@ -288,6 +289,12 @@ impl Report {
                 })
                 .collect();
             out.push_str(&format!("- {}: {}\n", row.init.name(), values.join("; ")));
+        }
+        if !figures.is_empty() {
+            out.push_str("\n## Figures\n");
+            for (caption, file) in figures {
+                out.push_str(&format!("\n[{caption}]({file})\n\n![{caption}]({file})\n"));
+            }
         }
         out
     }

@@ -63,11 +63,12 @@ impl Run {
             ));
         }
         report.push_str(&format!(
-            "\nFirst and last loss are means over the first and last tenth of the logged steps. Loss curve: `{PLOT_FILE}`; every step: `{METRICS_FILE}`; config: `{CONFIG_FILE}`; weights: `{CHECKPOINT_DIR}/`.\n"
+            "\nFirst and last loss are means over the first and last tenth of the logged steps. Losses and health signals: [{PLOT_FILE}]({PLOT_FILE}) (below); every step: `{METRICS_FILE}`; config: `{CONFIG_FILE}`; weights: `{CHECKPOINT_DIR}/`.\n"
         ));
+        report.push_str(&format!("\n![losses and health signals by step]({PLOT_FILE})\n"));
         // Collapse and stalled clustering show over epochs, not in the first and last loss.
         report.push_str(
-            "\n## Health by epoch\n\nMeans over each epoch's logged steps: the loss, its terms (`loss/<objective>/...`: e.g. a clustering objective's code entropy, at most log K, and prototypes used by the batch) and the embeddings' per-dimension std (`health/...`, about 1/sqrt(d) when spread evenly over the sphere, 0 when collapsed).\n",
+            "\n## Health by epoch\n\nMeans over each epoch's logged steps: the loss, its terms (`loss/<objective>/...`), the objectives' health signals (`health/<objective>/...`: e.g. a clustering objective's code entropy, at most log K, and prototypes used by the batch) and the embeddings' per-dimension std (`health/..._embedding_std`, about 1/sqrt(d) when spread evenly over the sphere, 0 when collapsed).\n",
         );
         for (stage, stage_records) in self.cfg.run.stages.iter().zip(&stage_records) {
             let table = metrics::epoch_table(stage_records);

@@ -723,6 +723,7 @@ impl Run {
         let encode = move |x: &Tensor| encode(encoder, precision, x, train_encoder);
         let mut total: Option<Tensor> = None;
         let mut terms = Vec::new();
+        let mut health = embedded.health();
         for (key, weight) in &stage.objectives {
             let objective = self.model.objectives.get_mut(key).expect("checked");
             let loss = objective
@@ -732,17 +733,16 @@ impl Run {
             for (name, v) in loss.terms {
                 terms.push((format!("{key}/{name}"), v));
             }
+            for (name, v) in loss.health {
+                health.push((format!("{key}/{name}"), v));
+            }
             let weighted = loss.total * *weight;
             total = Some(match total {
                 Some(t) => t + weighted,
                 None => weighted,
             });
         }
-        Ok((
-            total.expect("a stage has at least one objective"),
-            terms,
-            embedded.health(),
-        ))
+        Ok((total.expect("a stage has at least one objective"), terms, health))
     }
 
     pub(super) fn save(

@@ -347,7 +347,8 @@ impl Objective for DeepClusterV2Objective {
         let heads = self.prototypes.len();
         let comm = distributed::communicator();
         let mut total: Option<Tensor> = None;
-        let mut terms = Vec::with_capacity(heads + 1);
+        let mut terms = Vec::with_capacity(heads);
+        let mut health = Vec::with_capacity(2);
         for (h, (prototypes, assignments)) in self.prototypes.iter().zip(&self.assignments).enumerate() {
             let targets = assignments.index_select(0, &ids).repeat([views.len() as i64]);
             if h == 0 {
@@ -355,7 +356,7 @@ impl Objective for DeepClusterV2Objective {
                 let all_targets = comm
                     .all_gather(&targets)
                     .context("deepcluster-v2: gathering the batch's targets")?;
-                terms.push((
+                health.push((
                     "assigned".to_string(),
                     all_targets
                         .ge(0)
@@ -372,7 +373,7 @@ impl Objective for DeepClusterV2Objective {
                     .gt(0)
                     .sum(Kind::Int64)
                     .int64_value(&[]);
-                terms.push(("prototypes_used".to_string(), used as f64));
+                health.push(("prototypes_used".to_string(), used as f64));
             }
             let loss = cluster_loss_across(&z, prototypes, &targets, self.cfg.temperature, &*comm)
                 .context("deepcluster-v2: counting the assigned rows of every rank")?;
@@ -383,7 +384,7 @@ impl Objective for DeepClusterV2Objective {
             });
         }
         let total = total.expect("at least one head") / heads as f64;
-        Ok(Loss { total, terms })
+        Ok(Loss { total, terms, health })
     }
 
     fn needs_memory_pass(&self, _: &Progress) -> bool {
@@ -532,8 +533,8 @@ mod tests {
         }
         let got = loss.total.double_value(&[]);
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
-        assert_eq!(loss.terms[0].0, "assigned");
-        assert!((loss.terms[0].1 - 0.8).abs() < 1e-6, "{:?}", loss.terms);
+        assert_eq!(loss.health[0].0, "assigned");
+        assert!((loss.health[0].1 - 0.8).abs() < 1e-6, "{:?}", loss.health);
         let mut used: Vec<i64> = [4i64, 0, 2, 1, 3]
             .iter()
             .map(|&id| objective.assignments(0).int64_value(&[id]))
@@ -541,7 +542,7 @@ mod tests {
             .collect();
         used.sort_unstable();
         used.dedup();
-        assert_eq!(loss.terms[1], ("prototypes_used".to_string(), used.len() as f64));
+        assert_eq!(loss.health[1], ("prototypes_used".to_string(), used.len() as f64));
     }
 
     #[test]

@@ -263,8 +263,8 @@ impl Objective for MaskedPredictionObjective {
             terms: vec![
                 ("baseline_mean".to_string(), error(&mean)),
                 ("baseline_neighbours".to_string(), error(&neighbours)),
-                ("masked".to_string(), mask.sum(Kind::Float).double_value(&[])),
             ],
+            health: vec![("masked".to_string(), mask.sum(Kind::Float).double_value(&[]))],
             total,
         })
     }
@@ -617,7 +617,7 @@ mod tests {
             .to_device(test_device());
         assert!(replaced.to_kind(Kind::Float).equal(&expected));
         // round(0.3 x 10) + round(0.3 x 6) + the one of two slices kept below two.
-        assert_eq!(loss.terms[2], ("masked".to_string(), 3.0 + 2.0 + 1.0));
+        assert_eq!(loss.health[0], ("masked".to_string(), 3.0 + 2.0 + 1.0));
         let masked_padding = replaced.logical_and(&valid.logical_not()).sum(Kind::Int64);
         assert_eq!(masked_padding.int64_value(&[]), 0, "padding is never masked");
     }

@@ -88,6 +88,7 @@ impl Objective for NtXentObjective {
         Ok(Loss {
             total,
             terms: Vec::new(),
+            health: Vec::new(),
         })
     }
 }

@@ -179,6 +179,7 @@ impl Objective for ReconstructionObjective {
                 ("contrastive".into(), c.double_value(&[])),
                 ("corrupted_l1".into(), baseline),
             ],
+            health: Vec::new(),
             total,
         })
     }

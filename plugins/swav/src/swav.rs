@@ -424,7 +424,8 @@ impl Objective for SwavObjective {
             .context("swav: summing the codes' statistics over every rank")?;
         Ok(Loss {
             total,
-            terms: vec![("entropy".to_string(), entropy), ("prototypes_used".to_string(), used)],
+            terms: Vec::new(),
+            health: vec![("entropy".to_string(), entropy), ("prototypes_used".to_string(), used)],
         })
     }
 
@@ -812,7 +813,7 @@ mod tests {
             .collect();
         let want = swapped_prediction(&scores, &q, cfg.temperature).double_value(&[]);
         assert!((loss.total.double_value(&[]) - want).abs() < 1e-5);
-        let entropy = loss.terms[0].1;
+        let entropy = loss.health[0].1;
         assert!(entropy > 0.0 && entropy <= (cfg.prototypes as f64).ln() + 1e-6);
         let mut best: Vec<i64> = q
             .iter()
@@ -820,7 +821,7 @@ mod tests {
             .collect();
         best.sort_unstable();
         best.dedup();
-        assert_eq!(loss.terms[1], ("prototypes_used".to_string(), best.len() as f64));
+        assert_eq!(loss.health[1], ("prototypes_used".to_string(), best.len() as f64));
     }
 
     #[test]

@@ -134,7 +134,11 @@ impl Objective for VicRegObjective {
             ("variance".to_string(), v.double_value(&[])),
             ("covariance".to_string(), c.double_value(&[])),
         ];
-        Ok(Loss { total, terms })
+        Ok(Loss {
+            total,
+            terms,
+            health: Vec::new(),
+        })
     }
 }
 

@@ -325,7 +325,11 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
         spatial_dims: encoder.spatial_dims(),
         levels: encoder.levels().to_vec(),
         embedding_dim: encoder.embedding_dim(),
-        volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
+        // As fine-tuning builds it: a 3D encoder's pooled embedding is the volume embedding.
+        volume_dim: match encoder.spatial_dims() {
+            SpatialDims::Two => aggregator.as_ref().map(|a| a.output_dim()),
+            SpatialDims::Three => Some(encoder.embedding_dim()),
+        },
         num_classes: HEAD_CLASSES,
     };
     let section = Section::inline("head", head, h).map_err(|e| fail(&e))?;

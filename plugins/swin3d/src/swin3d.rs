@@ -656,7 +656,7 @@ impl Encoder for Swin3d {
             levels.push(self.level(&x));
         }
         let last = levels.last().expect("five levels");
-        let pooled = last.mean_dim([2, 3, 4], false, last.kind());
+        let pooled = last.mean_dim(&[2i64, 3, 4][..], false, last.kind());
         EncoderOutput { levels, pooled }
     }
 }
@@ -1119,7 +1119,7 @@ mod tests {
             let last = out.levels.last().unwrap();
             let mean = last.mean_dim(1, false, Kind::Float).abs().max().double_value(&[]);
             assert!(mean < 1e-5, "{mean}");
-            let pooled = last.mean_dim([2, 3, 4], false, Kind::Float);
+            let pooled = last.mean_dim(&[2i64, 3, 4][..], false, Kind::Float);
             assert!(out.pooled.allclose(&pooled, 1e-6, 1e-7, false));
         }
     }

@@ -117,7 +117,9 @@ train = {train}
 objectives = {{ probe = 1.0 }}
 "#,
         indent("encoder", encoder, e),
-        aggregator.map(|(a, body)| indent("aggregator", a, body)).unwrap_or_default(),
+        aggregator
+            .map(|(a, body)| indent("aggregator", a, body))
+            .unwrap_or_default(),
         indent("objectives.probe", objective, o),
         source_size = size + 4,
         device = common::test_device_name(),
@@ -466,12 +468,21 @@ fn every_head_composition_trains_one_step() {
     let heads = variants(&registry::heads(), |e| e.smoke_configs);
     assert!(heads.len() >= 2, "{} head variants", heads.len());
     for h in &heads {
-        assert!(ran.iter().any(|(_, rh)| *rh == Some(*h)), "head {h:?} never ran: {ran:?}");
+        assert!(
+            ran.iter().any(|(_, rh)| *rh == Some(*h)),
+            "head {h:?} never ran: {ran:?}"
+        );
     }
     for e in &encoders {
-        assert!(ran.iter().any(|(re, _)| *re == Some(*e)), "encoder {e:?} never ran: {ran:?}");
+        assert!(
+            ran.iter().any(|(re, _)| *re == Some(*e)),
+            "encoder {e:?} never ran: {ran:?}"
+        );
     }
-    let two_d = encoders.iter().filter(|e| encoder_facts(e.0, e.1).0 == SpatialDims::Two).count();
+    let two_d = encoders
+        .iter()
+        .filter(|e| encoder_facts(e.0, e.1).0 == SpatialDims::Two)
+        .count();
     for h in heads.iter().filter(|h| h.0 == "unet" || h.0 == "faster-rcnn") {
         assert_eq!(ran.iter().filter(|(_, rh)| *rh == Some(*h)).count(), two_d, "{h:?}");
     }

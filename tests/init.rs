@@ -155,7 +155,10 @@ fn check(name: &str, t: &Tensor, expect: Expect, weight: &[i64]) -> Result<(), S
     if let Expect::Index = expect {
         let lowest = t.min().int64_value(&[]);
         if t.kind() != Kind::Int64 || lowest != 0 {
-            return Err(format!("{name}: expected an int64 index from 0, got {:?} from {lowest}", t.kind()));
+            return Err(format!(
+                "{name}: expected an int64 index from 0, got {:?} from {lowest}",
+                t.kind()
+            ));
         }
         return Ok(());
     }

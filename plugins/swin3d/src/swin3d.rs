@@ -462,9 +462,8 @@ impl Stage {
         let grid = [size[2], size[3], size[4]];
         let (window, shift) = window_and_shift(grid, self.window, self.shift);
         // One mask for the stage's shifted blocks, as MONAI's `compute_mask` once a layer.
-        let mask = (shift.iter().any(|&s| s > 0) && self.blocks.len() > 1).then(|| {
-            windows::shifted_window_mask(padded(grid, window), window, shift, Kind::Float, x.device())
-        });
+        let mask = (shift.iter().any(|&s| s > 0) && self.blocks.len() > 1)
+            .then(|| windows::shifted_window_mask(padded(grid, window), window, shift, Kind::Float, x.device()));
         let mut tokens = x.permute([0, 2, 3, 4, 1]);
         for block in &self.blocks {
             tokens = block.forward(&tokens, mask.as_ref(), train);
@@ -691,7 +690,10 @@ mod tests {
     /// MONAI 1.6.1's `SwinUNETR.swinViT` state_dict names, in MONAI's order: per stage its
     /// blocks, then its merging; the v2 blocks after all stages.
     fn monai_names(depths: &[i64], use_v2: bool) -> Vec<String> {
-        let mut names = vec!["patch_embed.proj.weight".to_string(), "patch_embed.proj.bias".to_string()];
+        let mut names = vec![
+            "patch_embed.proj.weight".to_string(),
+            "patch_embed.proj.bias".to_string(),
+        ];
         for (stage, &depth) in depths.iter().enumerate() {
             let layer = format!("layers{}.0", stage + 1);
             for block in 0..depth {
@@ -803,7 +805,9 @@ mod tests {
         build_swin(&vs, "feature_size = 24\nuse_v2 = true", 1).unwrap();
         let vars = vs.variables();
         let max = |name: &str| vars[name].abs().max().double_value(&[]);
-        let table = vars["layers2.0.blocks.1.attn.relative_position_bias_table"].std(true).double_value(&[]);
+        let table = vars["layers2.0.blocks.1.attn.relative_position_bias_table"]
+            .std(true)
+            .double_value(&[]);
         assert!((table / 0.02 - 1.0).abs() < 0.05, "bias table std {table}");
         for (name, fan_in) in [
             ("patch_embed.proj.weight", 8.0),
@@ -814,9 +818,17 @@ mod tests {
             ("layers2c.0.layer.conv1.conv.weight", 48.0 * 27.0),
         ] {
             let bound = 1.0 / f64::sqrt(fan_in);
-            assert!(max(name) <= bound && max(name) > 0.8 * bound, "{name}: {} vs {bound}", max(name));
+            assert!(
+                max(name) <= bound && max(name) > 0.8 * bound,
+                "{name}: {} vs {bound}",
+                max(name)
+            );
         }
-        for norm in ["layers1.0.blocks.0.norm1", "layers4.0.blocks.1.norm2", "layers2.0.downsample.norm"] {
+        for norm in [
+            "layers1.0.blocks.0.norm1",
+            "layers4.0.blocks.1.norm2",
+            "layers2.0.downsample.norm",
+        ] {
             assert_eq!(vars[&format!("{norm}.weight")].mean(Kind::Float).double_value(&[]), 1.0);
             assert_eq!(max(&format!("{norm}.bias")), 0.0);
         }
@@ -878,7 +890,10 @@ mod tests {
         // A window that shrank (4 of 8 tokens) reads the first 4 x 4 entries of the index.
         let small = Tensor::randn([1, 4, 6], (Kind::Double, Device::Cpu));
         let naive = naive_window_attention(&attn, &small.get(0), None);
-        let diff = (attn.forward(&small, None, false).get(0) - naive).abs().max().double_value(&[]);
+        let diff = (attn.forward(&small, None, false).get(0) - naive)
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(diff < 1e-12, "{diff}");
     }
 
@@ -919,8 +934,14 @@ mod tests {
         let j = Tensor::arange(flat.numel() as i64, (Kind::Double, Device::Cpu));
         let w = (&flat * (j * 0.37).cos()).sum(Kind::Double).double_value(&[]);
         let q = flat.square().sum(Kind::Double).double_value(&[]);
-        assert!((w - weighted).abs() < 1e-9 * squares.sqrt(), "{what}: weighted sum {w} vs MONAI {weighted}");
-        assert!((q / squares - 1.0).abs() < 1e-10, "{what}: sum of squares {q} vs MONAI {squares}");
+        assert!(
+            (w - weighted).abs() < 1e-9 * squares.sqrt(),
+            "{what}: weighted sum {w} vs MONAI {weighted}"
+        );
+        assert!(
+            (q / squares - 1.0).abs() < 1e-10,
+            "{what}: sum of squares {q} vs MONAI {squares}"
+        );
         for &(i, expected) in at {
             let v = flat.double_value(&[i]);
             assert!((v - expected).abs() < 1e-9, "{what}[{i}]: {v} vs MONAI {expected}");
@@ -1080,7 +1101,10 @@ mod tests {
             }
             for (k, expected) in pooled.iter().enumerate() {
                 let v = out.pooled.double_value(&[0, k as i64]);
-                assert!((v - expected).abs() < 1e-9, "{case} pooled[0, {k}]: {v} vs MONAI {expected}");
+                assert!(
+                    (v - expected).abs() < 1e-9,
+                    "{case} pooled[0, {k}]: {v} vs MONAI {expected}"
+                );
             }
         }
     }
@@ -1145,7 +1169,11 @@ mod tests {
                 continue;
             }
             let grad = var.grad();
-            let norm = if grad.defined() { grad.norm().double_value(&[]) } else { 0.0 };
+            let norm = if grad.defined() {
+                grad.norm().double_value(&[])
+            } else {
+                0.0
+            };
             assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
         }
         // Dropout acts in training only.
@@ -1194,7 +1222,10 @@ mod tests {
         for (body, expected) in [
             ("depths = [2, 2, 2]", &["encoder.depths", "4 positive"][..]),
             ("num_heads = [3, 6, 12, 0]", &["encoder.num_heads"]),
-            ("feature_size = 10", &["encoder.num_heads", "stage 0", "width 10", "3 heads"]),
+            (
+                "feature_size = 10",
+                &["encoder.num_heads", "stage 0", "width 10", "3 heads"],
+            ),
             ("window_size = 0", &["encoder.window_size"]),
             ("dropout_path_rate = 1.5", &["encoder.dropout_path_rate"]),
             ("downsample = \"pool\"", &["encoder.downsample"]),
@@ -1205,6 +1236,49 @@ mod tests {
                 assert!(text.contains(e), "`{body}`: {text}");
             }
         }
+    }
+
+    /// What `medssl export --prefix swinViT.` writes, `encoder.init` with `init_prefix =
+    /// "swinViT."` reads back strictly: every parameter and the int64 index buffers.
+    #[test]
+    fn weights_round_trip_through_a_swin_unetr_file_strictly() {
+        tch::manual_seed(5);
+        let (source, target) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+        build_swin(&source, TINY, 1).unwrap();
+        build_swin(&target, TINY, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("swin_unetr.safetensors");
+        let mut exported: Vec<(String, Tensor)> = source
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (format!("swinViT.{name}"), t))
+            .collect();
+        // A decoder tensor beside the encoder's, as in a SwinUNETR state_dict.
+        exported.push((
+            "encoder1.layer.conv1.conv.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ));
+        medssl_core::checkpoint::write_safetensors(&file, &exported).unwrap();
+        let variables: Vec<(String, Tensor)> = target.variables().into_iter().collect();
+        let report = medssl_core::encoder_init::load(&file, "swinViT.", true, &variables).unwrap();
+        assert_eq!(report.loaded, variables.len());
+        for (name, t) in source.variables() {
+            assert!(target.variables()[&name].equal(&t), "{name}");
+        }
+        // A file without the index buffers is refused strictly, naming one.
+        let without: Vec<(String, Tensor)> = exported
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with("relative_position_index"))
+            .collect();
+        medssl_core::checkpoint::write_safetensors(&file, &without).unwrap();
+        let err = format!(
+            "{:#}",
+            medssl_core::encoder_init::load(&file, "swinViT.", true, &variables).unwrap_err()
+        );
+        assert!(
+            err.contains("8 missing") && err.contains("relative_position_index"),
+            "{err}"
+        );
     }
 
     #[test]

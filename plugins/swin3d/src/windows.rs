@@ -122,7 +122,11 @@ mod tests {
         };
         let slices = |a: usize| {
             let (l, w, s) = (grid[a], window[a], shift[a]);
-            [python(l, None, Some(-w)), python(l, Some(-w), Some(-s)), python(l, Some(-s), None)]
+            [
+                python(l, None, Some(-w)),
+                python(l, Some(-w), Some(-s)),
+                python(l, Some(-s), None),
+            ]
         };
         let (sd, sh, sw) = (slices(0), slices(1), slices(2));
         let mut labels = vec![0; (grid[0] * grid[1] * grid[2]) as usize];
@@ -197,7 +201,11 @@ mod tests {
             let windows = grid.iter().zip(&window).map(|(g, w)| g / w).product::<i64>();
             let tokens = window.iter().product::<i64>();
             assert_eq!(mask.size(), [windows, tokens, tokens]);
-            assert_eq!(to_nested(&mask), brute_force_mask(grid, window, shift), "{grid:?} {window:?} {shift:?}");
+            assert_eq!(
+                to_nested(&mask),
+                brute_force_mask(grid, window, shift),
+                "{grid:?} {window:?} {shift:?}"
+            );
         }
         // Unshifted windows that tile the grid need no mask: every pair is allowed.
         let mask = shifted_window_mask([4, 4, 4], [2, 2, 2], [0, 0, 0], Kind::Float, CPU);
@@ -221,8 +229,14 @@ mod tests {
 
     #[test]
     fn window_sizes_shrink_to_small_axes() {
-        assert_eq!(window_and_shift([20, 5, 7], [7, 7, 7], [3, 3, 3]), ([7, 5, 7], [3, 0, 0]));
-        assert_eq!(window_and_shift([8, 8, 8], [7, 7, 7], [0, 0, 0]), ([7, 7, 7], [0, 0, 0]));
+        assert_eq!(
+            window_and_shift([20, 5, 7], [7, 7, 7], [3, 3, 3]),
+            ([7, 5, 7], [3, 0, 0])
+        );
+        assert_eq!(
+            window_and_shift([8, 8, 8], [7, 7, 7], [0, 0, 0]),
+            ([7, 7, 7], [0, 0, 0])
+        );
         assert_eq!(padded([20, 5, 7], [7, 5, 7]), [21, 5, 7]);
     }
 

@@ -60,13 +60,13 @@
 //! defaults ([`medssl_core::layers`]).
 //!
 //! Checked against MONAI 1.6.1 (torch 2.13.0, CPU, float64) with the same deterministic
-//! weights: the five levels of a `[2, 1, 40, 36, 34]` input (default options, feature size
-//! 12) and of a `[1, 2, 13, 40, 47]` input (window 4, `use_v2`, `"mergingv2"`, `patch_norm`,
-//! no `qkv_bias`, `normalize` off) agree with MONAI's within 1e-9 (`forward_pass_equals_monais`).
-//! Once, by hand: a SwinUNETR(feature_size=48) with MONAI's own random initialisation, its
-//! state_dict saved as safetensors and loaded by `encoder.init` with `init_prefix =
-//! "swinViT."` (strict, 126 tensors), and a random `[1, 1, 64, 64, 64]` input: the five fp32
-//! levels equal MONAI's bit for bit (max abs difference 0).
+//! weights (scripts/swin3d_monai_reference.py): the five levels of a `[2, 1, 40, 36, 34]` input
+//! (default options, feature size 12) and of a `[1, 2, 13, 40, 47]` input (window 4, `use_v2`,
+//! `"mergingv2"`, `patch_norm`, no `qkv_bias`, `normalize` off) agree with MONAI's within 1e-9
+//! (`forward_pass_equals_monais`). Once, by hand: a SwinUNETR(feature_size=48) with MONAI's own
+//! random initialisation, its state_dict saved as safetensors and loaded by `encoder.init` with
+//! `init_prefix = "swinViT."` (strict, 126 tensors), and a random `[1, 1, 64, 64, 64]` input:
+//! the five fp32 levels equal MONAI's bit for bit (max abs difference 0).
 //!
 //! What medssl does differently, on purpose:
 //! - `window_size` and `patch_size` are one number each, the same on every axis (SwinUNETR's

@@ -37,6 +37,10 @@ fn variants<E: registry::Registered>(
 /// volumes itself) and objective, each a (name, smoke config) pair.
 type Combo = [Option<(&'static str, &'static str)>; 3];
 
+/// The crops of a 3D encoder that takes any size (a Swin pads to its windows): small, and a
+/// multiple of 32 as SwinUNETR asks.
+const FREE_CROP: [i64; 3] = [32, 32, 32];
+
 /// What the composition needs to know of an encoder variant before building a run: its
 /// spatial dimensionality and the input size it fixes (a ViT's crop size).
 fn encoder_facts(name: &str, body: &str) -> (SpatialDims, Option<Vec<i64>>) {
@@ -78,9 +82,10 @@ fn config(combo: &Combo, seed: u64, batch: usize, slices: usize, precision: &str
     let [Some((encoder, e)), aggregator, Some((objective, o))] = combo else {
         panic!("{combo:?} is not a composition");
     };
-    let crop_size = match encoder_facts(encoder, e).1 {
-        Some(size) => format!("crop_size = {size:?}"),
-        None => String::new(),
+    let crop_size = match encoder_facts(encoder, e) {
+        (_, Some(size)) => format!("crop_size = {size:?}"),
+        (SpatialDims::Three, None) => format!("crop_size = {FREE_CROP:?}"),
+        (SpatialDims::Two, None) => String::new(),
     };
     format!(
         r#"
@@ -182,6 +187,9 @@ fn declared_incompatible(message: &str) -> bool {
         || message.contains("needs a 3D encoder, but encoder")
         || message.contains("but the run's encoder is 2D")
         || message.contains("but the run's encoder is 3D")
+        // The reconstruction decoder's two equal upsamplings need a square deepest stride
+        // (a ViT's 16), which a Swin's 32 is not.
+        || message.contains("which needs a square patch size")
 }
 
 /// Every plugin takes part: this binary registers the exact set the registry test expects.
@@ -243,6 +251,7 @@ fn three_d_encoders_train_with_crop_and_volume_objectives() {
     }
     assert!(trained.contains(&("vit3d", "reconstruction")), "{trained:?}");
     assert!(trained.contains(&("vit3d", "ntxent")), "{trained:?}");
+    assert!(trained.contains(&("swin3d", "ntxent")), "{trained:?}");
 }
 
 proptest! {
@@ -318,7 +327,11 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
         spatial_dims: encoder.spatial_dims(),
         levels: encoder.levels().to_vec(),
         embedding_dim: encoder.embedding_dim(),
-        volume_dim: aggregator.as_ref().map(|a| a.output_dim()),
+        // As fine-tuning builds it: a 3D encoder's pooled embedding is the volume embedding.
+        volume_dim: match encoder.spatial_dims() {
+            SpatialDims::Two => aggregator.as_ref().map(|a| a.output_dim()),
+            SpatialDims::Three => Some(encoder.embedding_dim()),
+        },
         num_classes: HEAD_CLASSES,
     };
     let section = Section::inline("head", head, h).map_err(|e| fail(&e))?;
@@ -326,10 +339,12 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
     let dims = encoder.spatial_dims();
     let head = match (entry.build)(&section, vs.root() / "head", &shape) {
         Ok(head) => head,
-        // A volume head without an aggregator, a 2D head on a 3D encoder and the reverse are
-        // declared config errors, not failures to compose.
+        // A volume head without an aggregator, a 2D head on a 3D encoder and the reverse, and
+        // a 3D decoder built for another encoder's levels (UNETR's four at stride 16 on a
+        // Swin's five) are declared config errors, not failures to compose.
         Err(e) if aggregator.is_none() && format!("{e:#}").contains("needs an aggregator") => return Ok(false),
         Err(e) if format!("{e:#}").contains(&format!("the run's encoder is {dims}")) => return Ok(false),
+        Err(e) if dims == SpatialDims::Three && format!("{e:#}").contains("level(s): [") => return Ok(false),
         Err(e) => return Err(fail(&e)),
     };
     if head.task().spatial_dims().is_some_and(|d| d != dims) {
@@ -344,16 +359,16 @@ fn head_probe(combo: &HeadCombo, volumes: i64, slices: i64) -> Result<bool, Stri
     }
 
     let [height, width] = [17, 15];
-    let (images, image_size) = match encoder.input_size() {
-        Some(size) if dims == SpatialDims::Three => {
-            let mut shape = vec![volumes, 1];
-            shape.extend(&size);
-            (Tensor::randn(shape, (Kind::Float, device)), [size[1], size[2]])
-        }
-        _ => (
+    let (images, image_size) = if dims == SpatialDims::Three {
+        let size = encoder.input_size().unwrap_or(FREE_CROP.to_vec());
+        let mut shape = vec![volumes, 1];
+        shape.extend(&size);
+        (Tensor::randn(shape, (Kind::Float, device)), [size[1], size[2]])
+    } else {
+        (
             Tensor::randn([volumes * slices, 1, height, width], (Kind::Float, device)),
             [height, width],
-        ),
+        )
     };
     let out = encoder.forward(&images, true);
     let volume = match (&aggregator, dims) {

@@ -34,10 +34,22 @@ enum Expect {
     Normal(f64),
     /// Rows of unit L2 norm (SwAV's prototypes, normalised at construction).
     UnitRows,
+    /// An int64 index computed from the architecture, not drawn (a Swin's
+    /// `relative_position_index`, a MONAI buffer; its values are its component's tests').
+    Index,
 }
 
 /// Named exceptions to the generic rules: (name contains, expectation, reference).
 const EXCEPTIONS: &[(&str, Expect, &str)] = &[
+    // MONAI swin_unetr.py WindowAttention: trunc_normal_(std=0.02); the rest of its
+    // SwinTransformer (`layers1` .., which the ResNet rule below would also match) keeps
+    // PyTorch's defaults.
+    (
+        "relative_position_bias_table",
+        Expect::Normal(0.02),
+        "MONAI SwinTransformer",
+    ),
+    ("encoder.layers", Expect::TorchWeight, "MONAI SwinTransformer"),
     // torchvision resnet.py, ResNet.__init__.
     (
         "encoder.conv1.weight",
@@ -109,6 +121,7 @@ fn expectation(name: &str, vars: &BTreeMap<String, Tensor>) -> Option<(Expect, V
     }
     match leaf {
         "running_mean" | "num_batches_tracked" => return Some((Expect::Constant(0.0), weight_shape)),
+        "relative_position_index" => return Some((Expect::Index, weight_shape)),
         "running_var" => return Some((Expect::Constant(1.0), weight_shape)),
         _ => {}
     }
@@ -139,6 +152,16 @@ fn expectation(name: &str, vars: &BTreeMap<String, Tensor>) -> Option<(Expect, V
 
 /// Checks `t` against `expect`; `weight` is the shape of the layer's weight.
 fn check(name: &str, t: &Tensor, expect: Expect, weight: &[i64]) -> Result<(), String> {
+    if let Expect::Index = expect {
+        let lowest = t.min().int64_value(&[]);
+        if t.kind() != Kind::Int64 || lowest != 0 {
+            return Err(format!(
+                "{name}: expected an int64 index from 0, got {:?} from {lowest}",
+                t.kind()
+            ));
+        }
+        return Ok(());
+    }
     let t = t.to_kind(Kind::Double);
     let n = t.numel() as f64;
     let std = if n > 1.0 { t.std(true).double_value(&[]) } else { 0.0 };
@@ -172,6 +195,7 @@ fn check(name: &str, t: &Tensor, expect: Expect, weight: &[i64]) -> Result<(), S
         Expect::KaimingUniformGainOne => uniform((3.0 / fan_in(weight)).sqrt()),
         Expect::KaimingNormalFanOut => within(name, std, (2.0 / fan_out(weight)).sqrt(), n),
         Expect::Normal(s) => within(name, std, s, n),
+        Expect::Index => unreachable!("checked above"),
         Expect::UnitRows => {
             let norms = t.flatten(1, -1).norm_scalaropt_dim(2.0, [1], false);
             let off = (norms - 1.0).abs().max().double_value(&[]);

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 /// left out of that crate, or a binary that does not link it, fails the tests comparing
 /// against this.
 pub const COMPONENTS: &[(&str, &[&str])] = &[
-    ("encoders", &["resnet18", "resnet34", "resnet50", "vit3d"]),
+    ("encoders", &["resnet18", "resnet34", "resnet50", "swin3d", "vit3d"]),
     (
         "aggregators",
         &["attention-pool", "deformable-attention", "full-attention", "mean-pool"],

@@ -49,7 +49,10 @@ fn every_transfer_syntax_decodes_to_the_pixels_of_the_uncompressed_file() {
         original.voxels.min().double_value(&[]),
         original.voxels.max().double_value(&[]),
     );
-    assert!(min >= -1024.0 && max <= 4095.0 - 1024.0 && max - min > 3000.0, "{min} {max}");
+    assert!(
+        min >= -1024.0 && max <= 4095.0 - 1024.0 && max - min > 3000.0,
+        "{min} {max}"
+    );
     let original_values = values(&original.voxels);
     for (file, syntax) in [
         ("implicit_le", "Implicit VR Little Endian"),
@@ -70,7 +73,12 @@ fn every_transfer_syntax_decodes_to_the_pixels_of_the_uncompressed_file() {
             .zip(&original_values)
             .filter(|(a, b)| a != b)
             .count();
-        assert_eq!(differing, 0, "{file}: {differing} of {} pixels differ", original_values.len());
+        assert_eq!(
+            differing,
+            0,
+            "{file}: {differing} of {} pixels differ",
+            original_values.len()
+        );
         assert_eq!(volume.spacing, original.spacing, "{file}");
         assert_eq!(volume.dtype, original.dtype, "{file}");
     }
@@ -175,7 +183,11 @@ fn inspect_reports_one_dicom_file_without_the_decoders_chatter() {
     assert!(!err.to_lowercase().contains("header"), "{err}");
 
     let folder = fixture("mixed");
-    let out = common::medssl().args(["data", "inspect"]).arg(&folder).output().unwrap();
+    let out = common::medssl()
+        .args(["data", "inspect"])
+        .arg(&folder)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["format"], "dicom");

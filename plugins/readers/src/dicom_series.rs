@@ -168,9 +168,7 @@ impl Dataset for DicomReader {
     fn describe(&self, index: usize) -> String {
         match self.samples.get(index) {
             Some(Sample::Series {
-                folder,
-                alone: true,
-                ..
+                folder, alone: true, ..
             }) => folder.display().to_string(),
             Some(Sample::Series { folder, uid, files, .. }) => format!(
                 "{} (series {}, {} files)",
@@ -345,7 +343,11 @@ fn list_samples(path: &Path) -> Result<Vec<Sample>> {
          subfolders (searched {MAX_DEPTH} levels deep)",
         path.display()
     );
-    samples.sort_by(|a, b| a.folder().cmp(b.folder()).then_with(|| a.first_file().cmp(b.first_file())));
+    samples.sort_by(|a, b| {
+        a.folder()
+            .cmp(b.folder())
+            .then_with(|| a.first_file().cmp(b.first_file()))
+    });
     Ok(samples)
 }
 
@@ -1101,10 +1103,7 @@ mod tests {
         std::fs::write(folder.path().join("LOCKFILE"), "not DICOM")?;
         let dataset = reader(&config_for(folder.path(), ""))?;
         assert_eq!(dataset.len(), 1);
-        assert_eq!(
-            dataset.describe(0),
-            folder.path().join("IM0001").display().to_string()
-        );
+        assert_eq!(dataset.describe(0), folder.path().join("IM0001").display().to_string());
         Ok(())
     }
 
@@ -1115,7 +1114,11 @@ mod tests {
     fn write_multiframe(path: &Path, groups: bool) -> Result<()> {
         let pixels: Vec<u16> = (0..3u16).flat_map(|k| (0..6).map(move |i| 10 * k + i)).collect();
         let mut object = InMemDicomObject::from_element_iter([
-            DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2.1")),
+            DataElement::new(
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2.1"),
+            ),
             DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3.9")),
             DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3.10")),
             DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("3")),
@@ -1138,7 +1141,8 @@ mod tests {
             let orientation = [1.0, 0.0, 0.0, 0.0, 0.6, 0.8];
             let normal = [0.0, -0.8, 0.6];
             let item = |elements: Vec<InMemElement>| InMemDicomObject::from_element_iter(elements);
-            let sequence = |tag, items: Vec<InMemDicomObject>| DataElement::new(tag, VR::SQ, DataSetSequence::from(items));
+            let sequence =
+                |tag, items: Vec<InMemDicomObject>| DataElement::new(tag, VR::SQ, DataSetSequence::from(items));
             let shared = item(vec![
                 sequence(
                     tags::PIXEL_MEASURES_SEQUENCE,

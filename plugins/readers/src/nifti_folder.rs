@@ -350,12 +350,23 @@ mod tests {
             let volume = reader(&config_for(&path, &body))?.load(0)?;
             assert_eq!(volume.voxels.size(), [4, 2, 3], "timepoint {choice}");
             // voxels[z, x, y]: at (z=1, x=1, y=2) the value is the timepoint's offset + 4.
-            assert_eq!(volume.voxels.double_value(&[0, 0, 0]), first_voxel, "timepoint {choice}");
-            assert_eq!(volume.voxels.double_value(&[1, 1, 2]), first_voxel + 4.0, "timepoint {choice}");
+            assert_eq!(
+                volume.voxels.double_value(&[0, 0, 0]),
+                first_voxel,
+                "timepoint {choice}"
+            );
+            assert_eq!(
+                volume.voxels.double_value(&[1, 1, 2]),
+                first_voxel + 4.0,
+                "timepoint {choice}"
+            );
         }
         let message = format!(
             "{:#}",
-            reader(&config_for(&path, "timepoint = 3"))?.load(0).err().expect("out of range")
+            reader(&config_for(&path, "timepoint = 3"))?
+                .load(0)
+                .err()
+                .expect("out of range")
         );
         for part in ["bold.nii.gz", "3 timepoints", "`timepoint` = 3", "0-based"] {
             assert!(message.contains(part), "{part}: {message}");
@@ -364,16 +375,28 @@ mod tests {
         // A 3D file is timepoint 0 of a series of one.
         let single = folder.path().join("t1.nii");
         WriterOptions::new(&single).write_nifti(&indexed_volume())?;
-        assert_eq!(reader(&config_for(&single, "timepoint = 0"))?.load(0)?.voxels.size(), [6, 4, 5]);
+        assert_eq!(
+            reader(&config_for(&single, "timepoint = 0"))?.load(0)?.voxels.size(),
+            [6, 4, 5]
+        );
         let message = format!(
             "{:#}",
-            reader(&config_for(&single, "timepoint = 1"))?.load(0).err().expect("3D")
+            reader(&config_for(&single, "timepoint = 1"))?
+                .load(0)
+                .err()
+                .expect("3D")
         );
-        assert!(message.contains("one timepoint") && message.contains("t1.nii"), "{message}");
+        assert!(
+            message.contains("one timepoint") && message.contains("t1.nii"),
+            "{message}"
+        );
 
         for (body, part) in [("timepoint = -1", "0-based"), ("timepoint = \"median\"", "\"mean\"")] {
             let message = format!("{:#}", reader(&config_for(&path, body)).err().expect(body));
-            assert!(message.contains(part) && message.contains("timepoint"), "`{body}`: {message}");
+            assert!(
+                message.contains(part) && message.contains("timepoint"),
+                "`{body}`: {message}"
+            );
         }
         Ok(())
     }

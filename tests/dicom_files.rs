@@ -146,6 +146,13 @@ fn thirty_two_bit_and_one_bit_pixels_read_with_their_values() {
     // Past 2^31 stored: read as signed or as 16 bits this would be negative or small.
     assert!(words.voxels.max().double_value(&[]) > 1.2e9);
 
+    // The same pixels RLE-compressed: the RLE decoder takes 8 and 16 bits only.
+    let rle = fixture("bits/uint32_rle.dcm");
+    let message = format!("{:#}", dicom(&rle).load(0).err().expect("32-bit RLE"));
+    for part in ["BitsAllocated 32", "RLE Lossless", &rle.display().to_string()] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+
     // BitsAllocated 1, a bitmap segmentation: 0 and 1 (an 18-pixel rectangle).
     let mask = dicom(&fixture("bits/bitmap.dcm")).load(0).unwrap();
     assert_eq!(mask.voxels.size(), [1, 8, 8]);

@@ -32,9 +32,29 @@ MEDSSL := target/debug/medssl
 DEMO_CONFIG ?= configs/demo/joint_phantom.toml
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup build demo test lint fmt clean-runs
+.PHONY: setup build demo test lint fmt clean-runs cmake
 
-setup: $(TORCH_READY)
+setup: $(TORCH_READY) cmake
+
+# JPEG-LS DICOMs: dicom-pixeldata's `charls` feature compiles the CharLS C++ library from the
+# source the charls-sys crate ships, with cmake (and the C++ compiler the libtorch bindings
+# already need); no system libcharls is used. Installed with apt-get where missing (through
+# sudo unless root); without apt-get, a message says what to install.
+cmake:
+	@if ! command -v cmake >/dev/null 2>&1; then \
+		if ! command -v apt-get >/dev/null 2>&1; then \
+			echo "error: cmake is missing (needed to compile CharLS, the JPEG-LS decoder) and apt-get is unavailable: install cmake (e.g. brew install cmake, dnf install cmake or pip install cmake) and rerun" >&2; \
+			exit 1; \
+		fi; \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=; \
+		elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+		else echo "error: cmake is missing (needed to compile CharLS, the JPEG-LS decoder) and apt-get needs root or sudo: install cmake and rerun" >&2; exit 1; \
+		fi; \
+		echo "installing cmake with apt-get (needed to compile CharLS, the JPEG-LS decoder)"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake \
+			|| { $$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake; } \
+			|| { echo "error: apt-get could not install cmake; install it and rerun" >&2; exit 1; }; \
+	fi
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	$(PYTHON) -m venv $(VENV)
@@ -46,16 +66,16 @@ $(CUDA_HEADERS_STAMP): | $(VENV)/.torch-$(TORCH_VERSION)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(CUDA_HEADER_WHEELS)
 	touch $@
 
-build: $(TORCH_READY)
+build: $(TORCH_READY) cmake
 	$(TORCH_ENV) $(CARGO) build -p medssl
 
 demo: build
 	$(MEDSSL) run $(DEMO_CONFIG) --run-dir $(DEMO_RUN) --force
 
-test: $(TORCH_READY)
+test: $(TORCH_READY) cmake
 	$(TORCH_ENV) $(CARGO) test --workspace
 
-lint: $(TORCH_READY)
+lint: $(TORCH_READY) cmake
 	$(CARGO) fmt --all --check
 	$(TORCH_ENV) $(CARGO) clippy --workspace --all-targets -- -D warnings
 

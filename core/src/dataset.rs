@@ -43,6 +43,12 @@ pub trait Dataset: Send + Sync {
     fn describe(&self, index: usize) -> String;
     /// Decodes sample `index` into a float32 CPU tensor `[D, H, W]`.
     fn load(&self, index: usize) -> Result<Volume>;
+    /// What the file of sample `index` records beyond its voxels (DICOM: frames, bits,
+    /// photometric interpretation, transfer syntax), for `medssl data inspect`; empty where
+    /// the format has nothing to add.
+    fn attributes(&self, _index: usize) -> Result<serde_json::Map<String, serde_json::Value>> {
+        Ok(serde_json::Map::new())
+    }
 }
 
 pub type BuildDataset = fn(&Section) -> Result<Box<dyn Dataset>>;

@@ -34,6 +34,11 @@ pub struct Inspection {
     pub mean: f64,
     /// Class labels, or segmentation mask values, found in the inspected samples.
     pub labels: Vec<i64>,
+    /// What the first sample's file records beyond its voxels, where the format says
+    /// (DICOM: modality, frames, rows, columns, bits allocated and stored, photometric
+    /// interpretation, transfer syntax).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The dataset format a path holds, from its name or contents.
@@ -54,9 +59,9 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
             _ if name.ends_with(".nii") || name.ends_with(".nii.gz") => "nifti",
             _ if name.ends_with(".npy") => "npy",
             _ if name.ends_with(".npz") => "medmnist",
-            _ if name.ends_with(".dcm") => "dicom",
+            _ if is_dicom_name(&name) || has_dicom_marker(path) => "dicom",
             _ if [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e)) => "image-folder",
-            _ => bail!("`{}`: cannot tell the format from the file name; expected .nii, .nii.gz, .npy, .npz, .dcm, .png or .jpg", path.display()),
+            _ => bail!("`{}`: cannot tell the format from the file name; expected .nii, .nii.gz, .npy, .npz, .dcm (or a DICOM file's `DICM` marker), .png or .jpg", path.display()),
         });
     }
     if path.join("imagesTr").is_dir() {
@@ -78,7 +83,7 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
     Ok(match () {
         _ if any(&|n| n.ends_with(".nii") || n.ends_with(".nii.gz")) => "nifti",
         _ if any(&|n| n.ends_with(".npy")) => "npy",
-        _ if any(&|n| n.ends_with(".dcm") || n == "dir:dicom") => "dicom",
+        _ if any(&|n| is_dicom_name(n) || n == "dir:dicom") => "dicom",
         _ if any(&|n| [".png", ".jpg", ".jpeg"].iter().any(|e| n.ends_with(e)) || n == "dir:image-folder") => {
             "image-folder"
         }
@@ -87,6 +92,21 @@ pub fn guess_format(path: &Path) -> Result<&'static str> {
             path.display()
         ),
     })
+}
+
+/// Whether a lower-cased file name has a DICOM extension.
+fn is_dicom_name(name: &str) -> bool {
+    [".dcm", ".dicom", ".ima"].iter().any(|e| name.ends_with(e))
+}
+
+/// Whether bytes 128..132 of the file are `DICM`, the marker after a DICOM file's preamble
+/// (scanners often write DICOM files without an extension).
+fn has_dicom_marker(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut head))
+        .is_ok_and(|()| &head[128..] == b"DICM")
 }
 
 /// Inspects `path` (as `format`, or the recognised one), decoding at most `limit` samples.
@@ -133,6 +153,12 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
         dtypes.extend(volume.dtype);
         spacing = spacing.or(volume.spacing);
     }
+    let attributes = match samples {
+        0 => serde_json::Map::new(),
+        _ => dataset
+            .attributes(0)
+            .with_context(|| format!("cannot read {}", dataset.describe(0)))?,
+    };
     Ok(Inspection {
         path: path.display().to_string(),
         format: entry.name().to_string(),
@@ -145,5 +171,6 @@ pub fn inspect(path: &Path, format: Option<&str>, limit: usize) -> Result<Inspec
         max,
         mean: sum / count.max(1) as f64,
         labels: labels.into_iter().collect(),
+        attributes,
     })
 }

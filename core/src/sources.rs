@@ -39,7 +39,7 @@ pub struct SourceOptions {
     /// Slices drawn from each volume under `unit = "slices"`.
     pub slices_per_volume: usize,
     /// Resample each volume to this voxel spacing in mm (D, H, W), where the format records
-    /// the spacing.
+    /// the spacing; a one-slice sample (a 2D image) is resampled in-plane only.
     pub target_spacing: Option<[f64; 3]>,
 }
 
@@ -312,12 +312,22 @@ impl Sources {
     }
 }
 
+/// The size `[D, H, W]` of `size` resampled from `spacing` to `target`. A sample of one
+/// slice (a 2D image) stays one slice: its slice spacing (a SliceThickness, or 1 mm where the
+/// format records none) says nothing about a second one.
+fn resampled_size(size: &[i64], spacing: [f64; 3], target: [f64; 3]) -> Vec<i64> {
+    (0..3)
+        .map(|i| match (i, size[i]) {
+            (0, 1) => 1,
+            _ => ((size[i] as f64 * spacing[i] / target[i]).round() as i64).max(1),
+        })
+        .collect()
+}
+
 /// Trilinear resampling of `[D, H, W]` from `spacing` to `target` (mm per voxel).
 pub fn resample_to_spacing(voxels: &Tensor, spacing: [f64; 3], target: [f64; 3]) -> Tensor {
     let size = voxels.size();
-    let out: Vec<i64> = (0..3)
-        .map(|i| ((size[i] as f64 * spacing[i] / target[i]).round() as i64).max(1))
-        .collect();
+    let out = resampled_size(&size, spacing, target);
     if out == size {
         return voxels.shallow_clone();
     }
@@ -329,9 +339,7 @@ pub fn resample_to_spacing(voxels: &Tensor, spacing: [f64; 3], target: [f64; 3])
 /// voxel for voxel aligned (MONAI resamples labels with `mode="nearest"`).
 pub fn resample_labels_to_spacing(labels: &Tensor, spacing: [f64; 3], target: [f64; 3]) -> Tensor {
     let size = labels.size();
-    let out: Vec<i64> = (0..3)
-        .map(|i| ((size[i] as f64 * spacing[i] / target[i]).round() as i64).max(1))
-        .collect();
+    let out = resampled_size(&size, spacing, target);
     if out == size {
         return labels.shallow_clone();
     }
@@ -477,5 +485,15 @@ mod tests {
         };
         let sources = Sources::new(vec![source("a", 1, options)], 0).unwrap();
         assert_eq!(sources.load(0).unwrap().voxels.size(), [16, 2, 2]);
+    }
+
+    #[test]
+    fn a_single_slice_is_resampled_in_plane_only() {
+        let image = Tensor::ones([1, 4, 6], (tch::Kind::Float, tch::Device::Cpu));
+        let resampled = resample_to_spacing(&image, [2.5, 1.0, 1.0], [0.5, 2.0, 0.5]);
+        assert_eq!(resampled.size(), [1, 2, 12]);
+        let labels = Tensor::zeros([1, 4, 6], (tch::Kind::Int64, tch::Device::Cpu));
+        let resampled = resample_labels_to_spacing(&labels, [2.5, 1.0, 1.0], [0.5, 2.0, 0.5]);
+        assert_eq!(resampled.size(), [1, 2, 12]);
     }
 }

@@ -401,7 +401,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
+    // The JPEG 2000 decoder (the `jpeg2k` crate over openjp2) logs every codestream it reads
+    // at info level through the `log` bridge ("Start to read j2k main header"): debug
+    // detail, shown with `--verbose` or RUST_LOG, not on every run's console.
+    let default = if verbose { "debug" } else { "info,jpeg2k=warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -20,7 +20,7 @@
 
 use crate::files;
 use crate::intensity::{self, Normalization, Window};
-use crate::nifti_file::{self, nifti_stem};
+use crate::nifti_file::{self, nifti_stem, FourthAxis};
 use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -143,7 +143,7 @@ impl Dataset for Decathlon {
                 self.pairs.len()
             );
         };
-        let image = nifti_file::decode(&pair.image, self.slice_axis, Some(self.channel))
+        let image = nifti_file::decode(&pair.image, self.slice_axis, FourthAxis::Channel(self.channel))
             .with_context(|| format!("cannot decode NIfTI image `{}`", pair.image.display()))?;
         let mut volume = Volume::new(
             intensity::normalize(&image.voxels, self.window, self.normalize, &self.describe(index)),
@@ -257,7 +257,7 @@ fn select(pairs: Vec<Pair>, ids: &[String]) -> Result<Vec<Pair>> {
 
 /// Reads a mask as int64 class ids laid out like its image, whose `[D, H, W]` is `shape`.
 fn decode_mask(path: &Path, slice_axis: usize, shape: &[i64]) -> Result<Tensor> {
-    let mask = nifti_file::decode(path, slice_axis, Some(0))?.voxels;
+    let mask = nifti_file::decode(path, slice_axis, FourthAxis::Channel(0))?.voxels;
     ensure!(
         mask.size() == shape,
         "the mask has shape {:?} but its image {shape:?} (after moving slice_axis first)",

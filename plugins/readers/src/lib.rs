@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `image-folder` | [`png_folder`] | 2D `.png` / `.jpg` images, `ROOT/<dataset>/NNN.png` (`image`) |
 //! | `npy` | [`npy_volumes`] | `.npy` volumes H x W x C, slices last (`npyz`) |
-//! | `dicom` | [`dicom_series`] | DICOM series, one folder a series (`dicom-object`, `dicom-pixeldata`) |
+//! | `dicom` | [`dicom_series`] | DICOM files: series as volumes, multi-frame files as volumes, single X-rays as 2D images (`dicom-object`, `dicom-pixeldata`) |
 //! | `medmnist` | [`medmnist`] | MedMNIST `.npz` archives with labels (`npyz`, `zip`) |
 //! | `nifti` | [`nifti_folder`] | NIfTI-1 volumes `.nii` / `.nii.gz`, a folder or one file (`nifti`) |
 //! | `decathlon` | [`decathlon`] | Medical Segmentation Decathlon `imagesTr/` + `labelsTr/` (`nifti`) |

@@ -10,6 +10,7 @@ use crate::files;
 use medssl_core::anyhow::anyhow;
 use medssl_core::prelude::*;
 use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiObject, NiftiType, NiftiVolume, ReaderOptions, Unit};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// The file stem of a NIfTI name (`NAME.nii.gz` or `NAME.nii`), if it is one. The suffixes
@@ -35,11 +36,69 @@ pub struct Decoded {
     pub dtype: String,
 }
 
+/// Which 3D volume of a 4D time series (fMRI, DCE, diffusion) to read: config key
+/// `timepoint`, a 0-based index along the fourth axis or `"mean"`, the voxel-wise mean over
+/// all of them (as a mean functional image is taken for registration).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Timepoint {
+    Index(usize),
+    Mean,
+}
+
+impl Serialize for Timepoint {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Timepoint::Index(index) => serializer.serialize_u64(*index as u64),
+            Timepoint::Mean => serializer.serialize_str("mean"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Timepoint {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Expected;
+        impl serde::de::Visitor<'_> for Expected {
+            type Value = Timepoint;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a 0-based timepoint index (0, 1, ...) or \"mean\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Timepoint, E> {
+                usize::try_from(v)
+                    .map(Timepoint::Index)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Timepoint, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Timepoint, E> {
+                match v {
+                    "mean" => Ok(Timepoint::Mean),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Expected)
+    }
+}
+
+/// What to do with the fourth axis of a 4D file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FourthAxis {
+    /// Refuse a fourth axis longer than one, naming the `timepoint` key that picks a volume.
+    Refuse,
+    /// Modality `c` of a multi-modal image (the Decathlon's `channel` key).
+    Channel(usize),
+    /// A volume of a time series (the `nifti` format's `timepoint` key).
+    Timepoint(Timepoint),
+}
+
 /// Reads `path` and lays its axes out as `[slice_axis, other, other]` (`slice_axis` 0, 1 or
-/// 2). `channel` picks a volume along the fourth axis of 4D files (multi-modal images);
-/// without it a fourth axis longer than one is an error. Trailing axes of size 1 are
-/// dropped, and a 2D image gets a third axis of one voxel.
-pub fn decode(path: &Path, slice_axis: usize, channel: Option<usize>) -> Result<Decoded> {
+/// 2). `fourth` says which volume of a 4D file to take (multi-modal images, time series):
+/// with [`FourthAxis::Refuse`] a fourth axis longer than one is an error. Trailing axes of
+/// size 1 are dropped, and a 2D image gets a third axis of one voxel.
+pub fn decode(path: &Path, slice_axis: usize, fourth: FourthAxis) -> Result<Decoded> {
     let object = ReaderOptions::new().read_file(path).map_err(readable)?;
     let header = object.header().clone();
     check_scalar_volume(&header, object.volume())?;
@@ -56,7 +115,7 @@ pub fn decode(path: &Path, slice_axis: usize, channel: Option<usize>) -> Result<
         .view(reversed_shape.as_slice())
         .permute(reversed_axes.as_slice());
 
-    let voxels = spatial(tensor, channel)?;
+    let voxels = spatial(tensor, fourth)?;
     let [a, b] = other_axes(slice_axis);
     let voxels = voxels.permute([slice_axis as i64, a as i64, b as i64]).contiguous();
     let spacing = spacing_mm(&header).map(|mm| [mm[slice_axis], mm[a], mm[b]]);
@@ -82,32 +141,51 @@ fn readable(error: nifti::NiftiError) -> anyhow::Error {
 }
 
 /// The three spatial axes `[X, Y, Z]` of a file's tensor `[X, Y, Z, ...]`.
-fn spatial(tensor: Tensor, channel: Option<usize>) -> Result<Tensor> {
+fn spatial(tensor: Tensor, fourth: FourthAxis) -> Result<Tensor> {
     let shape = tensor.size();
-    match (shape.len(), channel) {
+    // A 2D or 3D file is a series of one timepoint: `timepoint = 0` or "mean" reads it.
+    if let (2 | 3, FourthAxis::Timepoint(Timepoint::Index(index @ 1..))) = (shape.len(), fourth) {
+        bail!(
+            "the volume has shape {shape:?}: one timepoint, so config key `timepoint` = {index} is out of range \
+             (0-based: the only timepoint is 0)"
+        );
+    }
+    match (shape.len(), fourth) {
         (2, _) => Ok(tensor.unsqueeze(2)),
         (3, _) => Ok(tensor),
-        (4, Some(channel)) => {
+        (4, FourthAxis::Channel(channel)) => {
             ensure!(
                 (channel as i64) < shape[3],
                 "the image has shape {shape:?}: no channel {channel} along its fourth axis (config key `channel`)"
             );
             Ok(tensor.select(3, channel as i64))
         }
-        (4, None) => {
+        (4, FourthAxis::Timepoint(Timepoint::Index(index))) => {
+            ensure!(
+                (index as i64) < shape[3],
+                "the volume has shape {shape:?}: {} timepoints along its fourth axis, so config key `timepoint` = \
+                 {index} is out of range (0-based: 0 to {})",
+                shape[3],
+                shape[3] - 1
+            );
+            Ok(tensor.select(3, index as i64))
+        }
+        (4, FourthAxis::Timepoint(Timepoint::Mean)) => Ok(tensor.mean_dim(3, false, Kind::Float)),
+        (4, FourthAxis::Refuse) => {
             ensure!(
                 shape[3] == 1,
-                "the volume has shape {shape:?}: more than one time point or component; expected a 3D volume"
+                "the volume has shape {shape:?}: more than one time point or component ({} along its fourth axis); \
+                 expected a 3D volume: set config key `timepoint` to a 0-based index or to \"mean\" to read one",
+                shape[3]
             );
             Ok(tensor.select(3, 0))
         }
-        (5.., _) if shape[4..].iter().all(|&n| n == 1) => spatial(tensor.reshape(&shape[..4]), channel),
+        (5.., _) if shape[4..].iter().all(|&n| n == 1) => spatial(tensor.reshape(&shape[..4]), fourth),
         _ => bail!(
             "the volume has shape {shape:?}; expected a 3D volume{}",
-            if channel.is_some() {
-                " or a 4D multi-modal one"
-            } else {
-                ""
+            match fourth {
+                FourthAxis::Channel(_) => " or a 4D multi-modal one",
+                FourthAxis::Refuse | FourthAxis::Timepoint(_) => " or a 4D time series",
             }
         ),
     }
@@ -186,7 +264,7 @@ mod tests {
         let folder = tempfile::tempdir()?;
         let path = folder.path().join("words.nii");
         WriterOptions::new(&path).write_nifti(&Array3::from_elem((2, 3, 4), 7u16))?;
-        let decoded = decode(&path, 2, None)?;
+        let decoded = decode(&path, 2, FourthAxis::Refuse)?;
         assert_eq!(decoded.dtype, "uint16");
         assert_eq!(decoded.voxels.size(), [4, 2, 3]);
         assert_eq!(decoded.voxels.kind(), Kind::Float);
@@ -194,9 +272,12 @@ mod tests {
         // Two time points: an error for a plain volume, a choice with `channel`.
         let path = folder.path().join("series.nii.gz");
         WriterOptions::new(&path).write_nifti(&Array4::from_shape_fn((2, 3, 4, 2), |(.., t)| t as i16))?;
-        let message = format!("{:#}", decode(&path, 2, None).err().expect("4D"));
-        assert!(message.contains("more than one time point"), "{message}");
-        let second = decode(&path, 0, Some(1))?;
+        let message = format!("{:#}", decode(&path, 2, FourthAxis::Refuse).err().expect("4D"));
+        assert!(
+            message.contains("more than one time point") && message.contains("`timepoint`"),
+            "{message}"
+        );
+        let second = decode(&path, 0, FourthAxis::Channel(1))?;
         assert_eq!(second.dtype, "int16");
         assert_eq!(second.voxels.size(), [2, 3, 4]);
         assert_eq!(second.voxels.min().double_value(&[]), 1.0);

@@ -10,10 +10,14 @@
 //!
 //! Files are listed when the source is built (a wrong path fails before training starts)
 //! and decoded in `load`, on the loader threads.
+//!
+//! A 4D file (a time series: fMRI, DCE, diffusion) is refused unless `timepoint` picks one
+//! of its 3D volumes (0-based) or asks for their voxel-wise mean (`"mean"`); a timepoint
+//! past the end is an error naming the file, its number of timepoints and the key.
 
 use crate::files;
 use crate::intensity::{self, Normalization};
-use crate::nifti_file;
+use crate::nifti_file::{self, FourthAxis, Timepoint};
 use medssl_core::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -32,6 +36,10 @@ pub struct NiftiConfig {
     pub slice_axis: usize,
     /// `"zscore"`, `"minmax"` or `"none"`.
     pub normalize: Normalization,
+    /// For 4D files (fMRI, DCE, diffusion series): the 0-based index of the 3D volume to
+    /// read along the fourth axis, or `"mean"` for the voxel-wise mean of all of them. Unset,
+    /// a 4D file with more than one volume is refused. A 3D file is one timepoint (0).
+    pub timepoint: Option<Timepoint>,
 }
 
 impl Default for NiftiConfig {
@@ -40,6 +48,7 @@ impl Default for NiftiConfig {
             path: PathBuf::new(),
             slice_axis: 2,
             normalize: Normalization::ZScore,
+            timepoint: None,
         }
     }
 }
@@ -49,6 +58,7 @@ pub struct NiftiReader {
     files: Vec<PathBuf>,
     slice_axis: usize,
     normalize: Normalization,
+    fourth: FourthAxis,
 }
 
 impl NiftiReader {
@@ -69,6 +79,7 @@ impl NiftiReader {
             files,
             slice_axis: config.slice_axis,
             normalize: config.normalize,
+            fourth: config.timepoint.map_or(FourthAxis::Refuse, FourthAxis::Timepoint),
         })
     }
 
@@ -97,7 +108,7 @@ impl Dataset for NiftiReader {
                 self.files.len()
             );
         };
-        let decoded = nifti_file::decode(path, self.slice_axis, None)
+        let decoded = nifti_file::decode(path, self.slice_axis, self.fourth)
             .with_context(|| format!("cannot decode NIfTI file `{}`", path.display()))?;
         let mut volume = Volume::new(
             intensity::normalize(&decoded.voxels, None, self.normalize, &self.describe(index)),
@@ -147,7 +158,7 @@ register!(DATASETS, NIFTI: DatasetEntry = DatasetEntry {
 mod tests {
     use super::*;
     use medssl_core::registry;
-    use ndarray::Array3;
+    use ndarray::{Array3, Array4};
     use nifti::writer::WriterOptions;
 
     fn reader(body: &str) -> Result<Box<dyn Dataset>> {
@@ -319,6 +330,75 @@ mod tests {
             let message = format!("{error:#}");
             assert!(message.contains(key), "`{body}`: {message}");
         }
+    }
+
+    #[test]
+    fn timepoint_takes_one_volume_or_the_mean_of_a_4d_file() -> Result<()> {
+        let folder = tempfile::tempdir()?;
+        let path = folder.path().join("bold.nii.gz");
+        // Three timepoints of a 2 x 3 x 4 volume; voxel (x, y, z) at time t is 100t + x + y + z.
+        let series = Array4::from_shape_fn((2, 3, 4, 3), |(x, y, z, t)| (100 * t + x + y + z) as f32);
+        WriterOptions::new(&path).write_nifti(&series)?;
+
+        let refused = format!("{:#}", reader(&config_for(&path, ""))?.load(0).err().expect("4D"));
+        assert!(
+            refused.contains("timepoint") && refused.contains("bold.nii.gz"),
+            "{refused}"
+        );
+        for (choice, first_voxel) in [("0", 0.0), ("2", 200.0), ("\"mean\"", 100.0)] {
+            let body = format!("normalize = \"none\"\ntimepoint = {choice}");
+            let volume = reader(&config_for(&path, &body))?.load(0)?;
+            assert_eq!(volume.voxels.size(), [4, 2, 3], "timepoint {choice}");
+            // voxels[z, x, y]: at (z=1, x=1, y=2) the value is the timepoint's offset + 4.
+            assert_eq!(
+                volume.voxels.double_value(&[0, 0, 0]),
+                first_voxel,
+                "timepoint {choice}"
+            );
+            assert_eq!(
+                volume.voxels.double_value(&[1, 1, 2]),
+                first_voxel + 4.0,
+                "timepoint {choice}"
+            );
+        }
+        let message = format!(
+            "{:#}",
+            reader(&config_for(&path, "timepoint = 3"))?
+                .load(0)
+                .err()
+                .expect("out of range")
+        );
+        for part in ["bold.nii.gz", "3 timepoints", "`timepoint` = 3", "0-based"] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+
+        // A 3D file is timepoint 0 of a series of one.
+        let single = folder.path().join("t1.nii");
+        WriterOptions::new(&single).write_nifti(&indexed_volume())?;
+        assert_eq!(
+            reader(&config_for(&single, "timepoint = 0"))?.load(0)?.voxels.size(),
+            [6, 4, 5]
+        );
+        let message = format!(
+            "{:#}",
+            reader(&config_for(&single, "timepoint = 1"))?
+                .load(0)
+                .err()
+                .expect("3D")
+        );
+        assert!(
+            message.contains("one timepoint") && message.contains("t1.nii"),
+            "{message}"
+        );
+
+        for (body, part) in [("timepoint = -1", "0-based"), ("timepoint = \"median\"", "\"mean\"")] {
+            let message = format!("{:#}", reader(&config_for(&path, body)).err().expect(body));
+            assert!(
+                message.contains(part) && message.contains("timepoint"),
+                "`{body}`: {message}"
+            );
+        }
+        Ok(())
     }
 
     #[test]

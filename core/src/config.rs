@@ -125,6 +125,9 @@ pub struct OptimizerConfig {
     pub betas: [f64; 2],
     #[serde(deserialize_with = "positive")]
     pub eps: f64,
+    /// AdamW's AMSGrad variant (Reddi et al., ICLR 2018): the denominator uses the running
+    /// maximum of the second moment (`torch.optim.AdamW(amsgrad=True)`, VoCo's optimizer).
+    pub amsgrad: bool,
     /// LARS trust coefficient.
     #[serde(deserialize_with = "positive")]
     pub trust_coefficient: f64,
@@ -211,6 +214,7 @@ impl Default for OptimizerConfig {
             weight_decay: 1e-4,
             betas: [0.9, 0.999],
             eps: 1e-8,
+            amsgrad: false,
             trust_coefficient: 0.001,
             warmup_epochs: 0.0,
             clip_grad_norm: 0.0,

@@ -8,7 +8,8 @@
 //!   by SwAV: the update of each weight tensor is scaled by
 //!   `trust * ||w|| / ||g + wd * w||`; biases and normalisation parameters (tensors of
 //!   rank <= 1) get neither the scaling nor weight decay;
-//! - AdamW (Loshchilov and Hutter 2019, Algorithm 2) with decoupled weight decay.
+//! - AdamW (Loshchilov and Hutter 2019, Algorithm 2) with decoupled weight decay, and its
+//!   AMSGrad variant (`amsgrad`, Reddi et al., ICLR 2018).
 //!
 //! Tensors of rank <= 1 (biases, norm scales) are excluded from weight decay for every
 //! optimizer, as is standard in SSL recipes.
@@ -199,7 +200,13 @@ impl Optimizer {
                         v *= b2;
                         let _ = v.f_addcmul_(&(&g * (1.0 - b2)), &g);
                         let step_size = lr / (1.0 - b1.powf(t));
-                        let mut denom = v.sqrt();
+                        let mut denom = if cfg.amsgrad {
+                            let max_v = self.buffer(&name, "max_exp_avg_sq", &p);
+                            let _ = max_v.f_maximum_out(&max_v.shallow_clone(), &v);
+                            max_v.sqrt()
+                        } else {
+                            v.sqrt()
+                        };
                         denom *= -1.0 / (step_size * (1.0 - b2.powf(t)).sqrt());
                         denom += -cfg.eps / step_size;
                         let _ = p.f_addcdiv_(&m, &denom);
@@ -384,42 +391,50 @@ mod tests {
 
     #[test]
     fn adamw_matches_pytorchs_update_over_three_steps() {
-        // f64 weights [2, 1] and loss sum(w^2 * c) with c = [1, 3]: the gradient 2 c w, the
-        // update of torch.optim.AdamW written out in f64 (weight decay on the matrix only).
-        let cfg = OptimizerConfig {
-            name: "adamw".into(),
-            lr: 0.01,
-            weight_decay: 0.05,
-            ..Default::default()
-        };
-        let c = [1.0, 3.0];
-        let w = Tensor::from_slice(&[0.5f64, -2.0])
-            .reshape([2, 1])
-            .set_requires_grad(true);
-        let coef = Tensor::from_slice(&c).reshape([2, 1]);
-        let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())]).unwrap();
-        let ([b1, b2], eps, lr, wd) = (cfg.betas, cfg.eps, cfg.lr, cfg.weight_decay);
-        let mut expected = [0.5f64, -2.0];
-        let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
-        for step in 1..=3 {
-            opt.zero_grad();
-            (&w * &w * &coef).sum(Kind::Double).backward();
-            opt.step(lr);
-            for i in 0..2 {
-                let g = 2.0 * c[i] * expected[i];
-                expected[i] *= 1.0 - lr * wd;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let denom = (v[i] / (1.0 - b2.powi(step))).sqrt() + eps;
-                expected[i] -= lr / (1.0 - b1.powi(step)) * m[i] / denom;
+        // f64 weights [2, 1] and loss sum(w^2 * c(step)): the gradient 2 c w, the update of
+        // torch.optim.AdamW written out in f64 (weight decay on the matrix only), with and
+        // without AMSGrad; c shrinks at step 3 so that AMSGrad's maximum differs from v.
+        for amsgrad in [false, true] {
+            let cfg = OptimizerConfig {
+                name: "adamw".into(),
+                lr: 0.01,
+                weight_decay: 0.05,
+                amsgrad,
+                ..Default::default()
+            };
+            let coefficients = [[1.0, 3.0], [1.0, 3.0], [0.01, 0.02]];
+            let w = Tensor::from_slice(&[0.5f64, -2.0])
+                .reshape([2, 1])
+                .set_requires_grad(true);
+            let mut opt = Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())]).unwrap();
+            let ([b1, b2], eps, lr, wd) = (cfg.betas, cfg.eps, cfg.lr, cfg.weight_decay);
+            let mut expected = [0.5f64, -2.0];
+            let (mut m, mut v, mut v_max) = ([0.0f64; 2], [0.0f64; 2], [0.0f64; 2]);
+            for (step, c) in (1..).zip(coefficients) {
+                let coef = Tensor::from_slice(&c).reshape([2, 1]);
+                opt.zero_grad();
+                (&w * &w * &coef).sum(Kind::Double).backward();
+                opt.step(lr);
+                for i in 0..2 {
+                    let g = 2.0 * c[i] * expected[i];
+                    expected[i] *= 1.0 - lr * wd;
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    v_max[i] = v_max[i].max(v[i]);
+                    let second = if amsgrad { v_max[i] } else { v[i] };
+                    let denom = (second / (1.0 - b2.powi(step))).sqrt() + eps;
+                    expected[i] -= lr / (1.0 - b1.powi(step)) * m[i] / denom;
+                }
+                let got = Vec::<f64>::try_from(&w.detach().flatten(0, -1)).unwrap();
+                for i in 0..2 {
+                    assert!(
+                        (got[i] - expected[i]).abs() < 1e-12,
+                        "amsgrad {amsgrad}, step {step}: {got:?} vs {expected:?}"
+                    );
+                }
             }
-            let got = Vec::<f64>::try_from(&w.detach().flatten(0, -1)).unwrap();
-            for i in 0..2 {
-                assert!(
-                    (got[i] - expected[i]).abs() < 1e-12,
-                    "step {step}: {got:?} vs {expected:?}"
-                );
-            }
+            let buffers = opt.state().0.len();
+            assert_eq!(buffers, if amsgrad { 3 } else { 2 }, "the maximum is checkpointed");
         }
     }
 

@@ -77,8 +77,8 @@ mod tests {
             let vs = nn::VarStore::new(Device::Cpu);
             let block = UnetBlock::new(&(vs.root() / "b"), c_in, 4, residual);
             tch::no_grad(|| {
-                let _ = block.conv1.ws.zero_();
-                let _ = block.conv2.ws.zero_();
+                let _ = block.conv1.ws.shallow_clone().zero_();
+                let _ = block.conv2.ws.shallow_clone().zero_();
             });
             let x = x.narrow(1, 0, c_in);
             let expected = match &block.shortcut {

@@ -263,6 +263,7 @@ register!(HEADS, SWIN_UNETR: HeadEntry = HeadEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::registry;
 
     const HEAD_KEY: &str = "head";
 
@@ -500,8 +501,8 @@ mod tests {
         }
     }
 
-    /// One class a box of `crop` (`[s, s, 2s]` or `[s, s, s]`, s = 32 or 64), another a
-    /// second box, on a noisy background.
+    /// One class a box of `crop` (sides 32 or 64), another a second box, on a noisy
+    /// background.
     fn boxes(n: i64, crop: [i64; 3]) -> (Tensor, Tensor) {
         let inside = |lo: i64, hi: i64, axis: usize| {
             let scale = crop[axis] / 32;
@@ -523,21 +524,21 @@ mod tests {
         (images, targets)
     }
 
-    /// At 64³ the deepest level has 2 x 2 x 2 voxels, enough for `encoder10`'s instance norms
-    /// to pass a gradient of some size (over 2 voxels they pass almost none).
+    /// At 32 x 64 x 64 the deepest level has 1 x 2 x 2 voxels, enough for `encoder10`'s
+    /// instance norms to pass a gradient of some size (over 2 voxels they pass almost none).
     #[test]
     fn logits_come_back_at_the_crop_size_and_gradients_reach_every_parameter() {
         tch::manual_seed(0);
         for body in ["", "res_block = false"] {
             let vs = nn::VarStore::new(Device::Cpu);
-            let encoder = FakeSwin::new(&(vs.root() / "encoder"), 6);
+            let encoder = FakeSwin::new(&(vs.root() / "encoder"), 2);
             let head = head(&vs, body, &shape_of(&encoder, 3)).unwrap();
-            let (images, targets) = boxes(2, [64, 64, 64]);
+            let (images, targets) = boxes(1, [32, 64, 64]);
             let features = encoder.forward(&images, true);
             let Prediction::Logits(logits) = head.predict(&input(&features, &images)).unwrap() else {
                 panic!("logits expected")
             };
-            assert_eq!(logits.size(), [2, 3, 64, 64, 64], "{body}");
+            assert_eq!(logits.size(), [1, 3, 32, 64, 64], "{body}");
             let loss = head
                 .loss(&input(&features, &images), &Targets::Classes(targets), 0)
                 .unwrap();
@@ -553,28 +554,6 @@ mod tests {
                 assert!(norm > 0.0 && norm.is_finite(), "`{body}`: {name} gradient norm {norm}");
             }
         }
-    }
-
-    #[test]
-    fn loss_falls_when_overfitting_a_fixed_batch() {
-        tch::manual_seed(2);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let encoder = FakeSwin::new(&(vs.root() / "encoder"), 6);
-        let head = head(&vs, "", &shape_of(&encoder, 3)).unwrap();
-        // The cheapest crop the head takes: 32 x 32 x 64, the deepest level 1 x 1 x 2.
-        let (images, targets) = boxes(1, [32, 32, 64]);
-        let targets = Targets::Classes(targets);
-        let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
-        let mut losses = Vec::new();
-        for _ in 0..12 {
-            let features = encoder.forward(&images, true);
-            let loss = head.loss(&input(&features, &images), &targets, 0).unwrap();
-            opt.backward_step(&loss);
-            losses.push(loss.double_value(&[]));
-        }
-        let (first, last) = (losses[0], losses[losses.len() - 1]);
-        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-        assert!(last < first * 0.5, "loss went from {first} to {last}: {losses:?}");
     }
 
     #[test]

@@ -37,9 +37,10 @@ fn variants<E: registry::Registered>(
 /// volumes itself) and objective, each a (name, smoke config) pair.
 type Combo = [Option<(&'static str, &'static str)>; 3];
 
-/// The crops of a 3D encoder that takes any size (a Swin pads to its windows): small, and a
-/// multiple of 32 as SwinUNETR asks.
-const FREE_CROP: [i64; 3] = [32, 32, 32];
+/// The crops of a 3D encoder that takes any size (a Swin pads to its windows): small, and
+/// sides that are multiples of 32 with one above it, as SwinUNETR asks (its deepest level
+/// needs more than one voxel).
+const FREE_CROP: [i64; 3] = [32, 32, 64];
 
 /// What the composition needs to know of an encoder variant before building a run: its
 /// spatial dimensionality and the input size it fixes (a ViT's crop size).

@@ -117,6 +117,14 @@ pub trait Head {
     fn loss(&self, input: &HeadInput, targets: &Targets, seed: u64) -> Result<Tensor>;
     /// Predictions of a batch in evaluation mode.
     fn predict(&self, input: &HeadInput) -> Result<Prediction>;
+    /// The head's own requirement on the spatial size of its input (`[D, H, W]` of a 3D
+    /// crop), beyond what the encoder declares: an error saying what it takes where `size`
+    /// does not suit it. A 3D segmentation fine-tune checks the run's crop size with it before
+    /// it reads any data (training crops and sliding windows both have that size). MONAI's
+    /// SwinUNETR, for one, takes only sides divisible by 32. The default takes every size.
+    fn check_input_size(&self, _size: &[i64]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a head is built against: the backbone's declared levels and widths, and the

@@ -14,6 +14,7 @@ pub mod contrastive;
 pub mod dataset;
 pub mod detection;
 pub mod device;
+pub mod dice_ce;
 pub mod distributed;
 pub mod encoder;
 pub mod encoder_init;
@@ -43,6 +44,7 @@ pub mod slice_features;
 pub mod sliding_window;
 pub mod sources;
 pub mod train;
+pub mod unetr_blocks;
 pub mod views;
 pub mod volume_crops;
 

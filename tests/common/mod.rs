@@ -28,7 +28,10 @@ pub const COMPONENTS: &[(&str, &[&str])] = &[
             "vicreg",
         ],
     ),
-    ("heads", &["faster-rcnn", "unet", "unetr", "volume-classifier"]),
+    (
+        "heads",
+        &["faster-rcnn", "swin-unetr", "unet", "unetr", "volume-classifier"],
+    ),
     (
         "datasets",
         &[

@@ -176,11 +176,15 @@ impl Network {
             },
             num_classes: classes,
         };
-        let head = (entry.build)(head_section, backbone.vs.root() / "head", &shape)
-            .with_context(|| format!("building head `{}` from `[head]`", head_section.name))?;
+        let encoder = run_cfg.section("encoder", "name")?.name;
+        let head = (entry.build)(head_section, backbone.vs.root() / "head", &shape).with_context(|| {
+            format!(
+                "building head `{}` from `[head]` on the pre-training run's encoder `{encoder}`",
+                head_section.name
+            )
+        })?;
         let task = head.task();
         if let Some(wanted) = task.spatial_dims().filter(|&d| d != dims) {
-            let encoder = run_cfg.section("encoder", "name")?.name;
             bail!(
                 "head `{}` serves {task:?}, which reads the features of a {wanted} encoder, but the pre-training run's encoder `{encoder}` is {dims}",
                 head_section.name
@@ -354,13 +358,22 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     let checkpoint = checkpoint::read_safetensors(&located.tensors)?;
     network.backbone.load(&checkpoint, &located.tensors)?;
     let dims = network.backbone.encoder.spatial_dims();
+    let views = run_cfg.run.data.views.resolved()?;
+    if task == Task::VolumeSegmentation {
+        // Training crops and sliding windows both have the run's crop size.
+        network.head.check_input_size(&views.crop_size).with_context(|| {
+            format!(
+                "the pre-training run's `data.views.crop_size` {:?} does not suit head `{}`",
+                views.crop_size, head_section.name
+            )
+        })?;
+    }
     drop(network);
 
     let train_section = loaded.data_section("train")?;
     let eval_section = loaded.data_section("eval")?;
     let train_set = data::open(&train_section)?;
     let eval_set = data::open(&eval_section)?;
-    let views = run_cfg.run.data.views.resolved()?;
     let workers = cfg.input.workers;
     let sets = match task {
         Task::Segmentation => {

@@ -22,6 +22,7 @@ use medssl_resnet as _;
 use medssl_slice_transformer as _;
 use medssl_swav as _;
 use medssl_swin3d as _;
+use medssl_swin_unetr as _;
 use medssl_unet as _;
 use medssl_unetr as _;
 use medssl_vicreg as _;

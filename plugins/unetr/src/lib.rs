@@ -1,8 +1,8 @@
 //! The UNETR segmentation head (Hatamizadeh et al., WACV 2022) over a 3D encoder's levels,
-//! with MONAI's parameter names, trained with MONAI's Dice + cross-entropy.
+//! with MONAI's parameter names, trained with MONAI's Dice + cross-entropy. Its blocks and
+//! loss are core's ([`medssl_core::unetr_blocks`], [`medssl_core::dice_ce`]), shared with
+//! `swin-unetr`.
 
-mod dice_ce;
 mod unetr;
 
-pub use dice_ce::{dice_ce_loss, DiceCeConfig};
-pub use unetr::{NormName, Unetr, UnetrConfig};
+pub use unetr::{Unetr, UnetrConfig};

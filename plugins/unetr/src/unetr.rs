@@ -21,12 +21,10 @@
 //! `encoder2.transp_conv_init.conv.weight`, `encoder2.blocks.0.1.conv2.conv.weight`,
 //! `decoder5.conv_block.conv3.conv.weight`, `out.conv.conv.weight`, ...), so a MONAI UNETR's
 //! state_dict without its `vit.` entries loads one-to-one into `head.*` (and those into the
-//! `vit3d` encoder). Initialisation as MONAI's, which sets none of its own here: PyTorch's
-//! defaults for every convolution ([`medssl_core::layers`]); only `out` has a bias (MONAI's
-//! `get_conv_layer` builds the others without); instance norms without affine parameters or
-//! running statistics (`torch.nn.InstanceNorm3d`'s defaults, which MONAI's `get_norm_layer`
-//! keeps for `"instance"`), so they normalise by each sample's own statistics in training and
-//! evaluation alike; LeakyReLU with slope 0.01.
+//! `vit3d` encoder). The blocks are MONAI's, shared with `swin-unetr` in
+//! [`medssl_core::unetr_blocks`] (instance norms without variables, LeakyReLU 0.01, no
+//! convolution bias but `out`'s, PyTorch's initialisation: MONAI sets none of its own); only
+//! UNETR's `UnetrPrUpBlock` (`ProjectionUp`) is built here.
 //!
 //! MONAI's UNETR fixes the patch size at 16 and its decoder's depth to match (three
 //! upsamplings to stride 2 for the shallowest skip, four from the deepest level to the
@@ -34,11 +32,12 @@
 //! encoder. The level widths are read from the encoder (768 for ViT-Base) rather than assumed.
 //!
 //! Loss: MONAI's `DiceCELoss(to_onehot_y=True, softmax=True)` with its defaults, as the
-//! UNETR tutorials train ([`crate::dice_ce`], options under `[head.loss]`).
+//! UNETR tutorials train ([`medssl_core::dice_ce`], options under `[head.loss]`).
 
-use crate::dice_ce::{dice_ce_loss, DiceCeConfig};
+use medssl_core::dice_ce::{dice_ce_loss, DiceCeConfig};
 use medssl_core::encoder::SpatialDims;
 use medssl_core::prelude::*;
+use medssl_core::unetr_blocks::{transposed_conv, NormName, UnetBlock, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock};
 use serde::{Deserialize, Serialize};
 
 /// The head's name, in its messages.
@@ -46,14 +45,6 @@ const NAME: &str = "unetr";
 
 /// The one stride of every level the decoder reads: MONAI's UNETR patch size.
 const STRIDE: i64 = 16;
-
-/// Normalisation of the decoder's convolutions, as MONAI's `norm_name`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NormName {
-    /// `torch.nn.InstanceNorm3d` without affine parameters (UNETR's default).
-    Instance,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -83,70 +74,13 @@ impl Default for UnetrConfig {
     }
 }
 
-/// A convolution without bias, padded to keep the size (MONAI's `get_conv_layer` with
-/// `conv_only`, under `.conv`).
-fn conv(p: &nn::Path, c_in: i64, c_out: i64, kernel: i64) -> nn::Conv3D {
-    let config = layers::Conv {
-        padding: (kernel - 1) / 2,
-        bias: false,
-        ..Default::default()
-    };
-    layers::conv3d(p / "conv", c_in, c_out, kernel, config)
-}
-
-/// A 2x2x2 stride-2 transposed convolution without bias (under `.conv`).
-fn up(p: &nn::Path, c_in: i64, c_out: i64) -> nn::ConvTranspose3D {
-    let config = layers::ConvTranspose {
-        stride: 2,
-        bias: false,
-        ..Default::default()
-    };
-    layers::conv_transpose3d(p / "conv", c_in, c_out, 2, config)
-}
-
-/// `torch.nn.InstanceNorm3d(affine=False, track_running_stats=False)`: each sample and channel
-/// by its own statistics, eps 1e-5.
-fn instance_norm(x: &Tensor) -> Tensor {
-    x.instance_norm(None::<Tensor>, None, None, None, true, 0.1, 1e-5, true)
-}
-
-/// MONAI's `UnetResBlock` (stride 1) or `UnetBasicBlock`: two 3x3x3 convolutions, each with
-/// instance norm and LeakyReLU; the residual one adds its input (through a 1x1x1 convolution
-/// and norm, `conv3`, where the width changes) before the second activation.
-struct ConvBlock {
-    conv1: nn::Conv3D,
-    conv2: nn::Conv3D,
-    /// `None` for the basic block, `Some(None)` for a residual block that keeps the width.
-    shortcut: Option<Option<nn::Conv3D>>,
-}
-
-impl ConvBlock {
-    fn new(p: &nn::Path, c_in: i64, c_out: i64, residual: bool) -> ConvBlock {
-        ConvBlock {
-            conv1: conv(&(p / "conv1"), c_in, c_out, 3),
-            conv2: conv(&(p / "conv2"), c_out, c_out, 3),
-            shortcut: residual.then(|| (c_in != c_out).then(|| conv(&(p / "conv3"), c_in, c_out, 1))),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = instance_norm(&x.apply(&self.conv1)).leaky_relu();
-        let y = instance_norm(&y.apply(&self.conv2));
-        match &self.shortcut {
-            None => y.leaky_relu(),
-            Some(None) => (y + x).leaky_relu(),
-            Some(Some(projection)) => (y + instance_norm(&x.apply(projection))).leaky_relu(),
-        }
-    }
-}
-
 /// MONAI's `UnetrPrUpBlock`: a level brought up by `1 + blocks.len()` transposed convolutions
 /// (`transp_conv_init`, then `blocks.i.0`), each after the first followed by a convolution
 /// block (`blocks.i.1`) unless `conv_block` is off (then `blocks.i` is the transposed
 /// convolution itself).
 struct ProjectionUp {
     transp_conv_init: nn::ConvTranspose3D,
-    blocks: Vec<(nn::ConvTranspose3D, Option<ConvBlock>)>,
+    blocks: Vec<(nn::ConvTranspose3D, Option<UnetBlock>)>,
 }
 
 impl ProjectionUp {
@@ -156,17 +90,17 @@ impl ProjectionUp {
                 let b = p / "blocks" / i.to_string();
                 if cfg.conv_block {
                     (
-                        up(&(&b / "0"), c_out, c_out),
-                        Some(ConvBlock::new(&(&b / "1"), c_out, c_out, cfg.res_block)),
+                        transposed_conv(&(&b / "0"), c_out, c_out),
+                        Some(UnetBlock::new(&(&b / "1"), c_out, c_out, cfg.res_block)),
                     )
                 } else {
                     // The transposed convolution is the list entry itself: `blocks.i.conv`.
-                    (up(&b, c_out, c_out), None)
+                    (transposed_conv(&b, c_out, c_out), None)
                 }
             })
             .collect();
         ProjectionUp {
-            transp_conv_init: up(&(p / "transp_conv_init"), c_in, c_out),
+            transp_conv_init: transposed_conv(&(p / "transp_conv_init"), c_in, c_out),
             blocks,
         }
     }
@@ -184,35 +118,14 @@ impl ProjectionUp {
     }
 }
 
-/// MONAI's `UnetrUpBlock`: a transposed convolution doubles the resolution, the skip is
-/// concatenated after it, a convolution block mixes them.
-struct Up {
-    transp_conv: nn::ConvTranspose3D,
-    conv_block: ConvBlock,
-}
-
-impl Up {
-    fn new(p: &nn::Path, c_in: i64, c_out: i64, residual: bool) -> Up {
-        Up {
-            transp_conv: up(&(p / "transp_conv"), c_in, c_out),
-            conv_block: ConvBlock::new(&(p / "conv_block"), 2 * c_out, c_out, residual),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, skip: &Tensor) -> Tensor {
-        self.conv_block
-            .forward(&Tensor::cat(&[x.apply(&self.transp_conv), skip.shallow_clone()], 1))
-    }
-}
-
 pub struct Unetr {
     in_channels: i64,
-    encoder1: ConvBlock,
+    encoder1: UnetrBasicBlock,
     /// `encoder2`, `encoder3`, `encoder4`, on the first three levels.
     encoders: [ProjectionUp; 3],
     /// `decoder5`, `decoder4`, `decoder3`, `decoder2`, deep to shallow.
-    decoders: [Up; 4],
-    out: nn::Conv3D,
+    decoders: [UnetrUpBlock; 4],
+    out: UnetOutBlock,
     loss: DiceCeConfig,
 }
 
@@ -265,12 +178,12 @@ impl Unetr {
             (3, 4 * f, 2 * f),
             (2, 2 * f, f),
         ]
-        .map(|(i, c_in, c_out)| Up::new(&(p / format!("decoder{i}")), c_in, c_out, cfg.res_block));
-        // MONAI's `UnetOutBlock`: the one convolution with a bias.
-        let out = layers::conv3d(p / "out" / "conv" / "conv", f, shape.num_classes, 1, Default::default());
+        .map(|(i, c_in, c_out)| UnetrUpBlock::new(&(p / format!("decoder{i}")), c_in, c_out, cfg.res_block));
+        // Built before `encoder1`, so that a seed draws the initial weights it always drew.
+        let out = UnetOutBlock::new(&(p / "out"), f, shape.num_classes);
         Ok(Unetr {
             in_channels: shape.in_channels,
-            encoder1: ConvBlock::new(&(p / "encoder1" / "layer"), shape.in_channels, f, cfg.res_block),
+            encoder1: UnetrBasicBlock::new(&(p / "encoder1"), shape.in_channels, f, cfg.res_block),
             encoders,
             decoders,
             out,
@@ -306,7 +219,7 @@ impl Unetr {
         let x = decoder4.forward(&x, &enc3);
         let x = decoder3.forward(&x, &enc2);
         let x = decoder2.forward(&x, &enc1);
-        Ok(x.apply(&self.out))
+        Ok(self.out.forward(&x))
     }
 }
 

@@ -1,6 +1,6 @@
 //! MONAI's `DiceCELoss(to_onehot_y=True, softmax=True)` (`monai/losses/dice.py`, MONAI 1.6):
-//! the loss UNETR and MONAI's BTCV tutorials train with, over logits of any number of
-//! spatial axes.
+//! the loss UNETR, Swin UNETR and MONAI's BTCV tutorials train with, over logits of any
+//! number of spatial axes. Shared by the `unetr` and `swin-unetr` heads.
 //!
 //! For softmax probabilities `p` and one-hot targets `g` of logits `[N, K, ...]`, per sample
 //! `n` and class `c` (per class over the whole batch with `batch`), summed over every voxel:
@@ -16,11 +16,14 @@
 //! Not the U-Net head's soft Dice (`medssl_unet::soft_dice_loss`) on purpose, so the two are
 //! kept apart: that one follows nnU-Net's batch Dice over the foreground classes present in
 //! the batch (in the targets or the arg-max), without smoothing; this one is MONAI's, which
-//! UNETR's published numbers were trained with: per sample, background included, every class
-//! counted, smoothed. They share no option value, and each head reproduces its reference.
+//! UNETR's and Swin UNETR's published numbers were trained with: per sample, background
+//! included, every class counted, smoothed. They share no option value, and each head
+//! reproduces its reference.
 
-use medssl_core::prelude::*;
+use crate::precision::loss_kind;
+use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
 /// The options of MONAI's `DiceCELoss` that medssl exposes, with MONAI's defaults.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -103,6 +106,7 @@ pub fn dice_ce_loss(logits: &Tensor, targets: &Tensor, cfg: &DiceCeConfig) -> Te
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::{Device, Kind};
 
     /// `3 sin(0.37 j)` logits `[2, 3, 4, 5, 6]` and `(7 j mod 11) mod 3` class ids, over the
     /// flat index `j`.

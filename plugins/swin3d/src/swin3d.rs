@@ -81,6 +81,7 @@
 use crate::windows::{self, padded, partition, relative_position_index, reverse, window_and_shift};
 use medssl_core::encoder::SpatialDims;
 use medssl_core::prelude::*;
+use medssl_core::unetr_blocks::UnetrBasicBlock;
 use serde::{Deserialize, Serialize};
 
 /// The stages MONAI's SwinTransformer builds (`layers1` .. `layers4`).
@@ -475,48 +476,15 @@ impl Stage {
     }
 }
 
-/// `torch.nn.InstanceNorm3d(affine=False)`: each sample and channel by its own statistics.
-fn instance_norm(x: &Tensor) -> Tensor {
-    x.instance_norm(None::<Tensor>, None, None, None, true, 0.1, 1e-5, true)
-}
-
-/// MONAI's `UnetrBasicBlock(res_block=True)` at one width and stride 1 (SwinUNETR-v2's
-/// `layersNc.0`): two 3x3x3 convolutions without bias, instance norm, LeakyReLU(0.01), and
-/// the input added before the last activation.
-struct ResidualConvBlock {
-    conv1: nn::Conv3D,
-    conv2: nn::Conv3D,
-}
-
-impl ResidualConvBlock {
-    fn new(p: &nn::Path, width: i64) -> ResidualConvBlock {
-        let conv = |name: &str| {
-            let geometry = layers::Conv {
-                padding: 1,
-                bias: false,
-                ..Default::default()
-            };
-            layers::conv3d(p / "layer" / name / "conv", width, width, 3, geometry)
-        };
-        ResidualConvBlock {
-            conv1: conv("conv1"),
-            conv2: conv("conv2"),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = instance_norm(&x.apply(&self.conv1)).leaky_relu();
-        (instance_norm(&y.apply(&self.conv2)) + x).leaky_relu()
-    }
-}
-
 pub struct Swin3d {
     cfg: Swin3dConfig,
     in_channels: i64,
     patch_embed: nn::Conv3D,
     patch_norm: Option<nn::LayerNorm>,
     /// SwinUNETR-v2's blocks before each stage; empty without `use_v2`.
-    stage_inputs: Vec<ResidualConvBlock>,
+    /// SwinUNETR-v2's `layersNc.0`: MONAI's `UnetrBasicBlock(res_block=True)` at the stage's
+    /// width before each stage.
+    stage_inputs: Vec<UnetrBasicBlock>,
     stages: Vec<Stage>,
     levels: Vec<Level>,
 }
@@ -567,7 +535,7 @@ impl Swin3d {
             });
             if cfg.use_v2 {
                 let block = p / format!("layers{}c", stage + 1) / "0";
-                stage_inputs.push(ResidualConvBlock::new(&block, width));
+                stage_inputs.push(UnetrBasicBlock::new(&block, width, width, true));
             }
         }
         let levels = (0..=STAGES)

@@ -137,10 +137,12 @@ impl Augmentation {
         if self.quarter_turns != 0 {
             x = x.rot90(self.quarter_turns, [2, 3]);
         }
+        // Not `+=`: without a flip or turn, `x` still shares its voxels with the region.
         if self.offset != 0.0 {
-            x = x + self.offset;
+            x + self.offset
+        } else {
+            x
         }
-        x
     }
 }
 

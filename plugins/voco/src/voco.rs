@@ -46,10 +46,10 @@
 //!   (all four of `vit3d`); `"all"` or a list of level indices choose otherwise.
 //! - Dropout1d on v2's 2D input `[N, F]` treats it as one unbatched sample of N channels:
 //!   torch 2.13 zeroes whole rows (embeddings) with probability 0.2 and scales the rest by
-//!   1 / 0.8 (checked with torch 2.13.0: a [6, 5] input comes back with whole rows 0 or 2).
-//!   medssl does exactly that, from libtorch's generator (reseeded every step). v2 builds the
-//!   module inside forward, so it is always in training mode; here too, since the objective
-//!   runs only in training steps.
+//!   1 / 0.8 (checked with torch 2.13.0: `Dropout1d(0.5)` on ones `[6, 5]` gives rows of
+//!   all 0 or all 2, no warning). medssl does exactly that, from libtorch's generator
+//!   (reseeded every step). v2 builds the module inside forward, so it is always in training
+//!   mode; here too, since the objective runs only in training steps.
 //! - The teacher head is drawn independently of the student, as v2 (and v1) build two heads
 //!   and never copy one into the other; `teacher_from_student = true` starts it as a copy.
 //!   Its variables are saved in every checkpoint, and no optimizer sees them (PyTorch's skips
@@ -498,12 +498,14 @@ impl Objective for VocoObjective {
         };
         let baseline = ce_loss(&labels, &expected.expand_as(&labels), negative).mean(None);
 
-        let mut total = &terms.intra + &terms.reg;
         let mut logged = vec![("intra".to_string(), terms.intra.double_value(&[]))];
-        if let Some(inter) = &terms.inter {
-            total = total + inter;
-            logged.push(("inter".into(), inter.double_value(&[])));
-        }
+        let total = match &terms.inter {
+            Some(inter) => {
+                logged.push(("inter".into(), inter.double_value(&[])));
+                &terms.intra + inter + &terms.reg
+            }
+            None => &terms.intra + &terms.reg,
+        };
         logged.push(("reg".into(), terms.reg.double_value(&[])));
         logged.push(("intra_baseline".into(), baseline.double_value(&[])));
         Ok(Loss { total, terms: logged })

@@ -244,7 +244,7 @@ fn three_d_encoders_train_with_crop_and_volume_objectives() {
     let mut trained = std::collections::BTreeSet::new();
     for combo in combinations().iter().filter(|c| c[1].is_none()) {
         let [Some(e), _, Some(o)] = combo else { unreachable!() };
-        let volume_level = o.1.contains("level = \"volume\"") || o.0 == "reconstruction";
+        let volume_level = o.1.contains("level = \"volume\"") || ["reconstruction", "voco"].contains(&o.0);
         if volume_level {
             probe(combo, 1, 2, 3).unwrap();
             trained.insert((e.0, o.0));
@@ -253,6 +253,7 @@ fn three_d_encoders_train_with_crop_and_volume_objectives() {
     assert!(trained.contains(&("vit3d", "reconstruction")), "{trained:?}");
     assert!(trained.contains(&("vit3d", "ntxent")), "{trained:?}");
     assert!(trained.contains(&("swin3d", "ntxent")), "{trained:?}");
+    assert!(trained.contains(&("vit3d", "voco")), "{trained:?}");
 }
 
 proptest! {

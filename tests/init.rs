@@ -276,6 +276,8 @@ fn every_component_starts_as_its_reference() {
             spatial_dims: medssl_core::encoder::SpatialDims::Two,
             in_channels: 1,
             deepest_level: (reference.embedding_dim(), 32),
+            levels: reference.levels().to_vec(),
+            input_size: None,
             slice_dim: reference.embedding_dim(),
             volume_dim: Some(256),
             sequence_dim: Some(960),
@@ -285,14 +287,23 @@ fn every_component_starts_as_its_reference() {
             volume_views: 2,
             seed: 0,
         };
-        // Objectives of 3D encoders (reconstruction) on ViT-B/16's deepest level instead.
+        // Objectives of 3D encoders (reconstruction, voco) on ViT-B/16's levels instead.
+        let vit_level = |name: &str| medssl_core::encoder::Level {
+            name: name.into(),
+            channels: 768,
+            stride: 16,
+        };
         let volume_shape = ObjectiveShape {
             spatial_dims: medssl_core::encoder::SpatialDims::Three,
             deepest_level: (768, 16),
+            levels: ["hidden_states_3", "hidden_states_6", "hidden_states_9", "norm"]
+                .map(vit_level)
+                .to_vec(),
+            input_size: Some(vec![96, 96, 96]),
             slice_dim: 768,
             volume_dim: Some(768),
             sequence_dim: None,
-            ..shape
+            ..shape.clone()
         };
         match (entry.build)(&section, vs.root() / "objectives" / "o", &shape) {
             Ok(_) => {}

@@ -275,6 +275,8 @@ fn objective_loss(name: &str, seed: u64, memory: &[Tensor], embeddings: &[Tensor
         spatial_dims: medssl_core::encoder::SpatialDims::Two,
         in_channels: 1,
         deepest_level: (width, 32),
+        levels: Vec::new(),
+        input_size: None,
         slice_dim: width,
         volume_dim: Some(aggregator.output_dim()),
         sequence_dim: Some(aggregator.input_dim()),

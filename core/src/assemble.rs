@@ -291,6 +291,8 @@ impl Model {
                 .levels()
                 .last()
                 .map_or((encoder.embedding_dim(), 1), |l| (l.channels, l.stride)),
+            levels: encoder.levels().to_vec(),
+            input_size: encoder.input_size(),
             slice_dim: encoder.embedding_dim(),
             volume_dim: match encoder.spatial_dims() {
                 SpatialDims::Two => aggregator.as_ref().map(|a| a.output_dim()),

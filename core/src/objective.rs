@@ -8,7 +8,7 @@
 //! [`Objective::load_state`].
 
 use crate::aggregator::Aggregator;
-use crate::encoder::{EncoderOutput, SpatialDims};
+use crate::encoder::{EncoderOutput, Level, SpatialDims};
 use crate::section::Section;
 use anyhow::Result;
 use tch::{nn, Tensor};
@@ -182,7 +182,7 @@ pub trait Objective {
 }
 
 /// What the rest of the run tells an objective when building it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ObjectiveShape {
     /// Spatial axes of the run's encoder.
     pub spatial_dims: SpatialDims,
@@ -191,6 +191,12 @@ pub struct ObjectiveShape {
     /// Channels and stride of the encoder's deepest level (a ViT's hidden width and patch
     /// size), for objectives that decode it back to the input (reconstruction).
     pub deepest_level: (i64, i64),
+    /// The encoder's levels, shallow to deep, for objectives that read several of them
+    /// (VoCo pools a chosen set into one embedding).
+    pub levels: Vec<Level>,
+    /// The one spatial size the encoder accepts, where it fixes one (a ViT's `img_size`,
+    /// [`crate::encoder::Encoder::input_size`]), for objectives that cut their own crops.
+    pub input_size: Option<Vec<i64>>,
     /// Width of the slice embeddings (a 2D encoder's pooled output; a 3D encoder's too).
     pub slice_dim: i64,
     /// Width of the volume embeddings: the aggregator's output, or a 3D encoder's pooled

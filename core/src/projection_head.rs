@@ -26,6 +26,35 @@ pub fn projection_head_without_first_bias<'a>(p: impl Borrow<nn::Path<'a>>, widt
     build(p.borrow(), widths, false)
 }
 
+/// VoCo's `projection_head` (Wu et al., CVPR 2024; Luffy03/Large-Scale-Medical,
+/// `Self-supervised/models/voco_head.py`): the blocks of [`projection_head`] with a batch
+/// norm that has neither scale and shift nor running statistics (`BatchNorm1d(affine=False,
+/// track_running_stats=False)`), so every batch, in training and in evaluation alike, is
+/// normalised by its own mean and biased variance (eps 1e-5), on each process alone. Each
+/// block is a `Sequential` of its own there, so the linear layers are named `layer1.0`,
+/// `layer2.0`, ... as in that module.
+pub fn projection_head_with_batch_statistics<'a>(p: impl Borrow<nn::Path<'a>>, widths: &[i64]) -> nn::SequentialT {
+    let p = p.borrow();
+    assert!(
+        widths.len() >= 2,
+        "a projection head needs an input and an output width, got {widths:?}"
+    );
+    let last = widths.len() - 2;
+    let mut head = nn::seq_t();
+    for (i, pair) in widths.windows(2).enumerate() {
+        head = head.add(layers::linear(p / format!("layer{}", i + 1) / 0, pair[0], pair[1]));
+        if i < last {
+            head = head.add_fn(|x| batch_statistics(x).relu());
+        }
+    }
+    head
+}
+
+/// `x` `[N, C]` normalised per channel by the batch's mean and biased variance.
+fn batch_statistics(x: &tch::Tensor) -> tch::Tensor {
+    x.batch_norm(None::<&tch::Tensor>, None, None, None, true, 0.1, 1e-5, false)
+}
+
 fn build(p: &nn::Path, widths: &[i64], first_bias: bool) -> nn::SequentialT {
     assert!(
         widths.len() >= 2,
@@ -80,8 +109,13 @@ mod tests {
             .add(layers::linear(p / "6", second, output))
     }
 
+    /// Held by the tests here that draw from libtorch's global generator: the one that
+    /// reseeds it needs the draws between its seeds to be its own.
+    static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn names_shapes_draws_and_forward_match_the_sequential_written_out() {
+        let _generator = GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         for first_bias in [true, false] {
             let widths = [6, 8, 5, 3];
             tch::manual_seed(4);
@@ -109,6 +143,43 @@ mod tests {
             for train in [true, false] {
                 assert!(head.forward_t(&x, train).equal(&want.forward_t(&x, train)));
             }
+        }
+    }
+
+    #[test]
+    fn the_batch_statistics_head_is_named_as_vocos_and_normalises_each_batch_alone() {
+        let _generator = GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let head = projection_head_with_batch_statistics(vs.root() / "student", &[6, 8, 8, 3]);
+        let names: Vec<String> = sorted_shapes(&vs).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "student.layer1.0.bias",
+                "student.layer1.0.weight",
+                "student.layer2.0.bias",
+                "student.layer2.0.weight",
+                "student.layer3.0.bias",
+                "student.layer3.0.weight",
+            ]
+        );
+        let x = Tensor::randn([10, 6], (Kind::Double, Device::Cpu)) * 3.0 + 1.0;
+        let vars = vs.variables();
+        let linear = |x: &Tensor, n: usize| {
+            x.matmul(&vars[&format!("student.layer{n}.0.weight")].to_kind(Kind::Double).tr())
+                + vars[&format!("student.layer{n}.0.bias")].to_kind(Kind::Double)
+        };
+        let norm = |x: Tensor| {
+            let mean = x.mean_dim(0, true, Kind::Double);
+            let var = x.var_dim(0, false, true);
+            ((x - mean) / (var + 1e-5).sqrt()).relu()
+        };
+        let want = linear(&norm(linear(&norm(linear(&x, 1)), 2)), 3);
+        vs.double();
+        for train in [true, false] {
+            let got = head.forward_t(&x, train);
+            let off = (&got - &want).abs().max().double_value(&[]);
+            assert!(off < 1e-9, "train {train}: off by {off}");
         }
     }
 

@@ -65,6 +65,8 @@ pub fn reconstruction_step(batch: i64, size: i64, warmup: usize, steps: usize, d
         spatial_dims: SpatialDims::Three,
         in_channels: 1,
         deepest_level: (level.channels, level.stride),
+        levels: encoder.levels().to_vec(),
+        input_size: encoder.input_size(),
         slice_dim: encoder.embedding_dim(),
         volume_dim: Some(encoder.embedding_dim()),
         sequence_dim: None,

@@ -103,6 +103,8 @@ pub fn swav_step(args: &SwavStep) -> Result<SwavStepReport> {
         spatial_dims: medssl_core::encoder::SpatialDims::Two,
         in_channels: 1,
         deepest_level: (encoder.embedding_dim(), 32),
+        levels: encoder.levels().to_vec(),
+        input_size: None,
         slice_dim: encoder.embedding_dim(),
         volume_dim: None,
         sequence_dim: None,

@@ -26,6 +26,7 @@ pub const COMPONENTS: &[(&str, &[&str])] = &[
             "reconstruction",
             "swav",
             "vicreg",
+            "voco",
         ],
     ),
     (

@@ -27,6 +27,7 @@ use medssl_unet as _;
 use medssl_unetr as _;
 use medssl_vicreg as _;
 use medssl_vit3d as _;
+use medssl_voco as _;
 
 /// Links every plugin crate, and with them their registrations. Call it (or write
 /// `use medssl_plugins as _;`) in a binary or test crate that looks components up by name:

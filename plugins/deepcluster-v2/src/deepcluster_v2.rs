@@ -428,6 +428,8 @@ mod tests {
             spatial_dims: medssl_core::encoder::SpatialDims::Two,
             in_channels: 1,
             deepest_level: (6, 32),
+            levels: Vec::new(),
+            input_size: None,
             slice_dim: 6,
             volume_dim: None,
             sequence_dim: None,

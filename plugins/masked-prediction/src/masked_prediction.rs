@@ -348,6 +348,8 @@ mod tests {
             spatial_dims: medssl_core::encoder::SpatialDims::Two,
             in_channels: 1,
             deepest_level: (dim, 32),
+            levels: Vec::new(),
+            input_size: None,
             slice_dim: dim,
             volume_dim: Some(dim),
             sequence_dim: Some(dim),

@@ -175,6 +175,8 @@ mod tests {
             spatial_dims: medssl_core::encoder::SpatialDims::Two,
             in_channels: 1,
             deepest_level: (8, 32),
+            levels: Vec::new(),
+            input_size: None,
             slice_dim: 8,
             volume_dim: None,
             sequence_dim: None,

@@ -209,6 +209,8 @@ mod tests {
             spatial_dims: SpatialDims::Three,
             in_channels: 1,
             deepest_level: (hidden, patch),
+            levels: Vec::new(),
+            input_size: None,
             slice_dim: hidden,
             volume_dim: Some(hidden),
             sequence_dim: None,

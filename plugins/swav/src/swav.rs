@@ -535,6 +535,8 @@ mod tests {
             spatial_dims: medssl_core::encoder::SpatialDims::Two,
             in_channels: 1,
             deepest_level: (slice_dim, 32),
+            levels: Vec::new(),
+            input_size: None,
             slice_dim,
             volume_dim,
             sequence_dim: None,

@@ -37,10 +37,11 @@ fn variants<E: registry::Registered>(
 /// volumes itself) and objective, each a (name, smoke config) pair.
 type Combo = [Option<(&'static str, &'static str)>; 3];
 
-/// The crops of a 3D encoder that takes any size (a Swin pads to its windows): small, and
-/// sides that are multiples of 32 with one above it, as SwinUNETR asks (its deepest level
-/// needs more than one voxel).
-const FREE_CROP: [i64; 3] = [32, 32, 64];
+/// The crops of a 3D encoder that takes any size (a Swin pads to its windows): small, square
+/// in (H, W) as scans are (VoCo turns its base crops in that plane), and sides that are
+/// multiples of 32 with one above it, as SwinUNETR asks (its deepest level needs more than one
+/// voxel).
+const FREE_CROP: [i64; 3] = [32, 64, 64];
 
 /// What the composition needs to know of an encoder variant before building a run: its
 /// spatial dimensionality and the input size it fixes (a ViT's crop size).
@@ -254,6 +255,7 @@ fn three_d_encoders_train_with_crop_and_volume_objectives() {
     assert!(trained.contains(&("vit3d", "ntxent")), "{trained:?}");
     assert!(trained.contains(&("swin3d", "ntxent")), "{trained:?}");
     assert!(trained.contains(&("vit3d", "voco")), "{trained:?}");
+    assert!(trained.contains(&("swin3d", "voco")), "{trained:?}");
 }
 
 proptest! {

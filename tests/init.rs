@@ -315,7 +315,8 @@ fn every_component_starts_as_its_reference() {
         }
         checked += check_store(&format!("objective {}", entry.name()), &vs, &mut failures);
     }
-    // Heads serve 2D or 3D encoders: each is built on both references, and must build on one.
+    // Heads serve 2D or 3D encoders: each is built on every reference (a ResNet, a ViT and a
+    // Swin), and must build on one.
     let volume_vs = nn::VarStore::new(Device::Cpu);
     let vit = registry::encoders().get("vit3d").unwrap();
     let volume_reference = (vit.build)(
@@ -324,9 +325,18 @@ fn every_component_starts_as_its_reference() {
         &EncoderShape { in_channels: 1 },
     )
     .unwrap();
+    let swin_vs = nn::VarStore::new(Device::Cpu);
+    let swin = registry::encoders().get("swin3d").unwrap();
+    let swin_reference = (swin.build)(
+        &default_section("encoder", swin, swin.default_config),
+        swin_vs.root() / "encoder",
+        &EncoderShape { in_channels: 1 },
+    )
+    .unwrap();
     for entry in registry::heads().entries {
         let mut errors = Vec::new();
-        for encoder in [&reference, &volume_reference] {
+        let references = [&reference, &volume_reference, &swin_reference];
+        for encoder in references {
             let vs = nn::VarStore::new(Device::Cpu);
             let section = default_section("head", entry, entry.default_config);
             let shape = HeadShape {
@@ -343,7 +353,7 @@ fn every_component_starts_as_its_reference() {
             }
         }
         assert!(
-            errors.len() < 2,
+            errors.len() < references.len(),
             "head {} builds on no reference encoder: {errors:?}",
             entry.name()
         );

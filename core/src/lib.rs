@@ -42,6 +42,7 @@ pub mod segmentation;
 pub mod slice_features;
 pub mod sliding_window;
 pub mod sources;
+pub mod tensorboard;
 pub mod train;
 pub mod views;
 pub mod volume_crops;

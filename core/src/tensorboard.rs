@@ -13,7 +13,9 @@
 //! `START` at the first step it will write, as TensorFlow's `Supervisor` did: TensorBoard's
 //! Python `EventAccumulator` then drops everything the interrupted run logged from that step
 //! on, and its data server drops a series' points at or after any step that comes again, so
-//! either way the resumed run's values replace the interrupted run's.
+//! either way the resumed run's values replace the interrupted run's. A resumed fine-tune
+//! writes no `START`: its steps are epochs shared by every trial, so a `START` would drop
+//! the finished trials' later epochs; the data server still replaces the repeated epochs.
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};

@@ -98,7 +98,11 @@ fn embed_equals_evals_features_for_images_and_volumes_and_slices_average_to_mean
             let side = sidecar(&file);
             assert_eq!(side["labels"], serde_json::json!(labels));
             assert_eq!(side["ids"].as_array().unwrap().len(), labels.len());
-            assert_eq!(labels.iter().filter(|&&l| l == 1).count() * 2, labels.len(), "balanced classes");
+            assert_eq!(
+                labels.iter().filter(|&&l| l == 1).count() * 2,
+                labels.len(),
+                "balanced classes"
+            );
         }
     }
 

@@ -35,7 +35,13 @@ fn event_files(run: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(run.join("tensorboard"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents."))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("events.out.tfevents.")
+        })
         .collect();
     files.sort();
     files
@@ -47,7 +53,11 @@ fn scalars(files: &[PathBuf]) -> BTreeMap<(String, i64), f32> {
     let mut out = BTreeMap::new();
     for file in files {
         let events = read_events(file);
-        assert_eq!(events[0].what, Some(What::FileVersion(FILE_VERSION.into())), "the version first");
+        assert_eq!(
+            events[0].what,
+            Some(What::FileVersion(FILE_VERSION.into())),
+            "the version first"
+        );
         for event in events {
             match event.what {
                 Some(What::SessionLog(log)) if log.status == 1 => out.retain(|(_, step), _| *step < event.step),
@@ -151,7 +161,12 @@ fn a_run_writes_every_metrics_scalar_and_epoch_views_and_a_resume_replaces_later
                 .map(move |v| (step, v.tag))
         })
         .collect();
-    let steps: Vec<i64> = images.iter().map(|(s, _)| *s).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let steps: Vec<i64> = images
+        .iter()
+        .map(|(s, _)| *s)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     assert_eq!(steps, [1, 3]);
     assert!(images.iter().all(|(_, tag)| tag.starts_with("views/")), "{images:?}");
     assert!(images.iter().filter(|(s, _)| *s == 1).count() <= 4);
@@ -171,7 +186,10 @@ fn a_run_writes_every_metrics_scalar_and_epoch_views_and_a_resume_replaces_later
         .unwrap();
     assert!(!out.status.success());
     let before = scalars(&event_files(&killed));
-    assert!(before.contains_key(&("loss".into(), 3)), "step 3 was logged before the kill");
+    assert!(
+        before.contains_key(&("loss".into(), 3)),
+        "step 3 was logged before the kill"
+    );
     let out = common::medssl().arg("resume").arg(&killed).output().unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     let files = event_files(&killed);

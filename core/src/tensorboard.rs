@@ -146,7 +146,11 @@ impl EventWriter {
             .with_context(|| format!("cannot list `{}`", dir.display()))?
             .filter_map(|entry| {
                 let name = entry.ok()?.file_name().into_string().ok()?;
-                name.strip_prefix("events.out.tfevents.")?.split('.').next()?.parse::<u64>().ok()
+                name.strip_prefix("events.out.tfevents.")?
+                    .split('.')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
             })
             .max();
         let seconds = latest.map_or(now, |l| now.max(l + 1));
@@ -202,7 +206,9 @@ impl EventWriter {
             .map(|(tag, image)| {
                 Ok(SummaryValue {
                     tag: tag.clone(),
-                    value: Some(Payload::Image(grayscale_png(image).with_context(|| format!("image `{tag}`"))?)),
+                    value: Some(Payload::Image(
+                        grayscale_png(image).with_context(|| format!("image `{tag}`"))?,
+                    )),
                 })
             })
             .collect::<Result<_>>()?;

@@ -115,7 +115,11 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     } else {
         println!(
             "wrote {} {}-level embeddings of dimension {} to {} (ids and labels: {})",
-            summary["rows"], summary["level"].as_str().unwrap_or(""), summary["dim"], args.out.display(), sidecar.display()
+            summary["rows"],
+            summary["level"].as_str().unwrap_or(""),
+            summary["dim"],
+            args.out.display(),
+            sidecar.display()
         );
     }
     Ok(())

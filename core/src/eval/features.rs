@@ -296,7 +296,12 @@ pub(super) fn encode(
             match (&p.valid, per_slice) {
                 (Some(valid), true) => {
                     let real = Vec::<bool>::try_from(valid.to_device(Device::Cpu).to_kind(Kind::Bool))?;
-                    rows.extend(real.iter().enumerate().filter(|(_, r)| **r).map(|(t, _)| (index, Some(t))));
+                    rows.extend(
+                        real.iter()
+                            .enumerate()
+                            .filter(|(_, r)| **r)
+                            .map(|(t, _)| (index, Some(t))),
+                    );
                 }
                 _ => rows.push((index, None)),
             }

@@ -89,6 +89,11 @@ pub fn embed(options: &EmbedOptions) -> Result<Embeddings> {
         (None, Input::Image) => Level::Slice,
         (None, Input::Volume) => Level::Volume,
     };
+    let mut set = set;
+    if encoded.labels.iter().all(|&l| l >= 0) {
+        let classes = encoded.labels.iter().copied().max().map_or(0, |m| m + 1);
+        set.class_counts = super::class_counts(&encoded.labels, classes);
+    }
     let ids = encoded
         .rows
         .iter()

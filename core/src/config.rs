@@ -72,6 +72,9 @@ pub struct RunOptions {
     pub deterministic: bool,
     /// cuDNN's benchmark mode: the fastest convolution algorithm per shape, not reproducible.
     pub cudnn_benchmark: bool,
+    /// Also write TensorBoard event files (`RUN/tensorboard/`): every metrics.jsonl scalar
+    /// and a few training views each epoch (`crate::tensorboard`).
+    pub tensorboard: bool,
 }
 
 impl Default for RunOptions {
@@ -88,6 +91,7 @@ impl Default for RunOptions {
             loss_scaling: Default::default(),
             deterministic: false,
             cudnn_benchmark: false,
+            tensorboard: false,
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod segmentation;
 pub mod slice_features;
 pub mod sliding_window;
 pub mod sources;
+pub mod tensorboard;
 pub mod train;
 pub mod unetr_blocks;
 pub mod views;

@@ -1,6 +1,7 @@
 //! Run metrics: one JSON object a logged step in `metrics.jsonl`, the loss-curve PNG and the
 //! short `report.md`.
 
+use crate::tensorboard::EventWriter;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde_json::{Map, Value};
@@ -8,10 +9,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-/// Appends metric records, one JSON object a line, flushed as written.
+/// Appends metric records, one JSON object a line, flushed as written; with a TensorBoard
+/// writer attached, each record's scalars go to its event file too.
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsLog {
@@ -47,7 +50,19 @@ impl MetricsLog {
         Ok(MetricsLog {
             path: path.to_path_buf(),
             file,
+            tensorboard: None,
         })
+    }
+
+    /// Also writes every record to `writer` (`run.tensorboard`, `train.tensorboard`).
+    pub fn with_tensorboard(mut self, writer: EventWriter) -> Self {
+        self.tensorboard = Some(writer);
+        self
+    }
+
+    /// The attached TensorBoard writer, for what is not a record (training views).
+    pub fn tensorboard(&mut self) -> Option<&mut EventWriter> {
+        self.tensorboard.as_mut()
     }
 
     pub fn write(&mut self, record: &Map<String, Value>) -> Result<()> {
@@ -57,7 +72,11 @@ impl MetricsLog {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot write `{}`", self.path.display()))
+            .with_context(|| format!("cannot write `{}`", self.path.display()))?;
+        match &mut self.tensorboard {
+            Some(writer) => writer.record(record),
+            None => Ok(()),
+        }
     }
 }
 

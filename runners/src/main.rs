@@ -20,6 +20,7 @@ mod bench_distributed;
 mod bench_ssl;
 mod boxes;
 mod devices;
+mod embed;
 mod eval;
 mod export;
 mod finetune;
@@ -100,6 +101,9 @@ enum Command {
     /// Fine-tune a pre-trained backbone with a task head (U-Net segmentation, 3D
     /// classification) over several seeds, beside the same protocol from scratch.
     Finetune(finetune::FinetuneArgs),
+    /// Frozen features of any readable set, as `medssl eval` computes them, to
+    /// .safetensors or .npy (with a .json of sample ids and labels).
+    Embed(embed::EmbedArgs),
     /// Write a run's encoder weights under a reference library's parameter names (MONAI's
     /// ViT, torchvision's ResNets), for a strict load there.
     Export {
@@ -820,6 +824,10 @@ fn execute(command: Command) -> Result<()> {
         Command::Eval { command } => {
             single_process("eval")?;
             eval::run(command)
+        }
+        Command::Embed(args) => {
+            single_process("embed")?;
+            embed::run(args)
         }
         Command::Export {
             run_dir,

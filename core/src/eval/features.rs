@@ -26,15 +26,35 @@ pub(super) enum Input {
 pub(super) struct Prepared {
     pub(super) input: Tensor,
     pub(super) valid: Option<Tensor>,
+    /// -1 for a sample without a label (only where labels are not required).
     pub(super) label: i64,
 }
 
-/// A labelled set's features under every backbone (and its flattened inputs).
+/// A set's features under every backbone (and its flattened inputs).
 pub(super) struct Encoded {
     pub(super) features: Vec<Tensor>,
     pub(super) raw: Option<Tensor>,
+    /// A label a sample (-1 where a sample has none and labels were not required).
     pub(super) labels: Vec<i64>,
     pub(super) input: Input,
+    /// Each feature row's sample and, for [`Encoding::per_slice`], its slice.
+    pub(super) rows: Vec<(usize, Option<usize>)>,
+}
+
+/// How [`encode`] runs, beside the set and the backbones.
+pub(super) struct Encoding<'a> {
+    pub(super) views: &'a ViewConfig,
+    pub(super) batch_size: usize,
+    pub(super) workers: usize,
+    pub(super) device: Device,
+    pub(super) precision: Precision,
+    /// Also keep the flattened inputs (`--raw-pixels`).
+    pub(super) raw: bool,
+    /// Refuse a sample without a class label (`medssl eval`); else its label is -1.
+    pub(super) labelled: bool,
+    /// A volume set's rows are its real slices' pooled encoder embeddings, not the
+    /// volumes' (`medssl embed --level slice`); a 2D image is a slice either way.
+    pub(super) per_slice: bool,
 }
 
 /// Builds the reader of one set: `format` with the path and, where the reader has one,
@@ -45,7 +65,11 @@ pub(super) fn open_set(
     role: &str,
     default_split: &str,
 ) -> Result<(Box<dyn Dataset>, SetInfo)> {
-    let flag = if role == "train" { "--train" } else { "--eval" };
+    let flag = match role {
+        "train" => "--train",
+        "eval" => "--eval",
+        _ => "--data",
+    };
     let format = match format {
         Some(f) => f,
         None => inspect::guess_format(&spec.path)
@@ -99,18 +123,21 @@ pub(super) fn prepare(
     views: &ViewConfig,
     dims: SpatialDims,
     flag: &str,
+    labelled: bool,
 ) -> Result<Prepared> {
     let volume = dataset
         .load(index)
         .with_context(|| format!("{flag}: cannot read {}", dataset.describe(index)))?;
-    let Some(label) = volume.label else {
-        bail!(
+    let label = match volume.label {
+        Some(label) => label,
+        None if !labelled => -1,
+        None => bail!(
             "{flag}: {} has no class label; `medssl eval` needs a labelled set (e.g. a MedMNIST .npz with its `<split>_labels`)",
             dataset.describe(index)
-        );
+        ),
     };
     ensure!(
-        label >= 0,
+        label >= 0 || !labelled,
         "{flag}: {} has label {label}; expected a class id >= 0",
         dataset.describe(index)
     );
@@ -163,20 +190,35 @@ pub(super) fn embed(backbone: &Backbone, x: &Tensor, valid: Option<&Tensor>, pre
     Ok(features.to_kind(Kind::Float))
 }
 
+/// The pooled encoder embedding of each real slice of `x` (`[B, 1, T, S, S]`, `valid`
+/// `[B, T]`), as the slice sequence an aggregator reads holds them: `[real slices, E]`.
+fn embed_each_slice(backbone: &Backbone, x: &Tensor, valid: &Tensor, precision: Precision) -> Result<Tensor> {
+    let region = precision.autocast(x.device())?;
+    let pooled = tch::no_grad(|| backbone.embed_slices(x, false).0.pooled);
+    drop(region);
+    let (b, t) = (x.size()[0], x.size()[2]);
+    let pooled = pooled.view([b * t, -1]).to_kind(Kind::Float);
+    Ok(pooled.index_select(0, &valid.view([b * t]).nonzero().view([-1])))
+}
+
 /// Encodes every sample of `dataset` under each backbone, `batch_size` at a time; samples
 /// are read and resized on `workers` threads.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn encode(
     dataset: &dyn Dataset,
     flag: &str,
     backbones: &[&Backbone],
-    raw: bool,
-    views: &ViewConfig,
-    batch_size: usize,
-    workers: usize,
-    device: Device,
-    precision: Precision,
+    settings: &Encoding,
 ) -> Result<Encoded> {
+    let Encoding {
+        views,
+        batch_size,
+        workers,
+        device,
+        precision,
+        raw,
+        labelled,
+        per_slice,
+    } = *settings;
     let first = dataset
         .load(0)
         .with_context(|| format!("{flag}: cannot read {}", dataset.describe(0)))?;
@@ -194,7 +236,12 @@ pub(super) fn encode(
     let n = dataset.len();
     let mut features: Vec<Vec<Tensor>> = backbones.iter().map(|_| Vec::new()).collect();
     let mut raw_parts = Vec::new();
+    ensure!(
+        !(per_slice && dims == SpatialDims::Three),
+        "{flag}: slice-level embeddings are a 2D encoder's, but the run's encoder is 3D (its embedding is of the whole volume): use --level volume"
+    );
     let mut labels = Vec::with_capacity(n);
+    let mut rows = Vec::with_capacity(n);
     for start in (0..n).step_by(batch_size.max(1)) {
         let indices: Vec<usize> = (start..(start + batch_size.max(1)).min(n)).collect();
         let threads = workers.clamp(1, indices.len());
@@ -208,7 +255,7 @@ pub(super) fn encode(
                             .iter()
                             .enumerate()
                             .filter(|(i, _)| i % threads == w)
-                            .map(|(i, &index)| (i, prepare(dataset, index, input, views, dims, flag)))
+                            .map(|(i, &index)| (i, prepare(dataset, index, input, views, dims, flag, labelled)))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -239,7 +286,25 @@ pub(super) fn encode(
             ),
         };
         for (backbone, out) in backbones.iter().zip(&mut features) {
-            out.push(embed(backbone, &x, valid.as_ref(), precision)?.to_device(Device::Cpu));
+            let encoded = match &valid {
+                Some(valid) if per_slice => embed_each_slice(backbone, &x, valid, precision)?,
+                valid => embed(backbone, &x, valid.as_ref(), precision)?,
+            };
+            out.push(encoded.to_device(Device::Cpu));
+        }
+        for (p, &index) in prepared.iter().zip(&indices) {
+            match (&p.valid, per_slice) {
+                (Some(valid), true) => {
+                    let real = Vec::<bool>::try_from(valid.to_device(Device::Cpu).to_kind(Kind::Bool))?;
+                    rows.extend(
+                        real.iter()
+                            .enumerate()
+                            .filter(|(_, r)| **r)
+                            .map(|(t, _)| (index, Some(t))),
+                    );
+                }
+                _ => rows.push((index, None)),
+            }
         }
         if raw {
             raw_parts.push(x.flatten(1, -1).to_device(Device::Cpu));
@@ -251,5 +316,6 @@ pub(super) fn encode(
         raw: raw.then(|| Tensor::cat(&raw_parts, 0)),
         labels,
         input,
+        rows,
     })
 }

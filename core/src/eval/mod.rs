@@ -27,17 +27,18 @@
 //! The folder splits the job: `features.rs` encodes the sets, `protocol.rs` deals the
 //! labels into fits and scores them, `report.rs` is the report table.
 
+mod embed;
 mod features;
 mod protocol;
 mod report;
 
+pub use embed::{embed, EmbedOptions, Embeddings, Level};
 pub use protocol::{FoldScores, Row, SeedScores};
 pub use report::{Report, SetInfo, Setup};
 
 use crate::assemble::Backbone;
 use crate::checkpoint;
 use crate::config::LoadedConfig;
-use crate::dataset::Dataset;
 use crate::metrics::mean;
 use crate::precision::Precision;
 use crate::probe::metrics::Scores;
@@ -45,7 +46,7 @@ use crate::probe::{split, Probe};
 use crate::rng::{self, domain};
 use crate::run_dir;
 use anyhow::{ensure, Context, Result};
-use features::{encode, open_set, Input};
+use features::{encode, open_set, Encoding, Input};
 use protocol::probe_fits;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -102,6 +103,115 @@ fn class_counts(labels: &[i64], classes: i64) -> Vec<usize> {
     counts
 }
 
+/// The pre-trained backbone's features of `options.train` and `options.eval` (`[N, E]`
+/// each): exactly what [`evaluate`] fits and scores its probes on.
+pub fn features(options: &EvalOptions) -> Result<(Tensor, Tensor)> {
+    let mut sets = encode_sets(options)?;
+    Ok((sets.train.features.swap_remove(0), sets.eval.features.swap_remove(0)))
+}
+
+/// Both sets of an evaluation encoded by the pre-trained and the random-init backbone (in
+/// that order), and what the report says about them.
+struct EncodedSets {
+    cfg: LoadedConfig,
+    views: crate::views::ViewConfig,
+    device: tch::Device,
+    located: run_dir::RunCheckpoint,
+    pretrained: Backbone,
+    train: features::Encoded,
+    eval: features::Encoded,
+    train_info: SetInfo,
+    eval_info: SetInfo,
+}
+
+/// The run's config and checkpoint loaded as `options` names them, on the device it asks
+/// for, and the sets' readers: shared by [`evaluate`] and [`embed`].
+pub(crate) fn load_run(
+    checkpoint: &std::path::Path,
+    config: Option<&std::path::Path>,
+    device: &str,
+    precision: Precision,
+    mean_pool: bool,
+) -> Result<(LoadedConfig, run_dir::RunCheckpoint, tch::Device)> {
+    let located = run_dir::locate(checkpoint, config)?;
+    let mut cfg = LoadedConfig::load_resolved(&located.config)
+        .with_context(|| format!("the run's config `{}`", located.config.display()))?;
+    if mean_pool {
+        cfg.run.aggregator = None;
+    }
+    let device = crate::device::resolve(device).context("--device")?;
+    precision.check_device(device, "--precision")?;
+    ensure!(
+        precision != Precision::Fp64,
+        "--precision fp64 is for pre-training's numerical checks: evaluate in fp32, bf16 or fp16"
+    );
+    if cfg.run.options.threads > 0 {
+        tch::set_num_threads(cfg.run.options.threads);
+    }
+    Ok((cfg, located, device))
+}
+
+/// The run's trained backbone: built from `cfg` and loaded from `located` (without the
+/// aggregator's tensors under `mean_pool`).
+pub(crate) fn pretrained_backbone(
+    cfg: &LoadedConfig,
+    located: &run_dir::RunCheckpoint,
+    device: tch::Device,
+    mean_pool: bool,
+) -> Result<Backbone> {
+    let pretrained = Backbone::build(cfg, device).context("building the run's backbone from its config")?;
+    let mut tensors = checkpoint::read_safetensors(&located.tensors)?;
+    if mean_pool {
+        tensors.retain(|(name, _)| !name.starts_with("model.aggregator."));
+    }
+    pretrained.load(&tensors, &located.tensors)?;
+    Ok(pretrained)
+}
+
+fn encode_sets(options: &EvalOptions) -> Result<EncodedSets> {
+    let (cfg, located, device) = load_run(
+        &options.checkpoint,
+        options.config.as_deref(),
+        &options.device,
+        options.precision,
+        options.mean_pool,
+    )?;
+    let views = cfg.run.data.views.resolved()?;
+    let (train_set, train_info) = open_set(&options.train, options.format.as_deref(), "train", "train")?;
+    let (eval_set, eval_info) = open_set(&options.eval, options.format.as_deref(), "eval", "val")?;
+
+    // The random-init backbone is the run's own initialisation: the same seed, drawn in
+    // the same order, as `Run::prepare` builds the model with.
+    tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
+    let random = Backbone::build(&cfg, device).context("building the run's backbone from its config")?;
+    let pretrained = pretrained_backbone(&cfg, &located, device, options.mean_pool)?;
+
+    let settings = Encoding {
+        views: &views,
+        batch_size: options.batch_size,
+        workers: cfg.run.data.loader.workers.max(1),
+        device,
+        precision: options.precision,
+        raw: options.raw_pixels,
+        labelled: true,
+        per_slice: false,
+    };
+    let backbones = [&pretrained, &random];
+    let train = encode(train_set.as_ref(), "--train", &backbones, &settings)?;
+    let eval = encode(eval_set.as_ref(), "--eval", &backbones, &settings)?;
+    Ok(EncodedSets {
+        cfg,
+        views,
+        device,
+        located,
+        pretrained,
+        train,
+        eval,
+        train_info,
+        eval_info,
+    })
+}
+
 /// Runs the evaluation `options` describes.
 pub fn evaluate(options: &EvalOptions) -> Result<Report> {
     let started = Instant::now();
@@ -109,55 +219,17 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report> {
     ensure!(options.seeds >= 1, "--seeds {}: expected at least 1", options.seeds);
     ensure!(options.batch_size >= 1, "--batch-size must be at least 1");
     options.probe.check()?;
-    let located = run_dir::locate(&options.checkpoint, options.config.as_deref())?;
-    let mut cfg = LoadedConfig::load_resolved(&located.config)
-        .with_context(|| format!("the run's config `{}`", located.config.display()))?;
-    if options.mean_pool {
-        cfg.run.aggregator = None;
-    }
-    let views = cfg.run.data.views.resolved()?;
-    let device = crate::device::resolve(&options.device).context("--device")?;
-    options.precision.check_device(device, "--precision")?;
-    ensure!(
-        options.precision != Precision::Fp64,
-        "--precision fp64 is for pre-training's numerical checks: evaluate in fp32, bf16 or fp16"
-    );
-    if cfg.run.options.threads > 0 {
-        tch::set_num_threads(cfg.run.options.threads);
-    }
-
-    let (train_set, mut train_info) = open_set(&options.train, options.format.as_deref(), "train", "train")?;
-    let (eval_set, mut eval_info) = open_set(&options.eval, options.format.as_deref(), "eval", "val")?;
-
-    // The random-init backbone is the run's own initialisation: the same seed, drawn in
-    // the same order, as `Run::prepare` builds the model with.
-    tch::manual_seed(rng::derive(cfg.run.seed, &[domain::INIT]) as i64);
-    let random = Backbone::build(&cfg, device).context("building the run's backbone from its config")?;
-    let pretrained = Backbone::build(&cfg, device)?;
-    let mut tensors = checkpoint::read_safetensors(&located.tensors)?;
-    if options.mean_pool {
-        tensors.retain(|(name, _)| !name.starts_with("model.aggregator."));
-    }
-    pretrained.load(&tensors, &located.tensors)?;
-    drop(tensors);
-
-    let workers = cfg.run.data.loader.workers.max(1);
-    let backbones = [&pretrained, &random];
-    let encode_set = |set: &dyn Dataset, flag: &str| {
-        encode(
-            set,
-            flag,
-            &backbones,
-            options.raw_pixels,
-            &views,
-            options.batch_size,
-            workers,
-            device,
-            options.precision,
-        )
-    };
-    let train = encode_set(train_set.as_ref(), "--train")?;
-    let eval = encode_set(eval_set.as_ref(), "--eval")?;
+    let EncodedSets {
+        cfg,
+        views,
+        device,
+        located,
+        pretrained,
+        train,
+        eval,
+        mut train_info,
+        mut eval_info,
+    } = encode_sets(options)?;
     ensure!(
         train.input == eval.input,
         "the training set holds {} and the evaluation set {}: evaluate like with like",

@@ -110,6 +110,9 @@ pub struct TrainConfig {
     pub backbone_lr_scale: f64,
     /// Evaluate every this many epochs (and always after the last): the learning curves.
     pub eval_every: usize,
+    /// Also write the learning curves as TensorBoard event files (`OUT/tensorboard/`), each
+    /// trial's per-epoch metrics tagged `<init>/run<N>/<metric>`.
+    pub tensorboard: bool,
 }
 
 impl Default for TrainConfig {
@@ -119,6 +122,7 @@ impl Default for TrainConfig {
             batch_size: 16,
             backbone_lr_scale: 1.0,
             eval_every: 1,
+            tensorboard: false,
         }
     }
 }

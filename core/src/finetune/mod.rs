@@ -508,6 +508,11 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
         let log = MetricsLog::open(&out.join(METRICS_FILE), None)?;
         (lock, Progress::new(resolved), Vec::new(), log)
     };
+    if protocol.cfg.train.tensorboard {
+        let dir = out.join(crate::tensorboard::TENSORBOARD_DIR);
+        let layout = crate::tensorboard::RecordLayout::Trials;
+        log = log.with_tensorboard(crate::tensorboard::EventWriter::create(&dir, layout, None)?);
+    }
     std::fs::create_dir_all(out.join(WEIGHTS_DIR))
         .with_context(|| format!("cannot create `{}`", out.join(WEIGHTS_DIR).display()))?;
 

@@ -14,6 +14,7 @@ use crate::optim::{self, Optimizer};
 use crate::precision::Precision;
 use crate::rng::{self, domain};
 use crate::run_dir::{self, CHECKPOINT_DIR, METRICS_FILE};
+use crate::tensorboard::{view_images, EventWriter, RecordLayout, TENSORBOARD_DIR};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map};
 use std::collections::BTreeMap;
@@ -229,6 +230,14 @@ impl Run {
             )?),
             false => None,
         };
+        if let Some(metrics) = log.take_if(|_| self.cfg.run.options.tensorboard) {
+            let writer = EventWriter::create(
+                &run_dir.join(TENSORBOARD_DIR),
+                RecordLayout::Steps,
+                resume.then_some(position.global_step as i64 + 1),
+            )?;
+            log = Some(metrics.with_tensorboard(writer));
+        }
         let run_steps = (self.stage_steps().iter().sum::<usize>() as i64 + position.global_step_offset).max(0) as usize;
         let bar = progress_bar(run_steps, position.global_step);
 
@@ -477,6 +486,9 @@ impl Run {
                 };
                 if step.is_multiple_of(steps_per_epoch) {
                     self.start_epoch(stage_index, &progress)?;
+                    if let Some(writer) = log.as_deref_mut().and_then(MetricsLog::tensorboard) {
+                        writer.images(position.global_step as i64 + 1, &view_images(&batch))?;
+                    }
                 }
                 tch::manual_seed(
                     rng::derive(self.cfg.run.seed, &[domain::STEP, stage_index as u64, step as u64]) as i64,

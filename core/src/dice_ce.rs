@@ -74,6 +74,20 @@ impl DiceCeConfig {
     }
 }
 
+/// A 3D segmentation head's training loss: [`dice_ce_loss`] of `logits` `[N, K, D, H, W]`
+/// against class ids `[N, D, H, W]`, after checking that their shapes agree (an error naming
+/// `head` otherwise).
+pub fn segmentation_loss(head: &str, logits: &Tensor, targets: &Tensor, cfg: &DiceCeConfig) -> Result<Tensor> {
+    let size = logits.size();
+    let expected = [&size[..1], &size[2..]].concat();
+    ensure!(
+        targets.size() == expected,
+        "head `{head}`: targets of shape {:?} for logits {size:?}; expected [N, D, H, W] = {expected:?} class ids",
+        targets.size()
+    );
+    Ok(dice_ce_loss(logits, targets, cfg))
+}
+
 /// The loss of `logits` `[N, K, ...]` against int64 class ids `targets` `[N, ...]` in `0..K`,
 /// as the module documentation defines it: a scalar, in fp32 (f64 logits stay f64).
 pub fn dice_ce_loss(logits: &Tensor, targets: &Tensor, cfg: &DiceCeConfig) -> Tensor {

@@ -34,7 +34,7 @@
 //! Loss: MONAI's `DiceCELoss(to_onehot_y=True, softmax=True)` with its defaults, as the
 //! UNETR tutorials train ([`medssl_core::dice_ce`], options under `[head.loss]`).
 
-use medssl_core::dice_ce::{dice_ce_loss, DiceCeConfig};
+use medssl_core::dice_ce::{segmentation_loss, DiceCeConfig};
 use medssl_core::encoder::SpatialDims;
 use medssl_core::prelude::*;
 use medssl_core::unetr_blocks::{transposed_conv, NormName, UnetBlock, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock};
@@ -230,15 +230,7 @@ impl Head for Unetr {
 
     fn loss(&self, input: &HeadInput, targets: &Targets, _seed: u64) -> Result<Tensor> {
         let targets = targets.classes(NAME)?;
-        let logits = self.logits(input)?;
-        let size = logits.size();
-        let expected = [&size[..1], &size[2..]].concat();
-        ensure!(
-            targets.size() == expected,
-            "head `{NAME}`: targets of shape {:?} for logits {size:?}; expected [N, D, H, W] = {expected:?} class ids",
-            targets.size()
-        );
-        Ok(dice_ce_loss(&logits, targets, &self.loss))
+        segmentation_loss(NAME, &self.logits(input)?, targets, &self.loss)
     }
 
     fn predict(&self, input: &HeadInput) -> Result<Prediction> {

@@ -168,9 +168,9 @@ fn a_channels_last_encoder_resumes_exactly_after_a_crash() {
     // libtorch 2.13's oneDNN writes out of bounds in its AVX2 1x1-convolution backward over
     // NHWC tensors (`jit_avx2_1x1_convolution_bwd_weights_t`, found by valgrind on an AVX2-only
     // AMD EPYC; PyTorch itself corrupts its heap with a 1x1 Conv2d in channels_last there), so
-    // on a CPU without AVX-512 channels_last training is not safe to run at all.
-    #[cfg(target_arch = "x86_64")]
-    if !std::arch::is_x86_feature_detected!("avx512f") {
+    // on a CPU without AVX-512 channels_last training is not safe to run at all, and medssl
+    // refuses the config there (`MemoryFormat::check_device`).
+    if !medssl_core::memory_format::cpu_runs_channels_last_safely() {
         eprintln!("skipped: this CPU has no AVX-512, where libtorch's oneDNN channels_last backward corrupts memory");
         return;
     }

@@ -29,9 +29,10 @@
 //! those of `x.contiguous(memory_format=torch.channels_last)` (`get_channels_last_strides_2d`
 //! in c10).
 
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// The config value `memory_format`: `"contiguous"` (the default) or `"channels_last"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +107,42 @@ impl MemoryFormat {
     }
 }
 
+/// Whether libtorch's CPU kernels run channels_last training correctly on this CPU. On x86
+/// CPUs without AVX-512, libtorch 2.13's oneDNN picks `jit_avx2_1x1_convolution_bwd_weights_t`
+/// for the weight gradient of a 1x1 convolution over NHWC tensors, and that kernel writes past
+/// its buffer (valgrind shows the invalid writes; PyTorch 2.13 itself corrupts its heap with
+/// one `Conv2d(kernel_size=1)` in channels_last there): docs/precision.md, "Caveats". CPUs
+/// with AVX-512 take the AVX-512 kernel, which does not; other architectures use other
+/// kernels.
+pub fn cpu_runs_channels_last_safely() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
+impl MemoryFormat {
+    /// Refuses a format this machine cannot run on `device` (channels_last on a CPU without
+    /// AVX-512, see [`cpu_runs_channels_last_safely`]); `key` is the config key that chose
+    /// it, for the message. Modules call it when they are built, so the run stops before any
+    /// step and no checkpoint is touched.
+    pub fn check_device(self, device: Device, key: &str) -> Result<()> {
+        if self == MemoryFormat::ChannelsLast && device == Device::Cpu && !cpu_runs_channels_last_safely() {
+            bail!(
+                "config key `{key}` = \"channels_last\" is refused on this CPU: it has no AVX-512, and there \
+                 libtorch 2.13's oneDNN backward of 1x1 convolutions over channels_last tensors writes out of \
+                 bounds and corrupts memory (docs/precision.md, Caveats); use \"contiguous\" here, or channels_last \
+                 on CUDA or an AVX-512 CPU"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The config's names, for command-line flags (`medssl bench swav-step --memory-format`).
 impl FromStr for MemoryFormat {
     type Err = String;
@@ -121,7 +158,26 @@ impl FromStr for MemoryFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn, Device, Kind};
+    use tch::{nn, Kind};
+
+    #[test]
+    fn channels_last_on_the_cpu_is_refused_exactly_where_it_is_unsafe() {
+        assert!(MemoryFormat::Contiguous
+            .check_device(Device::Cpu, "encoder.memory_format")
+            .is_ok());
+        assert!(MemoryFormat::ChannelsLast
+            .check_device(Device::Cuda(0), "encoder.memory_format")
+            .is_ok());
+        let on_cpu = MemoryFormat::ChannelsLast.check_device(Device::Cpu, "head.memory_format");
+        assert_eq!(on_cpu.is_ok(), cpu_runs_channels_last_safely());
+        if let Err(e) = on_cpu {
+            let message = e.to_string();
+            assert!(
+                message.contains("`head.memory_format`") && message.contains("AVX-512"),
+                "{message}"
+            );
+        }
+    }
 
     #[test]
     fn channels_last_has_nhwc_strides_and_the_same_values() {

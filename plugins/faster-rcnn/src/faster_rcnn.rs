@@ -261,6 +261,8 @@ fn build(section: &Section, p: nn::Path, shape: &HeadShape) -> Result<Box<dyn He
         shape.spatial_dims
     );
     let cfg: FasterRcnnConfig = section.parse()?;
+    cfg.memory_format
+        .check_device(p.device(), &format!("{}.memory_format", section.key))?;
     Ok(Box::new(FasterRcnn::new(&cfg, p, &shape.levels, shape.num_classes)?))
 }
 

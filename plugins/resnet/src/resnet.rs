@@ -265,6 +265,8 @@ impl Encoder for ResNet {
 
 fn build(section: &Section, p: nn::Path, kind: Block, depths: [usize; 4]) -> Result<Box<dyn Encoder>> {
     let cfg: ResNetConfig = section.parse()?;
+    cfg.memory_format
+        .check_device(p.device(), &format!("{}.memory_format", section.key))?;
     Ok(Box::new(ResNet::new(p, cfg, kind, depths)?))
 }
 

@@ -272,6 +272,8 @@ fn build(section: &Section, p: nn::Path, shape: &HeadShape) -> Result<Box<dyn He
         shape.spatial_dims
     );
     let cfg: UNetConfig = section.parse()?;
+    cfg.memory_format
+        .check_device(p.device(), &format!("{}.memory_format", section.key))?;
     Ok(Box::new(UNet::new(&p, &cfg, shape, &section.key)?))
 }
 

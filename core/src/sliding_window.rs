@@ -262,15 +262,21 @@ where
                 sides.join(", ")
             );
         }
-        let prediction = prediction.to_device(device).to_kind(Kind::Float);
+        let mut prediction = prediction.to_device(device).to_kind(Kind::Float);
         let out = output.get_or_insert_with(|| {
             let mut out_shape = vec![batch, got[1]];
             out_shape.extend_from_slice(&padded);
             Tensor::zeros(out_shape.as_slice(), (Kind::Float, device))
         });
+        // Weighted in place, once a call: a product per window would be a fresh tensor of
+        // the window's size each time (the model's output is this function's to change). The
+        // constant map is all ones, so its product is skipped, which changes no bit.
+        if cfg.blend != Blend::Constant {
+            prediction *= &weight;
+        }
         for (j, i) in (first..last).enumerate() {
             let mut region = window_of(out, i / windows, &starts[(i % windows) as usize]);
-            region += prediction.narrow(0, j as i64, 1) * &weight;
+            region += prediction.narrow(0, j as i64, 1);
         }
         first = last;
     }

@@ -28,14 +28,26 @@ impl UnetBlock {
     }
 
     /// `[N, c_in, D, H, W]` to `[N, c_out, D, H, W]`.
+    ///
+    /// The activations and the shortcut's sum are in place, as MONAI's (`LeakyReLU(inplace=
+    /// True)`, `out += residual`): at full resolution each is a tensor of hundreds of MB (16
+    /// channels of 4 windows of 96^3: 226 MB), and a fresh one per op costs more in page
+    /// faults than the op itself. Autograd allows it: instance norm's backward reads its
+    /// input, LeakyReLU's reads its output. `y` is reassigned, not shadowed, so the first
+    /// activation is freed once the second convolution has read it, as Python's rebinding of
+    /// `out` frees it (a shadowed binding would live to the end and hold one more tensor at
+    /// the peak).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = instance_norm(&x.apply(&self.conv1)).leaky_relu();
-        let y = instance_norm(&y.apply(&self.conv2));
+        let mut y = instance_norm(&x.apply(&self.conv1));
+        let _ = y.leaky_relu_();
+        y = instance_norm(&y.apply(&self.conv2));
         match &self.shortcut {
-            None => y.leaky_relu(),
-            Some(None) => (y + x).leaky_relu(),
-            Some(Some(projection)) => (y + instance_norm(&x.apply(projection))).leaky_relu(),
+            None => {}
+            Some(None) => y += x,
+            Some(Some(projection)) => y += instance_norm(&x.apply(projection)),
         }
+        let _ = y.leaky_relu_();
+        y
     }
 }
 

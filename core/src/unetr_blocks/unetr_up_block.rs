@@ -25,8 +25,10 @@ impl UnetrUpBlock {
 
     /// `x` `[N, c_in, D, H, W]` and `skip` `[N, c_out, 2D, 2H, 2W]` to `[N, c_out, 2D, 2H, 2W]`.
     pub fn forward(&self, x: &Tensor, skip: &Tensor) -> Tensor {
-        self.conv_block
-            .forward(&Tensor::cat(&[x.apply(&self.transp_conv), skip.shallow_clone()], 1))
+        // Its own statement, so that the upsampled tensor (a temporary) is freed once it is
+        // concatenated, not after the convolution block too.
+        let joined = Tensor::cat(&[x.apply(&self.transp_conv), skip.shallow_clone()], 1);
+        self.conv_block.forward(&joined)
     }
 }
 

@@ -34,6 +34,7 @@ pub mod paths;
 pub mod precision;
 pub mod probe;
 pub mod projection_head;
+pub mod reference_weights;
 pub mod registry;
 pub mod resize;
 pub mod rng;

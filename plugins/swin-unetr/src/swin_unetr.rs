@@ -255,6 +255,7 @@ register!(HEADS, SWIN_UNETR: HeadEntry = HeadEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::reference_weights::fill_from_names;
     use medssl_core::registry;
 
     const HEAD_KEY: &str = "head";
@@ -428,23 +429,7 @@ mod tests {
         assert_eq!(names, expected);
     }
 
-    /// Every head variable set to `0.1 sin(0.7 j + 0.3 phase)` over its flat index `j`,
-    /// `phase` the byte sum of its name without `head.` modulo 97: the weights the reference
-    /// script gave MONAI's SwinUNETR (its names).
-    fn fill_deterministically(vs: &nn::VarStore) {
-        tch::no_grad(|| {
-            for (name, var) in vs.variables() {
-                let local = name.strip_prefix("head.").unwrap_or(&name);
-                let phase = local.bytes().map(u64::from).sum::<u64>() % 97;
-                let j = Tensor::arange(var.numel() as i64, (Kind::Double, Device::Cpu));
-                let value = (j * 0.7 + 0.3 * phase as f64).sin() * 0.1;
-                var.shallow_clone()
-                    .copy_(&value.reshape(var.size()).to_kind(var.kind()));
-            }
-        });
-    }
-
-    /// With the weights of [`fill_deterministically`], level `i` (`[1, 12·2^i, 64 / 2^(i+1),
+    /// With every head weight set by [`fill_from_names`] (the name without `head.`), level `i` (`[1, 12·2^i, 64 / 2^(i+1),
     /// ...]`) set to `1.5 sin(0.013 j + 0.5 i)` and the 64³ crop to `2 sin(0.01 j)` over their
     /// flat indices, this head gives the logits of MONAI 1.6.1's `SwinUNETR(in_channels=1,
     /// out_channels=3, feature_size=12)` in eval mode with its `swinViT` replaced by those
@@ -456,7 +441,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let shape = swin_shape(f, 3);
         let head = SwinUnetr::new(&(vs.root() / "head"), &SwinUnetrConfig::default(), &shape, HEAD_KEY).unwrap();
-        fill_deterministically(&vs);
+        fill_from_names(&vs, &["head."]);
         let wave = |numel: i64, rate: f64, phase: f64, amplitude: f64| {
             let j = Tensor::arange(numel, (Kind::Double, Device::Cpu));
             ((j * rate + phase).sin() * amplitude).to_kind(Kind::Float)

@@ -647,6 +647,7 @@ register!(ENCODERS, SWIN3D: EncoderEntry = EncoderEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::reference_weights::{fill_from_names, smooth_input};
     use medssl_core::registry;
 
     fn build_swin(vs: &nn::VarStore, body: &str, in_channels: i64) -> Result<Box<dyn Encoder>> {
@@ -868,34 +869,6 @@ mod tests {
         assert!(diff < 1e-12, "{diff}");
     }
 
-    /// `0.1 sin(0.7 j + 0.3 phase)` over each float variable's flat index `j`, `phase` the
-    /// byte sum of its name modulo 97, plus 1 for a norm's weight: the weights the reference
-    /// script gave MONAI's model (index buffers keep their values).
-    fn fill_deterministically(vs: &nn::VarStore) {
-        tch::no_grad(|| {
-            for (name, var) in vs.variables() {
-                if !var.is_floating_point() {
-                    continue;
-                }
-                let phase = name.bytes().map(u64::from).sum::<u64>() % 97;
-                let j = Tensor::arange(var.numel() as i64, (Kind::Double, Device::Cpu));
-                let mut value = (j * 0.7 + 0.3 * phase as f64).sin() * 0.1;
-                let parts: Vec<&str> = name.split('.').collect();
-                if parts.len() >= 2 && parts[parts.len() - 2].contains("norm") && name.ends_with(".weight") {
-                    value += 1.0;
-                }
-                var.shallow_clone()
-                    .copy_(&value.reshape(var.size()).to_kind(var.kind()));
-            }
-        });
-    }
-
-    /// `2 sin(0.01 j)` over the flat index, in `shape`, float64.
-    fn smooth_input(shape: &[i64]) -> Tensor {
-        let j = Tensor::arange(shape.iter().product::<i64>(), (Kind::Double, Device::Cpu));
-        ((j * 0.01).sin() * 2.0).reshape(shape)
-    }
-
     /// One level against MONAI's: shape, `Σ x_j cos(0.37 j)`, `Σ x_j²` and four elements.
     type Reference = (&'static [i64], f64, f64, [(i64, f64); 4]);
 
@@ -1065,8 +1038,8 @@ mod tests {
             let mut vs = nn::VarStore::new(Device::Cpu);
             let swin = build_swin(&vs, body, in_channels).unwrap();
             vs.double();
-            fill_deterministically(&vs);
-            let out = swin.forward(&smooth_input(shape), false);
+            fill_from_names(&vs, &[]);
+            let out = swin.forward(&smooth_input(shape, Kind::Double), false);
             assert_eq!(out.levels.len(), 5);
             for (i, (level, expected)) in out.levels.iter().zip(reference).enumerate() {
                 assert_eq!(level.kind(), Kind::Double);

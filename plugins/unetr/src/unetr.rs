@@ -254,6 +254,7 @@ register!(HEADS, UNETR: HeadEntry = HeadEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::reference_weights::{fill_from_names, smooth_input};
     use medssl_core::registry;
     use medssl_vit3d as _;
     use tch::nn::OptimizerConfig;
@@ -411,29 +412,6 @@ mod tests {
         assert_eq!(names, expected);
     }
 
-    /// Every variable set to `0.1 sin(0.7 j + 0.3 phase)` over its flat index `j`, `phase` the
-    /// byte sum of its name (without `encoder.`/`head.`) modulo 97, plus 1 for a norm's
-    /// weight: the weights the reference script gave MONAI's UNETR (its names without `vit.`).
-    fn fill_deterministically(vs: &nn::VarStore) {
-        tch::no_grad(|| {
-            for (name, var) in vs.variables() {
-                let local = name
-                    .strip_prefix("encoder.")
-                    .or_else(|| name.strip_prefix("head."))
-                    .unwrap_or(&name);
-                let phase = local.bytes().map(u64::from).sum::<u64>() % 97;
-                let j = Tensor::arange(var.numel() as i64, (Kind::Double, Device::Cpu));
-                let mut value = (j * 0.7 + 0.3 * phase as f64).sin() * 0.1;
-                let parts: Vec<&str> = local.split('.').collect();
-                if parts.len() >= 2 && parts[parts.len() - 2].contains("norm") && local.ends_with(".weight") {
-                    value += 1.0;
-                }
-                var.shallow_clone()
-                    .copy_(&value.reshape(var.size()).to_kind(var.kind()));
-            }
-        });
-    }
-
     /// The `vit3d` encoder (12 blocks, levels [3, 6, 9]) and this head with the same weights
     /// and input as a reference run of MONAI 1.6.1 (torch 2.13.0, CPU) of `UNETR(in_channels=1,
     /// out_channels=3, img_size=32, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2)`
@@ -453,11 +431,8 @@ mod tests {
             HEAD_KEY,
         )
         .unwrap();
-        fill_deterministically(&vs);
-        let j = Tensor::arange(32 * 32 * 32, (Kind::Double, Device::Cpu));
-        let images = ((j * 0.01).sin() * 2.0)
-            .reshape([1, 1, 32, 32, 32])
-            .to_kind(Kind::Float);
+        fill_from_names(&vs, &["encoder.", "head."]);
+        let images = smooth_input(&[1, 1, 32, 32, 32], Kind::Float);
         let features = encoder.forward(&images, false);
         let logits = head.logits(&input(&features, &images)).unwrap();
         assert_eq!(logits.size(), [1, 3, 32, 32, 32]);

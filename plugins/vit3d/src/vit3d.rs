@@ -391,6 +391,7 @@ register!(ENCODERS, VIT3D: EncoderEntry = EncoderEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medssl_core::reference_weights::{fill_from_names, smooth_input};
     use medssl_core::registry;
 
     /// A ViT small enough for a CPU test: 32³ crops, 8 patches, 4 blocks of width 24.
@@ -567,32 +568,6 @@ mod tests {
         level.flatten(2, -1).transpose(1, 2)
     }
 
-    /// Sets every variable to `0.1 sin(0.7 j + 0.3 phase)` over its flat index `j`, with
-    /// `phase` the byte sum of its name modulo 97 (plus 1 for a norm's weight): the same
-    /// weights the reference script gave MONAI's model, whatever the order of the variables.
-    fn fill_deterministically(vs: &nn::VarStore, prefix: &str) {
-        tch::no_grad(|| {
-            for (name, var) in vs.variables() {
-                let local = name.strip_prefix(prefix).unwrap_or(&name);
-                let phase = local.bytes().map(u64::from).sum::<u64>() % 97;
-                let j = Tensor::arange(var.numel() as i64, (Kind::Double, Device::Cpu));
-                let mut value = (j * 0.7 + 0.3 * phase as f64).sin() * 0.1;
-                let parts: Vec<&str> = local.split('.').collect();
-                if parts.len() >= 2 && parts[parts.len() - 2].contains("norm") && local.ends_with(".weight") {
-                    value += 1.0;
-                }
-                var.shallow_clone()
-                    .copy_(&value.reshape(var.size()).to_kind(var.kind()));
-            }
-        });
-    }
-
-    /// `2 sin(0.01 j)` over the flat index, in `shape`.
-    fn smooth_input(shape: &[i64]) -> Tensor {
-        let j = Tensor::arange(shape.iter().product::<i64>(), (Kind::Double, Device::Cpu));
-        ((j * 0.01).sin() * 2.0).reshape(shape).to_kind(Kind::Float)
-    }
-
     /// Sum, sum of squares and four elements of `t` against MONAI's.
     fn assert_matches(what: &str, t: &Tensor, sum: f64, squares: f64, at: &[(i64, f64)]) {
         let flat = t.to_kind(Kind::Double).flatten(0, -1);
@@ -623,8 +598,8 @@ mod tests {
     fn forward_pass_equals_monais() {
         let vs = nn::VarStore::new(Device::Cpu);
         let vit = build_vit(&vs, &SMALL.replace("[0, 1, 2]", "[0, 2]"), 1).unwrap();
-        fill_deterministically(&vs, "");
-        let out = vit.forward(&smooth_input(&[2, 1, 32, 32, 32]), false);
+        fill_from_names(&vs, &[]);
+        let out = vit.forward(&smooth_input(&[2, 1, 32, 32, 32], Kind::Float), false);
         let at = |values: [f64; 4]| [0, 7, 100, 383].into_iter().zip(values).collect::<Vec<_>>();
         assert_matches(
             "hidden_states_out[0]",

@@ -24,16 +24,14 @@ Prints {"ms_per_step": median over --steps after --warmup, "min_ms", "max_ms",
 """
 
 import argparse
-import json
-import resource
-import statistics
-import time
 
 import torch
 from monai.losses import ContrastiveLoss
 from monai.networks.nets import ViTAutoEnc
 from monai.transforms import OneOf, RandCoarseDropout, RandCoarseShuffle
 from monai.utils import convert_to_tensor
+
+import _timing
 
 
 def corruption():
@@ -54,14 +52,10 @@ def main():
     parser.add_argument("--size", type=int, default=96, help="crop side (and ViTAutoEnc's img_size)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (medssl's: 2 here)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true")
+    _timing.add_common_arguments(parser)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = _timing.setup(args)
     model = ViTAutoEnc(in_channels=1, img_size=args.size, patch_size=16).to(device).train()
     parameters = sum(p.numel() for p in model.parameters())
     recon_loss = torch.nn.L1Loss()
@@ -78,14 +72,7 @@ def main():
     assert type(corrupted) is torch.Tensor
     gt = crops.to(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    for step in range(args.warmup + args.steps):
-        sync()
-        tick = time.perf_counter()
+    def step():
         out, _hidden = model(corrupted)
         o1, o2 = out[:b], out[b:]
         r = recon_loss(o1, gt)
@@ -95,30 +82,14 @@ def main():
         loss.backward()
         optimizer.step()
         value = loss.item()
-        assert value == value, f"loss {value} at step {step}"
-        sync()
-        if step >= args.warmup:
-            times.append((time.perf_counter() - tick) * 1e3)
+        assert value == value, f"loss {value}"
 
-    report = {
-        "bench": "reconstruction-step",
-        "ms_per_step": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        # ru_maxrss is the peak resident set in KiB on Linux (VmHWM, as the Rust side reads).
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "batch": b,
-        "size": s,
-        "parameters": parameters,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"reconstruction step: {report['ms_per_step']:.1f} ms; peak memory {report['peak_rss_mb']:.0f} MiB")
+    times = _timing.time_steps(step, args.warmup, args.steps, device)
+    result = _timing.report(
+        "reconstruction-step", times, device, warmup=args.warmup, batch=b, size=s, parameters=parameters
+    )
+    summary = f"reconstruction step: {result['ms_per_step']:.1f} ms; peak memory {result['peak_rss_mb']:.0f} MiB"
+    _timing.emit(result, args.json, summary)
 
 
 if __name__ == "__main__":

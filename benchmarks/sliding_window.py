@@ -17,14 +17,12 @@ ru_maxrss / 1024, "parameters", ...}.
 """
 
 import argparse
-import json
-import resource
-import statistics
-import time
 
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNETR
+
+import _timing
 
 
 def main():
@@ -34,14 +32,10 @@ def main():
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per model call (medssl's bench: 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the volume (the median is reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (medssl's: 2 here)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true")
+    _timing.add_common_arguments(parser)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = _timing.setup(args)
     w = args.window
     model = UNETR(
         in_channels=1, out_channels=14, img_size=w, feature_size=16, norm_name="instance", res_block=True
@@ -50,43 +44,27 @@ def main():
     parameters = sum(p.numel() for p in model.parameters())
     x = torch.rand(1, 1, args.volume, args.volume, args.volume, device=device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    for _ in range(max(args.repeats, 1)):
-        sync()
-        tick = time.perf_counter()
+    def one_pass():
         with torch.no_grad():
             out = sliding_window_inference(
                 x, (w, w, w), args.sw_batch_size, model, overlap=args.overlap, mode="constant"
             )
             value = out.sum(dtype=torch.float64).item()
         assert value == value, "the prediction has NaNs"
-        sync()
-        times.append((time.perf_counter() - tick) * 1e3)
 
-    report = {
-        "bench": "sliding-window",
-        "ms_per_step": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        # ru_maxrss is the peak resident set in KiB on Linux (VmHWM, as the Rust side reads).
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "steps": len(times),
-        "batch": 1,
-        "size": args.volume,
-        "window": w,
-        "sw_batch_size": args.sw_batch_size,
-        "parameters": parameters,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"sliding window: {report['ms_per_step']:.1f} ms a pass; peak memory {report['peak_rss_mb']:.0f} MiB")
+    times = _timing.time_steps(one_pass, 0, max(args.repeats, 1), device)
+    result = _timing.report(
+        "sliding-window",
+        times,
+        device,
+        batch=1,
+        size=args.volume,
+        window=w,
+        sw_batch_size=args.sw_batch_size,
+        parameters=parameters,
+    )
+    summary = f"sliding window: {result['ms_per_step']:.1f} ms a pass; peak memory {result['peak_rss_mb']:.0f} MiB"
+    _timing.emit(result, args.json, summary)
 
 
 if __name__ == "__main__":

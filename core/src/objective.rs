@@ -128,6 +128,26 @@ pub struct StepInput<'a> {
     pub volume_crops: Option<VolumeCrops<'a>>,
 }
 
+impl<'a> StepInput<'a> {
+    /// A step whose only input is 3D crops with the encoder to run on them, as the
+    /// objectives that cut or corrupt their own crops (reconstruction, VoCo) read it outside
+    /// a run (benchmarks, tests).
+    pub fn volume_crops(
+        ids: &'a Tensor,
+        crops: &'a [Tensor],
+        encode: &'a dyn Fn(&Tensor) -> Result<EncoderOutput>,
+    ) -> StepInput<'a> {
+        StepInput {
+            ids,
+            slice_views: None,
+            global_slice_views: 0,
+            volume_views: None,
+            slice_sequence: None,
+            volume_crops: Some(VolumeCrops { crops, encode }),
+        }
+    }
+}
+
 /// Where the run is.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {

@@ -288,6 +288,32 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One training step of the `voco` objective (its defaults) with `swin3d` (use_v2):
+    /// crops cut from each volume's region, the encoder on all of them, student and EMA
+    /// teacher heads, intra + inter + regulariser, backward, AdamW (amsgrad).
+    VocoStep {
+        /// Volumes a step, one region each.
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        /// Side of a base crop (the region is crop x grid·crop x grid·crop, D x H x W).
+        #[arg(long, default_value_t = 64)]
+        crop: i64,
+        /// Base crops along H and along W of each region.
+        #[arg(long, default_value_t = 3)]
+        grid: i64,
+        /// swin3d's `feature_size`.
+        #[arg(long, default_value_t = 48)]
+        feature_size: i64,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// UNETR (vit3d + unetr, 14 classes) over one volume by sliding windows.
     SlidingWindow {
         /// Side of the (cubic) volume.
@@ -707,6 +733,42 @@ fn execute(command: Command) -> Result<()> {
             } else {
                 println!(
                     "reconstruction step, {batch} crops of {size}^3: {:.1} ms median of {steps} (min {:.1}, max {:.1}); peak memory {:.0} MiB",
+                    report.ms_per_step,
+                    report.min_ms,
+                    report.max_ms,
+                    report.peak_rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::VocoStep {
+                    batch,
+                    crop,
+                    grid,
+                    feature_size,
+                    warmup,
+                    steps,
+                    device,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(steps >= 1, "--steps must be at least 1");
+            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let settings = bench_3d::VocoStepSettings {
+                batch,
+                crop,
+                grid,
+                feature_size,
+            };
+            let report = bench_3d::voco_step(settings, warmup, steps, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let side = grid * crop;
+                println!(
+                    "voco step, {batch} regions of {crop} x {side} x {side} ({grid} x {grid} base crops of {crop}^3), feature size {feature_size}: {:.1} ms median of {steps} (min {:.1}, max {:.1}); peak memory {:.0} MiB",
                     report.ms_per_step,
                     report.min_ms,
                     report.max_ms,

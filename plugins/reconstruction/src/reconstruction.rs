@@ -257,17 +257,7 @@ mod tests {
         let encode = patch_encoder(&scale, 4, 8);
         let crops = vec![Tensor::rand([2, 1, 16, 16, 16], (Kind::Float, Device::Cpu))];
         let ids = Tensor::from_slice(&[3i64, 5]);
-        let input = StepInput {
-            ids: &ids,
-            slice_views: None,
-            global_slice_views: 0,
-            volume_views: None,
-            slice_sequence: None,
-            volume_crops: Some(VolumeCrops {
-                crops: &crops,
-                encode: &encode,
-            }),
-        };
+        let input = StepInput::volume_crops(&ids, &crops, &encode);
         let progress = Progress {
             epoch: 0,
             step: 0,

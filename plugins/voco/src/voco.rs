@@ -738,17 +738,7 @@ mod tests {
             Tensor::rand([2, 1, 4, 8, 8], (Kind::Float, Device::Cpu)),
         ];
         let ids = Tensor::from_slice(&[3i64, 5]);
-        let input = StepInput {
-            ids: &ids,
-            slice_views: None,
-            global_slice_views: 0,
-            volume_views: None,
-            slice_sequence: None,
-            volume_crops: Some(VolumeCrops {
-                crops: &crops,
-                encode: &encode,
-            }),
-        };
+        let input = StepInput::volume_crops(&ids, &crops, &encode);
         let loss = objective.loss(&input, &progress(0)).unwrap();
         let names: Vec<&str> = loss.terms.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["intra", "inter", "reg", "intra_baseline"]);

@@ -184,11 +184,12 @@ impl Backbone {
             .into_iter()
             .filter_map(|(name, t)| name.strip_prefix("encoder.").map(|n| (n.to_string(), t)))
             .collect();
-        if let Some(report) = self.init.apply(&variables)? {
+        if let Some(report) = self.init.apply(&variables, self.encoder.reference_library())? {
             tracing::info!(
-                "encoder initialised from {} ({} tensors)",
+                "encoder initialised from {} ({} tensors; {} of the file's left out as not the encoder's)",
                 self.init.init.as_deref().unwrap_or(Path::new("?")).display(),
-                report.loaded
+                report.loaded,
+                report.left_out.len()
             );
         }
         Ok(())

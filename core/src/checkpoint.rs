@@ -112,7 +112,39 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 /// [`write_safetensors`] to a file that is replaced atomically ([`write_atomic`]): a crash
 /// leaves the old file or the new one, never half of one.
 pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    write_atomic(path, &serialize_tensors(tensors)?)
+    write_safetensors_atomic_with(path, tensors, &Metadata::new())
+}
+
+/// A safetensors header's `__metadata__`: strings by string (what Python's
+/// `safe_open(...).metadata()` returns).
+pub type Metadata = BTreeMap<String, String>;
+
+/// [`write_safetensors_atomic`] with `metadata` in the file's header (none when empty).
+pub fn write_safetensors_atomic_with(path: &Path, tensors: &[(String, Tensor)], metadata: &Metadata) -> Result<()> {
+    let bytes = serialize_tensors(tensors)?;
+    let bytes = match metadata.is_empty() {
+        true => bytes,
+        false => with_metadata(&bytes, metadata)?,
+    };
+    write_atomic(path, &bytes)
+}
+
+/// A serialised safetensors file with `metadata` in its header. safetensors' serialiser
+/// takes the metadata as a `HashMap`, whose order changes from process to process; written
+/// here in key order, the same tensors and metadata always give the same bytes.
+fn with_metadata(bytes: &[u8], metadata: &Metadata) -> Result<Vec<u8>> {
+    let length = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let (header, data) = bytes[8..].split_at(length);
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)?;
+    header.insert("__metadata__".to_string(), serde_json::to_value(metadata)?);
+    let mut header = serde_json::to_vec(&header)?;
+    // The format pads the header with spaces to a multiple of 8 bytes, so the data stays aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + data.len());
+    out.extend((header.len() as u64).to_le_bytes());
+    out.extend(header);
+    out.extend(data);
+    Ok(out)
 }
 
 fn serialize_tensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
@@ -135,13 +167,27 @@ fn serialize_tensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
 /// Reads every tensor of a safetensors file onto the CPU. A truncated or corrupt file is an
 /// error naming it.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Ok(read_safetensors_with_metadata(path)?.0)
+}
+
+/// [`read_safetensors`] and the header's metadata (empty where it has none).
+pub fn read_safetensors_with_metadata(path: &Path) -> Result<(Vec<(String, Tensor)>, Metadata)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let parsed = SafeTensors::deserialize(&bytes).map_err(|e| {
+    let invalid = |e: safetensors::SafeTensorError| {
         anyhow!(
             "`{}` is not a valid safetensors file (truncated or corrupt?): {e}",
             path.display()
         )
-    })?;
+    };
+    let parsed = SafeTensors::deserialize(&bytes).map_err(invalid)?;
+    let metadata: Metadata = SafeTensors::read_metadata(&bytes)
+        .map_err(invalid)?
+        .1
+        .metadata()
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut out = Vec::new();
     for (name, view) in parsed.tensors() {
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -150,7 +196,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         out.push((name, tensor));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    Ok((out, metadata))
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
@@ -423,6 +469,32 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(kept.len(), 3, "two checkpoints and the latest pointer: {kept:?}");
+    }
+
+    #[test]
+    fn metadata_reads_back_and_the_same_input_gives_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = vec![
+            ("a".to_string(), Tensor::randn([3, 5], (Kind::Float, Device::Cpu))),
+            ("b".to_string(), Tensor::from_slice(&[1i64, 2])),
+        ];
+        let metadata: Metadata = (0..20).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let (first, second) = (dir.path().join("1.safetensors"), dir.path().join("2.safetensors"));
+        write_safetensors_atomic_with(&first, &tensors, &metadata).unwrap();
+        write_safetensors_atomic_with(&second, &tensors, &metadata).unwrap();
+        assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap());
+        let (read, read_metadata) = read_safetensors_with_metadata(&first).unwrap();
+        assert_eq!(read_metadata, metadata);
+        for ((n1, t1), (n2, t2)) in tensors.iter().zip(&read) {
+            assert_eq!(n1, n2);
+            assert!(t1.equal(t2), "{n1}");
+        }
+        let bytes = std::fs::read(&first).unwrap();
+        let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(length % 8, 0, "the header keeps the data 8-byte aligned");
+        let plain = dir.path().join("3.safetensors");
+        write_safetensors_atomic(&plain, &tensors).unwrap();
+        assert!(read_safetensors_with_metadata(&plain).unwrap().1.is_empty());
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod train;
 pub mod unetr_blocks;
 pub mod views;
 pub mod volume_crops;
+pub mod weight_format;
 
 pub use anyhow;
 pub use serde;

@@ -39,6 +39,8 @@ pub mod domain {
     pub const PROBE: u64 = 6;
     /// Fine-tuning: the label-fraction draw, the head's initialisation, data order, flips.
     pub const FINETUNE: u64 = 7;
+    /// Exported weights: the classifier `medssl export --with-fc` initialises.
+    pub const EXPORT: u64 = 8;
 }
 
 #[cfg(test)]

@@ -104,24 +104,10 @@ enum Command {
     /// Frozen features of any readable set, as `medssl eval` computes them, to
     /// .safetensors or .npy (with a .json of sample ids and labels).
     Embed(embed::EmbedArgs),
-    /// Write a run's encoder weights under a reference library's parameter names (MONAI's
-    /// ViT, torchvision's ResNets), for a strict load there.
-    Export {
-        /// The run directory, a checkpoint folder or a `.safetensors` checkpoint.
-        run_dir: PathBuf,
-        /// `monai` or `torchvision`.
-        #[arg(long)]
-        format: String,
-        /// The safetensors file to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// Put every name under this prefix (e.g. `vit.` for MONAI's UNETR).
-        #[arg(long, default_value = "")]
-        prefix: String,
-        /// Print what was written as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Write a checkpoint's weights (its encoder, backbone or whole model) under
+    /// torchvision's, MONAI's or medssl's own parameter names, with what they are in the
+    /// file's header.
+    Export(export::ExportArgs),
     /// Continue a run from its latest checkpoint.
     Resume {
         /// The run directory.
@@ -891,25 +877,7 @@ fn execute(command: Command) -> Result<()> {
             single_process("embed")?;
             embed::run(args)
         }
-        Command::Export {
-            run_dir,
-            format,
-            out,
-            prefix,
-            json,
-        } => {
-            let format: medssl_core::encoder::ReferenceLibrary = format.parse().context("--format")?;
-            let exported = export::export(&run_dir, format, &prefix, &out)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&exported)?);
-            } else {
-                println!(
-                    "wrote {} tensors of encoder `{}` ({} numbers) as {} to {}",
-                    exported.tensors, exported.encoder, exported.elements, exported.format, exported.out
-                );
-            }
-            Ok(())
-        }
+        Command::Export(args) => export::run(args),
         Command::Finetune(args) => {
             single_process("finetune")?;
             finetune::run(args)

@@ -107,7 +107,11 @@ fn is_wider_stem(file: &[i64], encoder: &[i64]) -> bool {
         && file.len() == encoder.len()
         && encoder[1] == 1
         && file[1] > 1
-        && file.iter().zip(encoder).enumerate().all(|(axis, (f, e))| axis == 1 || f == e)
+        && file
+            .iter()
+            .zip(encoder)
+            .enumerate()
+            .all(|(axis, (f, e))| axis == 1 || f == e)
 }
 
 impl EncoderInit {
@@ -164,7 +168,8 @@ impl EncoderInit {
             let Some(name) = name.strip_prefix(selected.as_str()) else {
                 continue;
             };
-            let classifier = self.init_format == Some(WeightFormat::Torchvision) && TORCHVISION_CLASSIFIER.contains(&name);
+            let classifier =
+                self.init_format == Some(WeightFormat::Torchvision) && TORCHVISION_CLASSIFIER.contains(&name);
             if classifier || FOREIGN_BUFFERS.iter().any(|b| name.ends_with(b)) {
                 left_out.push(name.to_string());
             } else {
@@ -215,7 +220,10 @@ impl EncoderInit {
                 continue;
             }
             if is_wider_stem(&shape, &wanted) {
-                wider_stems.push(format!("`{name}` takes {} input channels in the file, 1 in the encoder", shape[1]));
+                wider_stems.push(format!(
+                    "`{name}` takes {} input channels in the file, 1 in the encoder",
+                    shape[1]
+                ));
             }
             wrong_shapes.push(format!("{name}: file {shape:?}, encoder {wanted:?}"));
         }
@@ -393,7 +401,10 @@ mod tests {
         );
         let vars = variables();
         let tv = Some(ReferenceLibrary::Torchvision);
-        let err = format!("{:#}", init(&torchvision, "").load(&torchvision, &vars, tv).unwrap_err());
+        let err = format!(
+            "{:#}",
+            init(&torchvision, "").load(&torchvision, &vars, tv).unwrap_err()
+        );
         assert!(err.contains("2 unexpected (fc.bias, fc.weight)"), "{err}");
         let report = init(&torchvision, "init_format = \"torchvision\"")
             .load(&torchvision, &vars, tv)
@@ -412,7 +423,10 @@ mod tests {
         crate::checkpoint::write_safetensors(
             &medssl,
             &[
-                ("model.encoder.conv1.weight".to_string(), Tensor::full([2, 3], 2.0, (Kind::Float, Device::Cpu))),
+                (
+                    "model.encoder.conv1.weight".to_string(),
+                    Tensor::full([2, 3], 2.0, (Kind::Float, Device::Cpu)),
+                ),
                 ("model.encoder.bn1.running_mean".to_string(), ones(&[2])),
                 ("model.aggregator.weight".to_string(), ones(&[4])),
                 ("optim.model.encoder.conv1.weight.exp_avg".to_string(), ones(&[2, 3])),
@@ -424,7 +438,9 @@ mod tests {
             err.contains("looks like a medssl checkpoint") && err.contains("init_format = \"medssl\""),
             "{err}"
         );
-        let report = init(&medssl, "init_format = \"medssl\"").load(&medssl, &vars, tv).unwrap();
+        let report = init(&medssl, "init_format = \"medssl\"")
+            .load(&medssl, &vars, tv)
+            .unwrap();
         assert_eq!((report.loaded, report.unexpected.len()), (2, 0));
         assert_eq!(vars[0].1.sum(Kind::Double).double_value(&[]), 12.0);
         let err = format!(
@@ -433,7 +449,10 @@ mod tests {
                 .load(&torchvision, &vars, tv)
                 .unwrap_err()
         );
-        assert!(err.contains("no tensor under `model.encoder.`") && err.contains("init_format = \"torchvision\""), "{err}");
+        assert!(
+            err.contains("no tensor under `model.encoder.`") && err.contains("init_format = \"torchvision\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -460,7 +479,10 @@ mod tests {
             "conv1.weight".to_string(),
             Tensor::zeros([4, 1, 2, 2], (Kind::Float, Device::Cpu)),
         )];
-        let err = format!("{:#}", init(&path, "init_stem = \"sum\"").load(&path, &vars, None).unwrap_err());
+        let err = format!(
+            "{:#}",
+            init(&path, "init_stem = \"sum\"").load(&path, &vars, None).unwrap_err()
+        );
         assert!(err.contains("another shape") && !err.contains("init_stem"), "{err}");
     }
 }

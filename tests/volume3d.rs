@@ -327,3 +327,34 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
     );
     assert!(!dir.join("ft").exists(), "a refused fine-tune writes nothing");
 }
+
+/// `medssl bench voco-step` at a tiny size prints the JSON that docs/benchmarks.md compares
+/// with benchmarks/voco_step.py: a finite time a step, the peak memory, and the parameters of
+/// the backbone and both heads.
+#[test]
+fn bench_voco_step_reports_its_json_fields() {
+    let out = medssl()
+        .args([
+            "bench",
+            "voco-step",
+            "--crop",
+            "16",
+            "--grid",
+            "2",
+            "--feature-size",
+            "12",
+        ])
+        .args(["--warmup", "0", "--steps", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["bench"], "voco-step");
+    let ms = report["ms_per_step"].as_f64().unwrap();
+    assert!(ms.is_finite() && ms > 0.0, "{report}");
+    assert!(report["peak_rss_mb"].as_f64().is_none_or(|m| m > 0.0), "{report}");
+    assert_eq!(report["steps"], 1);
+    assert_eq!((report["batch"].as_i64(), report["size"].as_i64()), (Some(2), Some(16)));
+    assert!(report["parameters"].as_i64().unwrap() > 0);
+}

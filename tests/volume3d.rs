@@ -1,14 +1,14 @@
 //! Native 3D pre-training and fine-tuning end to end: a tiny `vit3d` trained by the
 //! `reconstruction` objective on generated volumes, fine-tuned as UNETR on a generated
 //! Decathlon folder (sliding-window evaluation) and probed on 3D volumes, its weights
-//! exported under MONAI's names; and the configs that mix 2D and 3D components, refused
-//! naming both sides.
+//! exported under MONAI's names; the configs that mix 2D and 3D components, refused
+//! naming both sides; and the plumbing of `medssl bench voco-step` at a tiny size.
 
 mod common;
 
 use common::archive::archive;
 use common::decathlon::decathlon;
-use common::{assert_fails_with, medssl, unit, write};
+use common::{assert_fails_with, medssl, test_device, test_device_name, unit, write};
 use medssl_core::checkpoint;
 use medssl_core::config::LoadedConfig;
 use medssl_core::train::Run;
@@ -326,4 +326,59 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
         &["head `unetr`", "encoder is 2D"],
     );
     assert!(!dir.join("ft").exists(), "a refused fine-tune writes nothing");
+}
+
+/// The benchmark's plumbing at a tiny size (its numbers belong in docs/benchmarks.md): one
+/// VoCo step of a feature-size-12 `swin3d` on 2 regions of 2 x 2 base crops of 32^3.
+#[test]
+fn bench_voco_step_reports_a_finite_step_time_and_its_settings() {
+    let tiny = [
+        "bench",
+        "voco-step",
+        "--feature-size",
+        "12",
+        "--crop",
+        "32",
+        "--grid",
+        "2",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--json",
+    ];
+    let out = medssl()
+        .args(tiny)
+        .args(["--device", &test_device_name()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["bench"], "voco-step");
+    let ms = report["ms_per_step"].as_f64().unwrap();
+    assert!(ms.is_finite() && ms > 0.0, "{report}");
+    assert_eq!(report["min_ms"].as_f64(), Some(ms), "one timed step: {report}");
+    assert_eq!(report["max_ms"].as_f64(), Some(ms), "{report}");
+    let rss = report["peak_rss_mb"].as_f64().unwrap();
+    assert!(rss.is_finite() && rss > 0.0, "{report}");
+    for (key, value) in [
+        ("steps", 1),
+        ("batch", 2),
+        ("size", 32),
+        ("grid", 2),
+        ("feature_size", 12),
+    ] {
+        assert_eq!(report[key], value, "{key}: {report}");
+    }
+    // MONAI 1.6.1's SwinUNETR(feature_size=12, use_v2=True).swinViT has 1,355,958
+    // parameters; each head is 276 (12 + 24 + 48 + 192 pooled) -> 1024 -> 1024 -> 1024,
+    // 2,382,848 (benchmarks/voco_step.py counts the same 6,121,654); the int64
+    // relative_position_index buffers are not counted.
+    assert_eq!(report["parameters"], 1_355_958 + 2 * 2_382_848, "{report}");
+    assert_eq!(report["device"], format!("{:?}", test_device()));
+    assert!(report["threads"].as_i64().unwrap() >= 1, "{report}");
+    assert!(report.get("window").is_none(), "sliding-window's field: {report}");
+
+    let out = medssl().args(["bench", "voco-step", "--grid", "1"]).output().unwrap();
+    assert_fails_with(&out, &["--grid", "at least 2"]);
 }

@@ -220,7 +220,8 @@ pub fn voco_step(settings: VocoStepSettings, warmup: usize, steps: usize, device
         "swin3d",
         &format!("feature_size = {feature_size}\nuse_v2 = true"),
     )?;
-    let encoder = (entry.build)(&section, &root / "encoder", &EncoderShape { in_channels: 1 }).context("building swin3d")?;
+    let encoder =
+        (entry.build)(&section, &root / "encoder", &EncoderShape { in_channels: 1 }).context("building swin3d")?;
     let mut objective = objective(
         &root,
         "voco",

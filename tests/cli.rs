@@ -298,6 +298,35 @@ fn running_out_of_memory_names_the_stage_and_what_to_lower() {
     let err = common::stderr(&out);
     assert!(!err.contains("internal failure"), "{err}");
     assert!(err.contains("out of memory") && err.contains("batch_size"), "{err}");
+    assert!(
+        !err.contains("frame #"),
+        "libtorch's C++ stack is not the user's: {err}"
+    );
+}
+
+/// A fixed-pipeline benchmark's sizes are its flags, so its out-of-memory message names those
+/// rather than config keys.
+#[test]
+fn a_benchmark_out_of_memory_names_its_flags() {
+    // Regions of 4096 x 8192 x 8192 voxels: 2 TB of input, refused at the first allocation.
+    let out = common::medssl()
+        .args([
+            "bench",
+            "voco-step",
+            "--crop",
+            "4096",
+            "--grid",
+            "2",
+            "--feature-size",
+            "12",
+        ])
+        .args(["--warmup", "0", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains("out of memory") && err.contains("--crop"), "{err}");
+    assert!(!err.contains("data.loader") && !err.contains("frame #"), "{err}");
 }
 
 #[test]

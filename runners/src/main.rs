@@ -393,14 +393,21 @@ fn main() -> ExitCode {
             let during = medssl_core::activity::current()
                 .map(|a| format!(" during {a}"))
                 .unwrap_or_default();
+            // libtorch's message, Debug-formatted inside tch's error, carries its C++ stack
+            // after an escaped newline: the reason is what comes before it.
             let first = message.lines().next().unwrap_or(message);
+            let first = first.split("\\n").next().unwrap_or(first);
             // On a GPU mixed precision roughly halves the activations' memory.
             let precision = if message.contains("CUDA") {
                 ", or train in `run.precision = \"bf16\"`"
             } else {
                 ""
             };
-            eprintln!("error: out of memory{during}: {first}\nlower `data.loader.batch_size` (or the stage's `batch_size`), the view sizes (`data.views.*`) or the model's width{precision}; the checkpoints already written are intact, and a resume continues from the last one");
+            if BENCHMARKING.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("error: out of memory{during}: {first}\nlower the benchmark's sizes (its --batch, --size or --crop, --feature-size or --grid; `medssl bench COMMAND --help` lists them){precision}");
+            } else {
+                eprintln!("error: out of memory{during}: {first}\nlower `data.loader.batch_size` (or the stage's `batch_size`), the view sizes (`data.views.*`) or the model's width{precision}; the checkpoints already written are intact, and a resume continues from the last one");
+            }
             std::process::exit(1);
         }
         eprintln!("error: internal failure{location}: {message}\n(this is a bug in medssl or a plugin; please report it with the command and config)");
@@ -462,7 +469,14 @@ fn single_process(command: &str) -> Result<()> {
     Ok(())
 }
 
+/// Set while a fixed-pipeline `medssl bench` command runs (not `bench train`, which runs a
+/// config): its sizes are flags, not config keys, and the out-of-memory message names those.
+static BENCHMARKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn execute(command: Command) -> Result<()> {
+    if matches!(&command, Command::Bench { command } if !matches!(command, BenchCommand::Train { .. })) {
+        BENCHMARKING.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     match command {
         Command::Run {
             config,

@@ -200,7 +200,9 @@ fn run_with_checkpoint(dir: &Path, config: &str, tensors: &[(String, Tensor)], s
         global_step_offset: 0,
         loss_scaler: None,
     };
-    Checkpoints::new(dir.join("checkpoints"), 1).save(tensors, &state).unwrap();
+    Checkpoints::new(dir.join("checkpoints"), 1)
+        .save(tensors, &state)
+        .unwrap();
     dir.to_path_buf()
 }
 
@@ -404,7 +406,11 @@ fn resnets_export_torchvisions_names_and_shapes_with_a_fresh_classifier_and_back
     let dir = tempfile::tempdir().unwrap();
     tch::manual_seed(12);
     for (name, depths, bottleneck, tensors_at_64) in resnets {
-        assert_eq!(torchvision_resnet(depths, bottleneck, 64, 1000).len(), tensors_at_64, "{name}");
+        assert_eq!(
+            torchvision_resnet(depths, bottleneck, 64, 1000).len(),
+            tensors_at_64,
+            "{name}"
+        );
         let root = dir.path().join(name);
         std::fs::create_dir_all(&root).unwrap();
         // torchvision's stem (7x7 stride 2 over 3 channels) at a base width of 4 instead of 64:
@@ -416,26 +422,46 @@ fn resnets_export_torchvisions_names_and_shapes_with_a_fresh_classifier_and_back
         let run = run_with_checkpoint(&root.join("run"), &config, &prefixed("model.", &variables), 1);
 
         let file = root.join("with_fc.safetensors");
-        let written = exported(&run, &["--format", "torchvision", "--with-fc", "--fc-classes", "5"], &file);
+        let written = exported(
+            &run,
+            &["--format", "torchvision", "--with-fc", "--fc-classes", "5"],
+            &file,
+        );
         let shapes: Vec<(String, Vec<i64>)> = written.iter().map(|(n, t)| (n.clone(), t.size())).collect();
         assert_eq!(shapes, torchvision_resnet(depths, bottleneck, 4, 5), "{name}");
-        assert!(written.iter().all(|(n, t)| n.ends_with("num_batches_tracked") == (t.kind() == Kind::Int64)));
+        assert!(written
+            .iter()
+            .all(|(n, t)| n.ends_with("num_batches_tracked") == (t.kind() == Kind::Int64)));
         // nn.Linear's initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weight and bias.
         let bound = 1.0 / (written["fc.weight"].size()[1] as f64).sqrt();
         for leaf in ["fc.weight", "fc.bias"] {
             let largest = written[leaf].abs().max().double_value(&[]);
-            assert!(largest <= bound && largest > 0.5 * bound, "{name} {leaf}: {largest} for bound {bound}");
+            assert!(
+                largest <= bound && largest > 0.5 * bound,
+                "{name} {leaf}: {largest} for bound {bound}"
+            );
         }
         assert_eq!(header_metadata(&file)["medssl.fc_classes"], "5");
         let without = exported(&run, &["--format", "torchvision"], &root.join("plain.safetensors"));
         let mut names: Vec<&String> = written.keys().filter(|n| !n.starts_with("fc.")).collect();
         names.sort();
-        assert_eq!(without.keys().collect::<Vec<_>>(), names, "{name}: without --with-fc, all but fc");
+        assert_eq!(
+            without.keys().collect::<Vec<_>>(),
+            names,
+            "{name}: without --with-fc, all but fc"
+        );
         if name != "resnet18" {
             continue;
         }
-        let again = exported(&run, &["--format", "torchvision", "--with-fc", "--fc-classes", "5"], &root.join("again.safetensors"));
-        assert!(again["fc.weight"].equal(&written["fc.weight"]), "the classifier is drawn from the run's seed");
+        let again = exported(
+            &run,
+            &["--format", "torchvision", "--with-fc", "--fc-classes", "5"],
+            &root.join("again.safetensors"),
+        );
+        assert!(
+            again["fc.weight"].equal(&written["fc.weight"]),
+            "the classifier is drawn from the run's seed"
+        );
         let out = export(&run, &["--format", "medssl", "--with-fc"], &root.join("x.safetensors"));
         common::assert_fails_with(&out, &["--with-fc", "torchvision"]);
 
@@ -447,7 +473,8 @@ fn resnets_export_torchvisions_names_and_shapes_with_a_fresh_classifier_and_back
         ];
         let err = format!("{:#}", initialised_encoder(&grey, &from_file).unwrap_err());
         assert!(
-            err.contains("conv1.weight: file [4, 3, 7, 7], encoder [4, 1, 7, 7]") && err.contains("init_stem = \"sum\""),
+            err.contains("conv1.weight: file [4, 3, 7, 7], encoder [4, 1, 7, 7]")
+                && err.contains("init_stem = \"sum\""),
             "{err}"
         );
         let mut summing = from_file.to_vec();
@@ -500,7 +527,8 @@ fn a_checkpoint_of_every_demo_config_exports_every_part() {
             eprintln!("skipped {} (reads ../shared/data, absent here)", demo.display());
             continue;
         }
-        let prepared = Run::prepare(LoadedConfig::load(&demo, &[]).unwrap()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let prepared =
+            Run::prepare(LoadedConfig::load(&demo, &[]).unwrap()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let model = prefixed("model.", &prepared.variables());
         let mut checkpoint = prefixed("", &model);
         // An optimizer buffer: a checkpoint holds them, no part exports them.
@@ -511,12 +539,20 @@ fn a_checkpoint_of_every_demo_config_exports_every_part() {
         let run = run_with_checkpoint(&dir.path().join(&name), prepared.resolved_config(), &checkpoint, 3);
         let model: BTreeMap<String, Tensor> = model.into_iter().collect();
         let under = |prefixes: &[&str]| -> BTreeSet<String> {
-            model.keys().filter(|n| prefixes.iter().any(|p| n.starts_with(p))).cloned().collect()
+            model
+                .keys()
+                .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+                .cloned()
+                .collect()
         };
         let out = |what: &str| dir.path().join(format!("{name}_{what}.safetensors"));
 
         let all = exported(&run, &["--format", "medssl", "--part", "all"], &out("all"));
-        assert_eq!(all.keys().cloned().collect::<BTreeSet<_>>(), under(&["model."]), "{name}");
+        assert_eq!(
+            all.keys().cloned().collect::<BTreeSet<_>>(),
+            under(&["model."]),
+            "{name}"
+        );
         for (n, t) in &all {
             assert!(t.equal(&model[n]), "{name}: {n}");
         }
@@ -528,7 +564,11 @@ fn a_checkpoint_of_every_demo_config_exports_every_part() {
 
         let cfg = LoadedConfig::load_resolved(&run.join("config.toml")).unwrap();
         let encoder_section = format!("{:?}", cfg.run.encoder);
-        let library = Backbone::build(&cfg, Device::Cpu).unwrap().encoder.reference_library().unwrap();
+        let library = Backbone::build(&cfg, Device::Cpu)
+            .unwrap()
+            .encoder
+            .reference_library()
+            .unwrap();
         let format = library.to_string();
         if encoders_seen.insert(encoder_section) {
             let encoder = exported(&run, &["--format", &format], &out(&format));
@@ -545,12 +585,19 @@ fn a_checkpoint_of_every_demo_config_exports_every_part() {
             aggregator_seen = true;
             let file = out("backbone");
             let backbone = exported(&run, &["--format", "medssl", "--part", "backbone"], &file);
-            assert_eq!(backbone.keys().cloned().collect::<BTreeSet<_>>(), backbone_names, "{name}");
+            assert_eq!(
+                backbone.keys().cloned().collect::<BTreeSet<_>>(),
+                backbone_names,
+                "{name}"
+            );
             assert_eq!(header_metadata(&file)["medssl.part"], "backbone");
             let refused = export(&run, &["--format", &format, "--part", "backbone"], &out("x"));
             common::assert_fails_with(&refused, &["--part backbone", "`model.aggregator.", "--format medssl"]);
             let refused = export(&run, &["--format", &format, "--part", "all"], &out("x"));
-            common::assert_fails_with(&refused, &[&format!("--format {format}"), "--part all", "--format medssl"]);
+            common::assert_fails_with(
+                &refused,
+                &[&format!("--format {format}"), "--part all", "--format medssl"],
+            );
             assert!(!out("x").exists());
         }
         if !with_aggregator && !encoder_only_seen {

@@ -46,6 +46,12 @@ pub enum StemInit {
     Sum,
 }
 
+impl StemInit {
+    fn is_refuse(&self) -> bool {
+        *self == StemInit::Refuse
+    }
+}
+
 /// The `[encoder]` keys that core reads beside the encoder's own.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -61,7 +67,10 @@ pub struct EncoderInit {
     /// encoder's own names.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_format: Option<WeightFormat>,
-    /// A stem of more input channels than the encoder's: `refuse` or `sum`.
+    /// A stem of more input channels than the encoder's: `refuse` or `sum`. Left out of the
+    /// resolved config at its default, as `init_format` unset, so that a run that set
+    /// `init` before these keys existed resumes under an unchanged config.
+    #[serde(skip_serializing_if = "StemInit::is_refuse")]
     pub init_stem: StemInit,
 }
 
@@ -107,7 +116,11 @@ fn is_wider_stem(file: &[i64], encoder: &[i64]) -> bool {
         && file.len() == encoder.len()
         && encoder[1] == 1
         && file[1] > 1
-        && file.iter().zip(encoder).enumerate().all(|(axis, (f, e))| axis == 1 || f == e)
+        && file
+            .iter()
+            .zip(encoder)
+            .enumerate()
+            .all(|(axis, (f, e))| axis == 1 || f == e)
 }
 
 impl EncoderInit {
@@ -164,7 +177,8 @@ impl EncoderInit {
             let Some(name) = name.strip_prefix(selected.as_str()) else {
                 continue;
             };
-            let classifier = self.init_format == Some(WeightFormat::Torchvision) && TORCHVISION_CLASSIFIER.contains(&name);
+            let classifier =
+                self.init_format == Some(WeightFormat::Torchvision) && TORCHVISION_CLASSIFIER.contains(&name);
             if classifier || FOREIGN_BUFFERS.iter().any(|b| name.ends_with(b)) {
                 left_out.push(name.to_string());
             } else {
@@ -215,7 +229,10 @@ impl EncoderInit {
                 continue;
             }
             if is_wider_stem(&shape, &wanted) {
-                wider_stems.push(format!("`{name}` takes {} input channels in the file, 1 in the encoder", shape[1]));
+                wider_stems.push(format!(
+                    "`{name}` takes {} input channels in the file, 1 in the encoder",
+                    shape[1]
+                ));
             }
             wrong_shapes.push(format!("{name}: file {shape:?}, encoder {wanted:?}"));
         }
@@ -393,7 +410,10 @@ mod tests {
         );
         let vars = variables();
         let tv = Some(ReferenceLibrary::Torchvision);
-        let err = format!("{:#}", init(&torchvision, "").load(&torchvision, &vars, tv).unwrap_err());
+        let err = format!(
+            "{:#}",
+            init(&torchvision, "").load(&torchvision, &vars, tv).unwrap_err()
+        );
         assert!(err.contains("2 unexpected (fc.bias, fc.weight)"), "{err}");
         let report = init(&torchvision, "init_format = \"torchvision\"")
             .load(&torchvision, &vars, tv)
@@ -412,7 +432,10 @@ mod tests {
         crate::checkpoint::write_safetensors(
             &medssl,
             &[
-                ("model.encoder.conv1.weight".to_string(), Tensor::full([2, 3], 2.0, (Kind::Float, Device::Cpu))),
+                (
+                    "model.encoder.conv1.weight".to_string(),
+                    Tensor::full([2, 3], 2.0, (Kind::Float, Device::Cpu)),
+                ),
                 ("model.encoder.bn1.running_mean".to_string(), ones(&[2])),
                 ("model.aggregator.weight".to_string(), ones(&[4])),
                 ("optim.model.encoder.conv1.weight.exp_avg".to_string(), ones(&[2, 3])),
@@ -424,7 +447,9 @@ mod tests {
             err.contains("looks like a medssl checkpoint") && err.contains("init_format = \"medssl\""),
             "{err}"
         );
-        let report = init(&medssl, "init_format = \"medssl\"").load(&medssl, &vars, tv).unwrap();
+        let report = init(&medssl, "init_format = \"medssl\"")
+            .load(&medssl, &vars, tv)
+            .unwrap();
         assert_eq!((report.loaded, report.unexpected.len()), (2, 0));
         assert_eq!(vars[0].1.sum(Kind::Double).double_value(&[]), 12.0);
         let err = format!(
@@ -433,7 +458,10 @@ mod tests {
                 .load(&torchvision, &vars, tv)
                 .unwrap_err()
         );
-        assert!(err.contains("no tensor under `model.encoder.`") && err.contains("init_format = \"torchvision\""), "{err}");
+        assert!(
+            err.contains("no tensor under `model.encoder.`") && err.contains("init_format = \"torchvision\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -460,7 +488,33 @@ mod tests {
             "conv1.weight".to_string(),
             Tensor::zeros([4, 1, 2, 2], (Kind::Float, Device::Cpu)),
         )];
-        let err = format!("{:#}", init(&path, "init_stem = \"sum\"").load(&path, &vars, None).unwrap_err());
+        let err = format!(
+            "{:#}",
+            init(&path, "init_stem = \"sum\"").load(&path, &vars, None).unwrap_err()
+        );
         assert!(err.contains("another shape") && !err.contains("init_stem"), "{err}");
+    }
+
+    #[test]
+    fn the_resolved_config_gains_no_key_at_the_defaults() {
+        let init = init(Path::new("w.safetensors"), "");
+        let toml::Value::Table(table) = toml::Value::try_from(&init).unwrap() else {
+            panic!("a table");
+        };
+        let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["init", "init_prefix", "init_strict"],
+            "a run from before resumes unchanged"
+        );
+        let set = self::init(
+            Path::new("w.safetensors"),
+            "init_format = \"medssl\"\ninit_stem = \"sum\"",
+        );
+        let text = toml::to_string(&set).unwrap();
+        assert!(
+            text.contains("init_format = \"medssl\"") && text.contains("init_stem = \"sum\""),
+            "{text}"
+        );
     }
 }

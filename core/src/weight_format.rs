@@ -160,7 +160,10 @@ mod tests {
         }
         let err = "timm".parse::<WeightFormat>().unwrap_err().to_string();
         assert!(err.contains("torchvision, monai, medssl"), "{err}");
-        assert_eq!(WeightFormat::from(ReferenceLibrary::Monai).library(), Some(ReferenceLibrary::Monai));
+        assert_eq!(
+            WeightFormat::from(ReferenceLibrary::Monai).library(),
+            Some(ReferenceLibrary::Monai)
+        );
         assert_eq!(WeightFormat::Medssl.library(), None);
     }
 

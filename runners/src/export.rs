@@ -119,8 +119,17 @@ pub fn run(args: ExportArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&exported)?);
     } else {
         println!(
-            "wrote {} tensors ({} numbers) of encoder `{}`'s run, part {}, as {} to {}",
-            exported.tensors, exported.elements, exported.encoder, exported.part, exported.format, exported.out
+            "wrote {} tensors ({} numbers), {} of a `{}` run under {}'s names, to {}",
+            exported.tensors,
+            exported.elements,
+            match exported.part {
+                Part::Encoder => "the encoder",
+                Part::Backbone => "the backbone",
+                Part::All => "the whole model",
+            },
+            exported.encoder,
+            exported.format,
+            exported.out
         );
     }
     Ok(())
@@ -128,7 +137,10 @@ pub fn run(args: ExportArgs) -> Result<()> {
 
 /// A path as the file records it: absolute where it can be made so.
 fn recorded(path: &Path) -> String {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 fn export(args: &ExportArgs) -> Result<Exported> {
@@ -192,7 +204,11 @@ fn export(args: &ExportArgs) -> Result<Exported> {
             .find(|(_, t)| t.is_floating_point())
             .map_or(Kind::Float, |(_, t)| t.kind());
         let classifier = fresh_classifier(&backbone, cfg.run.seed, args.fc_classes, kind);
-        exported.extend(classifier.into_iter().map(|(name, t)| (format!("{}{name}", args.prefix), t)));
+        exported.extend(
+            classifier
+                .into_iter()
+                .map(|(name, t)| (format!("{}{name}", args.prefix), t)),
+        );
     }
     exported.sort_by(|a, b| a.0.cmp(&b.0));
     let metadata = metadata(args, format, &encoder, &backbone, &located, &cfg)?;

@@ -46,7 +46,7 @@ impl std::fmt::Display for SpatialDims {
 
 /// The library whose parameter names an encoder's variables carry, so that its weights
 /// move to and from that library's model with a strict load (`medssl export --format`,
-/// `encoder.init`).
+/// `encoder.init`; the formats of weight files are [`crate::weight_format`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReferenceLibrary {
@@ -54,17 +54,6 @@ pub enum ReferenceLibrary {
     Torchvision,
     /// MONAI's `ViT` / `SwinViT` (the `vit.` / `swinViT.` sub-trees of UNETR / SwinUNETR).
     Monai,
-}
-
-impl std::str::FromStr for ReferenceLibrary {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "torchvision" => Ok(ReferenceLibrary::Torchvision),
-            "monai" => Ok(ReferenceLibrary::Monai),
-            other => anyhow::bail!("unknown weight format `{other}`; known: torchvision, monai"),
-        }
-    }
 }
 
 impl std::fmt::Display for ReferenceLibrary {

@@ -46,6 +46,12 @@ pub enum StemInit {
     Sum,
 }
 
+impl StemInit {
+    fn is_refuse(&self) -> bool {
+        *self == StemInit::Refuse
+    }
+}
+
 /// The `[encoder]` keys that core reads beside the encoder's own.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -61,7 +67,10 @@ pub struct EncoderInit {
     /// encoder's own names.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_format: Option<WeightFormat>,
-    /// A stem of more input channels than the encoder's: `refuse` or `sum`.
+    /// A stem of more input channels than the encoder's: `refuse` or `sum`. Left out of the
+    /// resolved config at its default, as `init_format` unset, so that a run that set
+    /// `init` before these keys existed resumes under an unchanged config.
+    #[serde(skip_serializing_if = "StemInit::is_refuse")]
     pub init_stem: StemInit,
 }
 
@@ -484,5 +493,28 @@ mod tests {
             init(&path, "init_stem = \"sum\"").load(&path, &vars, None).unwrap_err()
         );
         assert!(err.contains("another shape") && !err.contains("init_stem"), "{err}");
+    }
+
+    #[test]
+    fn the_resolved_config_gains_no_key_at_the_defaults() {
+        let init = init(Path::new("w.safetensors"), "");
+        let toml::Value::Table(table) = toml::Value::try_from(&init).unwrap() else {
+            panic!("a table");
+        };
+        let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["init", "init_prefix", "init_strict"],
+            "a run from before resumes unchanged"
+        );
+        let set = self::init(
+            Path::new("w.safetensors"),
+            "init_format = \"medssl\"\ninit_stem = \"sum\"",
+        );
+        let text = toml::to_string(&set).unwrap();
+        assert!(
+            text.contains("init_format = \"medssl\"") && text.contains("init_stem = \"sum\""),
+            "{text}"
+        );
     }
 }

@@ -119,8 +119,17 @@ pub fn run(args: ExportArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&exported)?);
     } else {
         println!(
-            "wrote {} tensors ({} numbers) of encoder `{}`'s run, part {}, as {} to {}",
-            exported.tensors, exported.elements, exported.encoder, exported.part, exported.format, exported.out
+            "wrote {} tensors ({} numbers), {} of a `{}` run under {}'s names, to {}",
+            exported.tensors,
+            exported.elements,
+            match exported.part {
+                Part::Encoder => "the encoder",
+                Part::Backbone => "the backbone",
+                Part::All => "the whole model",
+            },
+            exported.encoder,
+            exported.format,
+            exported.out
         );
     }
     Ok(())

@@ -297,6 +297,37 @@ fn configs_that_mix_2d_and_3d_components_are_refused_naming_both() {
         ],
     );
 
+    // VoCo's base crops: a grid that does not divide the region, and crops that a v2 Swin
+    // reduces to one position before its last stage, refused at load, not at the first step.
+    let voco = TINY_3D
+        .replace(
+            "name = \"vit3d\"\nimg_size = [32, 32, 32]\npatch_size = 16\nhidden_size = 24\nmlp_dim = 48\nnum_layers = 4\nnum_heads = 2\nlevels = [0, 1, 2]",
+            "name = \"swin3d\"\nfeature_size = 12\nuse_v2 = true",
+        )
+        .replace(
+            "[objectives.recon]\nname = \"reconstruction\"\ndecoder_channels = 4\ncorruption = { inpaint_size = [2, 8], outpaint_size = [6, 16], shuffle_size = 3 }",
+            "[objectives.vo]\nname = \"voco\"\ngrid = [2, 2]\nrandom_crops = 1\nhidden_dim = 16\noutput_dim = 16",
+        )
+        .replace("{ recon = 1.0 }", "{ vo = 1.0 }");
+    let ok = check(dir, &voco, &["data.views.crop_size=[32, 64, 64]"]);
+    assert!(ok.status.success(), "{}", common::stderr(&ok));
+    assert_fails_with(
+        &check(dir, &voco, &["data.views.crop_size=[32, 63, 64]"]),
+        &["objectives.vo.grid", "data.views.crop_size", "[32, 63, 64]"],
+    );
+    assert_fails_with(
+        &check(dir, &voco, &["data.views.crop_size=[16, 32, 32]"]),
+        &[
+            "objective `vo` (voco) feeds encoder `swin3d` crops of [16, 16, 16]",
+            "encoder.use_v2",
+            "`layers4c`",
+            "at least 17 voxels",
+        ],
+    );
+    let without_v2 = voco.replace("use_v2 = true", "use_v2 = false");
+    let ok = check(dir, &without_v2, &["data.views.crop_size=[16, 32, 32]"]);
+    assert!(ok.status.success(), "{}", common::stderr(&ok));
+
     // A 2D head on the 3D run, and the 3D head on a 2D run.
     let run3d = common::pretrain(dir, "run3d", TINY_3D);
     let run2d = common::pretrain(dir, "run2d", &common::TINY.replace("epochs = 2", "epochs = 1"));

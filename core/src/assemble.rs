@@ -348,6 +348,18 @@ impl Model {
                     section.name
                 );
             }
+            if dims == SpatialDims::Three {
+                let size = objective
+                    .encoder_input_size(&views.crop_size)
+                    .with_context(|| format!("objective `{key}` ({})", section.name))?;
+                let encoder_name = cfg.section("encoder", "name")?.name;
+                encoder.check_input_size(&size).with_context(|| {
+                    format!(
+                        "objective `{key}` ({}) feeds encoder `{encoder_name}` crops of {size:?} voxels (from `data.views.crop_size` = {:?})",
+                        section.name, views.crop_size
+                    )
+                })?;
+            }
             objectives.insert(key.clone(), objective);
         }
         // After every component has made its variables, so that buffers made at build time

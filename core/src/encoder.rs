@@ -98,6 +98,12 @@ pub trait Encoder {
     fn input_size(&self) -> Option<Vec<i64>> {
         None
     }
+    /// Refuses a spatial input size (`[D, H, W]` or `[H, W]`) that it cannot encode, naming
+    /// its config key and what it needs; called with the crops a run will feed it before the
+    /// first step. Any size by default; a fixed size is [`Encoder::input_size`]'s to declare.
+    fn check_input_size(&self, _size: &[i64]) -> Result<()> {
+        Ok(())
+    }
     /// The library whose parameter names its variables carry, if any.
     fn reference_library(&self) -> Option<ReferenceLibrary> {
         None

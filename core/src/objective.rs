@@ -171,6 +171,14 @@ pub struct Loss {
 
 pub trait Objective {
     fn consumes(&self) -> Consumes;
+    /// The spatial size of what it feeds a 3D encoder, given the crops the data path delivers
+    /// (`data.views.crop_size`), so that the encoder can refuse a size it cannot encode
+    /// ([`crate::encoder::Encoder::check_input_size`]) before the first step. The delivered
+    /// size by default; an objective that cuts its own crops (VoCo's base crops) says theirs,
+    /// or refuses a delivered size it cannot cut.
+    fn encoder_input_size(&self, delivered: &[i64]) -> Result<Vec<i64>> {
+        Ok(delivered.to_vec())
+    }
     /// The loss over this step's inputs.
     fn loss(&mut self, input: &StepInput, progress: &Progress) -> Result<Loss>;
     /// Called before the first step of each epoch.

@@ -238,6 +238,10 @@ pub fn voco_step(settings: VocoStepSettings, warmup: usize, steps: usize, device
         ..Default::default()
     };
     let side = grid * crop;
+    let base = objective.encoder_input_size(&[crop, side, side])?;
+    encoder
+        .check_input_size(&base)
+        .with_context(|| format!("bench voco-step: --crop {crop} gives base crops of {base:?} voxels"))?;
     let crops = vec![Tensor::rand([batch, 1, crop, side, side], (Kind::Float, device))];
     let mut times = training_steps(&vs, encoder.as_ref(), objective.as_mut(), &adamw, &crops, warmup, steps)?;
     Ok(Report {

@@ -268,6 +268,10 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
+        /// twin's `--threads`.
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -294,6 +298,10 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
+        /// twin's `--threads`.
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -313,6 +321,10 @@ enum BenchCommand {
         /// Timed passes over the volume (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
+        /// twin's `--threads`.
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -472,6 +484,18 @@ fn single_process(command: &str) -> Result<()> {
 /// Set while a fixed-pipeline `medssl bench` command runs (not `bench train`, which runs a
 /// config): its sizes are flags, not config keys, and the out-of-memory message names those.
 static BENCHMARKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A benchmark's `--threads`: libtorch's intra-op threads, where given.
+fn intra_op_threads(threads: i32) -> Result<()> {
+    anyhow::ensure!(
+        threads >= 0,
+        "--threads must be 0 (libtorch's default) or more, got {threads}"
+    );
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    Ok(())
+}
 
 fn execute(command: Command) -> Result<()> {
     if matches!(&command, Command::Bench { command } if !matches!(command, BenchCommand::Train { .. })) {
@@ -721,11 +745,13 @@ fn execute(command: Command) -> Result<()> {
                     size,
                     warmup,
                     steps,
+                    threads,
                     device,
                     json,
                 },
         } => {
             anyhow::ensure!(batch >= 1 && steps >= 1, "--batch and --steps must be at least 1");
+            intra_op_threads(threads)?;
             let device = medssl_core::device::resolve(&device).context("--device")?;
             let report = bench_3d::reconstruction_step(batch, size, warmup, steps, device)?;
             if json {
@@ -750,11 +776,13 @@ fn execute(command: Command) -> Result<()> {
                     feature_size,
                     warmup,
                     steps,
+                    threads,
                     device,
                     json,
                 },
         } => {
             anyhow::ensure!(steps >= 1, "--steps must be at least 1");
+            intra_op_threads(threads)?;
             let device = medssl_core::device::resolve(&device).context("--device")?;
             let settings = bench_3d::VocoStepSettings {
                 batch,
@@ -784,10 +812,12 @@ fn execute(command: Command) -> Result<()> {
                     window,
                     overlap,
                     repeats,
+                    threads,
                     device,
                     json,
                 },
         } => {
+            intra_op_threads(threads)?;
             let device = medssl_core::device::resolve(&device).context("--device")?;
             let report = bench_3d::sliding_window(volume, window, overlap, repeats, device)?;
             if json {

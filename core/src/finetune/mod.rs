@@ -359,6 +359,18 @@ pub fn finetune(options: &FinetuneOptions) -> Result<Report> {
     network.backbone.load(&checkpoint, &located.tensors)?;
     let dims = network.backbone.encoder.spatial_dims();
     let views = run_cfg.run.data.views.resolved()?;
+    if dims == SpatialDims::Three {
+        network
+            .backbone
+            .encoder
+            .check_input_size(&views.crop_size)
+            .with_context(|| {
+                format!(
+                    "the pre-training run's `data.views.crop_size` {:?} does not suit its encoder",
+                    views.crop_size
+                )
+            })?;
+    }
     if task == Task::VolumeSegmentation {
         // Training crops and sliding windows both have the run's crop size.
         network.head.check_input_size(&views.crop_size).with_context(|| {

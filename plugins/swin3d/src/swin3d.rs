@@ -478,6 +478,8 @@ impl Stage {
 
 pub struct Swin3d {
     cfg: Swin3dConfig,
+    /// Its config section's dotted key, for messages.
+    key: String,
     in_channels: i64,
     patch_embed: nn::Conv3D,
     patch_norm: Option<nn::LayerNorm>,
@@ -547,6 +549,7 @@ impl Swin3d {
             .collect();
         Ok(Swin3d {
             cfg,
+            key: key.to_string(),
             in_channels,
             patch_embed,
             patch_norm,
@@ -590,6 +593,37 @@ impl Swin3d {
 impl Encoder for Swin3d {
     fn in_channels(&self) -> i64 {
         self.in_channels
+    }
+
+    /// With `use_v2`, the block before each stage instance-normalises every channel over the
+    /// stage's grid, which needs more than one position: PyTorch's `instance_norm` refuses one
+    /// ("Expected more than 1 spatial element"), libtorch's would return zeros and no
+    /// gradient. The deepest stage's grid is the binding one.
+    fn check_input_size(&self, size: &[i64]) -> Result<()> {
+        ensure!(
+            size.len() == 3 && size.iter().all(|&s| s >= 1),
+            "encoder `swin3d` takes [D, H, W] volumes, got a size of {size:?}"
+        );
+        if !self.cfg.use_v2 {
+            return Ok(());
+        }
+        let p = self.cfg.patch_size;
+        // The patch embedding and each merging pad to a multiple, so sizes round up.
+        let mut grid: Vec<i64> = size.iter().map(|&s| (s + p - 1) / p).collect();
+        for stage in 0..STAGES {
+            ensure!(
+                grid.iter().product::<i64>() > 1,
+                "config key `{key}.use_v2`: the residual block before stage {} (`layers{}c`) instance-normalises its input, \
+                 which crops of {size:?} voxels reduce to a single position ({grid:?}); instance norm cannot normalise one \
+                 position (PyTorch refuses it). Use crops of at least {} voxels along one axis, or `use_v2 = false`",
+                stage + 1,
+                stage + 1,
+                p * (1 << (STAGES - 1)) + 1,
+                key = self.key
+            );
+            grid = grid.iter().map(|&g| (g + 1) / 2).collect();
+        }
+        Ok(())
     }
 
     fn reference_library(&self) -> Option<ReferenceLibrary> {
@@ -1092,6 +1126,36 @@ mod tests {
             let pooled = last.mean_dim(&[2i64, 3, 4][..], false, Kind::Float);
             assert!(out.pooled.allclose(&pooled, 1e-6, 1e-7, false));
         }
+    }
+
+    #[test]
+    fn v2_refuses_crops_that_leave_a_stage_one_position_to_normalise() {
+        let (vs, vs2) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+        let plain = build_swin(&vs, TINY, 1).unwrap();
+        let v2 = build_swin(&vs2, &format!("{TINY}\nuse_v2 = true"), 1).unwrap();
+        // Patch 2, then three mergings before the last v2 block: 16 voxels leave it
+        // [1, 1, 1], 17 leave it 2 along that axis.
+        for size in [[16, 16, 16], [8, 8, 8], [1, 1, 1]] {
+            plain.check_input_size(&size).unwrap();
+            let text = format!("{:#}", v2.check_input_size(&size).unwrap_err());
+            assert!(
+                text.contains("encoder.use_v2")
+                    && text.contains("at least 17 voxels")
+                    && text.contains(&format!("{size:?}")),
+                "{text}"
+            );
+        }
+        let text = format!("{:#}", v2.check_input_size(&[16, 16, 16]).unwrap_err());
+        assert!(
+            text.contains("stage 4 (`layers4c`)") && text.contains("[1, 1, 1]"),
+            "{text}"
+        );
+        let text = format!("{:#}", v2.check_input_size(&[4, 4, 4]).unwrap_err());
+        assert!(text.contains("stage 2 (`layers2c`)"), "{text}");
+        for size in [[17, 16, 16], [16, 16, 17], [32, 32, 32], [64, 64, 64]] {
+            v2.check_input_size(&size).unwrap();
+        }
+        assert!(v2.check_input_size(&[16, 16]).is_err());
     }
 
     #[test]

@@ -371,6 +371,20 @@ impl VocoObjective {
             }
         }
     }
+
+    /// The grid of base crops over a delivered region `[D, H, W]`, refused where the grid does
+    /// not divide it or the augmentation cannot turn its crops.
+    fn grid_over(&self, region: [i64; 3]) -> Result<RegionGrid> {
+        let grid = RegionGrid::new(region, self.cfg.grid, &self.key)?;
+        ensure!(
+            self.cfg.augmentation.rotate90 == 0.0 || grid.base[1] == grid.base[2],
+            "config key `objectives.{}.augmentation.rotate90` turns crops in the (H, W) plane, which needs square base crops, but they are {:?} (`data.views.crop_size` over `objectives.{}.grid`)",
+            self.key,
+            grid.base,
+            self.key
+        );
+        Ok(grid)
+    }
 }
 
 /// sim(a, b) = ReLU(cos): `[R, n, E]` x `[R, K, E]` -> `[R, n, K]`.
@@ -424,6 +438,15 @@ impl Objective for VocoObjective {
         Consumes::VolumeCrops
     }
 
+    /// The base crops' size (random crops have the same), or `crop_resize`'s.
+    fn encoder_input_size(&self, delivered: &[i64]) -> Result<Vec<i64>> {
+        let region: [i64; 3] = delivered
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{NAME} cuts 3D regions, but `data.views.crop_size` is {delivered:?}"))?;
+        let grid = self.grid_over(region)?;
+        Ok(self.encoder_input.unwrap_or(grid.base).to_vec())
+    }
+
     fn loss(&mut self, input: &StepInput, progress: &Progress) -> Result<Loss> {
         let crops: &VolumeCrops = input
             .volume_crops
@@ -445,14 +468,7 @@ impl Objective for VocoObjective {
         let regions = Tensor::cat(crops.crops, 0);
         let size = regions.size();
         ensure!(size.len() == 5, "{NAME}: expected crops [B, C, D, H, W], got {size:?}");
-        let grid = RegionGrid::new([size[2], size[3], size[4]], self.cfg.grid, &self.key)?;
-        ensure!(
-            self.cfg.augmentation.rotate90 == 0.0 || grid.base[1] == grid.base[2],
-            "config key `objectives.{}.augmentation.rotate90` turns crops in the (H, W) plane, which needs square base crops, but they are {:?} (`data.views.crop_size` over `objectives.{}.grid`)",
-            self.key,
-            grid.base,
-            self.key
-        );
+        let grid = self.grid_over([size[2], size[3], size[4]])?;
         let cut = crops::cut(
             &regions,
             &coordinates,

@@ -136,6 +136,33 @@ enum Command {
     },
 }
 
+/// Where a 3D benchmark runs, as its Python twin's `--threads` and `--device` say.
+#[derive(clap::Args, Debug)]
+struct Placement {
+    /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
+    /// twin's `--threads`.
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl Placement {
+    /// Sets the intra-op threads where given and resolves the device.
+    fn apply(&self) -> Result<tch::Device> {
+        let threads = self.threads;
+        anyhow::ensure!(
+            threads >= 0,
+            "--threads must be 0 (libtorch's default) or more, got {threads}"
+        );
+        if threads > 0 {
+            tch::set_num_threads(threads);
+        }
+        medssl_core::device::resolve(&self.device).context("--device")
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// One forward and backward pass of an aggregator on random slice features, per slice
@@ -268,13 +295,8 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
-        /// twin's `--threads`.
-        #[arg(long, default_value_t = 0)]
-        threads: i32,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        placement: Placement,
         #[arg(long)]
         json: bool,
     },
@@ -298,13 +320,8 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
-        /// twin's `--threads`.
-        #[arg(long, default_value_t = 0)]
-        threads: i32,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        placement: Placement,
         #[arg(long)]
         json: bool,
     },
@@ -321,13 +338,8 @@ enum BenchCommand {
         /// Timed passes over the volume (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// libtorch intra-op threads (0: libtorch's default, one a core), as the Python
-        /// twin's `--threads`.
-        #[arg(long, default_value_t = 0)]
-        threads: i32,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        placement: Placement,
         #[arg(long)]
         json: bool,
     },
@@ -484,18 +496,6 @@ fn single_process(command: &str) -> Result<()> {
 /// Set while a fixed-pipeline `medssl bench` command runs (not `bench train`, which runs a
 /// config): its sizes are flags, not config keys, and the out-of-memory message names those.
 static BENCHMARKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// A benchmark's `--threads`: libtorch's intra-op threads, where given.
-fn intra_op_threads(threads: i32) -> Result<()> {
-    anyhow::ensure!(
-        threads >= 0,
-        "--threads must be 0 (libtorch's default) or more, got {threads}"
-    );
-    if threads > 0 {
-        tch::set_num_threads(threads);
-    }
-    Ok(())
-}
 
 fn execute(command: Command) -> Result<()> {
     if matches!(&command, Command::Bench { command } if !matches!(command, BenchCommand::Train { .. })) {
@@ -745,14 +745,12 @@ fn execute(command: Command) -> Result<()> {
                     size,
                     warmup,
                     steps,
-                    threads,
-                    device,
+                    placement,
                     json,
                 },
         } => {
             anyhow::ensure!(batch >= 1 && steps >= 1, "--batch and --steps must be at least 1");
-            intra_op_threads(threads)?;
-            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let device = placement.apply()?;
             let report = bench_3d::reconstruction_step(batch, size, warmup, steps, device)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -776,14 +774,12 @@ fn execute(command: Command) -> Result<()> {
                     feature_size,
                     warmup,
                     steps,
-                    threads,
-                    device,
+                    placement,
                     json,
                 },
         } => {
             anyhow::ensure!(steps >= 1, "--steps must be at least 1");
-            intra_op_threads(threads)?;
-            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let device = placement.apply()?;
             let settings = bench_3d::VocoStepSettings {
                 batch,
                 crop,
@@ -812,13 +808,11 @@ fn execute(command: Command) -> Result<()> {
                     window,
                     overlap,
                     repeats,
-                    threads,
-                    device,
+                    placement,
                     json,
                 },
         } => {
-            intra_op_threads(threads)?;
-            let device = medssl_core::device::resolve(&device).context("--device")?;
+            let device = placement.apply()?;
             let report = bench_3d::sliding_window(volume, window, overlap, repeats, device)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -352,8 +352,8 @@ impl Model {
                 let size = objective
                     .encoder_input_size(&views.crop_size)
                     .with_context(|| format!("objective `{key}` ({})", section.name))?;
-                let encoder_name = cfg.section("encoder", "name")?.name;
                 encoder.check_input_size(&size).with_context(|| {
+                    let encoder_name = cfg.section("encoder", "name").map(|s| s.name).unwrap_or_default();
                     format!(
                         "objective `{key}` ({}) feeds encoder `{encoder_name}` crops of {size:?} voxels (from `data.views.crop_size` = {:?})",
                         section.name, views.crop_size
